@@ -1,0 +1,510 @@
+//! Per-issuer JWKS key cache.
+//!
+//! Each configured issuer owns one [`IssuerKeys`]: the last good set of verification keys, fetched
+//! from a URL (or re-read from a file) at start, refreshed in the background and, for an unknown
+//! `kid`, refetched on demand at most once per cooldown. Every fetch is single-flight: concurrent
+//! callers wait on the one fetch in progress instead of starting their own. A failed fetch (error,
+//! timeout, non-200, oversized, garbage, or no usable key) never replaces the last good keys.
+//!
+//! Keys are parsed by hand so that one odd key cannot spoil the set: unsupported key types
+//! (`oct` shared secrets included), curves and algorithms, encryption keys, short RSA moduli and
+//! malformed members are skipped with a count, never fatal. Key material is never logged.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use bytes::Bytes;
+use http::header::{ACCEPT, CACHE_CONTROL, USER_AGENT};
+use http::{HeaderMap, Method, Request, StatusCode};
+use jsonwebtoken::{Algorithm, DecodingKey};
+use serde_json::Value;
+use tokio::io::AsyncReadExt as _;
+
+use crate::http_client::{HttpClient, fetch, full_body};
+
+/// Default background refresh period when the JWKS response carries no `max-age`.
+pub const DEFAULT_REFRESH_INTERVAL: Duration = Duration::from_secs(300);
+/// Default minimum time between two on-demand refetches of one issuer's keys.
+pub const DEFAULT_REFETCH_COOLDOWN: Duration = Duration::from_secs(30);
+/// Default clock-skew allowance for `exp`, `nbf` and `iat`.
+pub const DEFAULT_LEEWAY: Duration = Duration::from_secs(60);
+/// Largest JWKS document accepted.
+pub const MAX_JWKS_BYTES: usize = 1024 * 1024;
+/// Time allowed for one JWKS fetch, connect to last body byte.
+pub const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bounds applied to a `Cache-Control: max-age` before it is used as the refresh period.
+pub const MIN_MAX_AGE: Duration = Duration::from_secs(60);
+/// See [`MIN_MAX_AGE`].
+pub const MAX_MAX_AGE: Duration = Duration::from_secs(3600);
+/// Longest `kid` accepted, in a token header or in a JWKS.
+pub const MAX_KID_LEN: usize = 256;
+
+/// Most JWKS members examined; the rest of an oversized set is ignored.
+const MAX_JWKS_MEMBERS: usize = 256;
+/// Most usable keys kept per issuer.
+const MAX_USABLE_KEYS: usize = 64;
+/// Most keys tried for one token (a matching `kid`, or any key fitting the alg when no `kid`).
+pub(crate) const MAX_CANDIDATES: usize = 3;
+/// Floor on the background refresh period, whatever the config says.
+const MIN_BACKGROUND_DELAY: Duration = Duration::from_secs(1);
+const MIN_RSA_BITS: usize = 2048;
+const MAX_RSA_BITS: usize = 8192;
+
+const RSA_ALGS: [Algorithm; 6] = [
+    Algorithm::RS256,
+    Algorithm::RS384,
+    Algorithm::RS512,
+    Algorithm::PS256,
+    Algorithm::PS384,
+    Algorithm::PS512,
+];
+
+/// Where an issuer's keys come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// A JWKS URL (https; plain http only where the config layer allowed it, i.e. loopback).
+    Url(String),
+    /// A local JWKS file, re-read on every refresh.
+    File(PathBuf),
+}
+
+/// One trusted token issuer.
+#[derive(Debug, Clone)]
+pub struct IssuerConfig {
+    /// Exact `iss` value.
+    pub issuer: String,
+    /// Accepted `aud` values; a token must name at least one.
+    pub audiences: Vec<String>,
+    /// Where the verification keys come from.
+    pub keys: KeySource,
+    /// Accepted `alg` values. HMAC algorithms are never accepted (a JWKS carries public keys).
+    pub algorithms: Vec<Algorithm>,
+    /// Clock-skew allowance for `exp`, `nbf` and `iat`.
+    pub leeway: Duration,
+    /// Background refresh period, used when the JWKS response has no `Cache-Control: max-age`
+    /// (a `max-age` is honoured, clamped to 1 minute .. 1 hour).
+    pub refresh_interval: Duration,
+    /// Minimum time between two fetches triggered by an unknown `kid`.
+    pub refetch_cooldown: Duration,
+}
+
+impl IssuerConfig {
+    /// An issuer with the default algorithms (ES256, ES384, RS256, PS256, EdDSA), leeway,
+    /// refresh interval and refetch cooldown.
+    pub fn new(issuer: impl Into<String>, audiences: Vec<String>, keys: KeySource) -> Self {
+        IssuerConfig {
+            issuer: issuer.into(),
+            audiences,
+            keys,
+            algorithms: vec![
+                Algorithm::ES256,
+                Algorithm::ES384,
+                Algorithm::RS256,
+                Algorithm::PS256,
+                Algorithm::EdDSA,
+            ],
+            leeway: DEFAULT_LEEWAY,
+            refresh_interval: DEFAULT_REFRESH_INTERVAL,
+            refetch_cooldown: DEFAULT_REFETCH_COOLDOWN,
+        }
+    }
+}
+
+/// Whether `alg` is an HMAC algorithm (never accepted: it would turn a public key into a secret).
+pub(crate) fn is_hmac(alg: Algorithm) -> bool {
+    matches!(alg, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512)
+}
+
+/// A `kid` we are willing to compare and carry around: 1..=256 printable ASCII characters.
+pub(crate) fn is_valid_kid(kid: &str) -> bool {
+    !kid.is_empty() && kid.len() <= MAX_KID_LEN && kid.bytes().all(|b| (0x20..=0x7e).contains(&b))
+}
+
+/// One usable verification key.
+pub(crate) struct VerificationKey {
+    pub(crate) kid: Option<String>,
+    /// The algorithms this key may verify (its `alg` when published, else all its type allows).
+    pub(crate) algs: Vec<Algorithm>,
+    pub(crate) key: DecodingKey,
+}
+
+impl VerificationKey {
+    fn fits(&self, alg: Algorithm) -> bool {
+        self.algs.contains(&alg)
+    }
+}
+
+/// The usable keys of one issuer, as of one successful fetch.
+pub(crate) struct KeySet {
+    keys: Vec<VerificationKey>,
+}
+
+/// The outcome of looking a token's key up in a [`KeySet`].
+pub(crate) enum KeyMatch<'a> {
+    /// Keys to try, in order (never more than [`MAX_CANDIDATES`]).
+    Candidates(Vec<&'a VerificationKey>),
+    /// The `kid` is known but its key cannot verify the token's `alg`.
+    WrongAlgorithm,
+    /// No key with this `kid` (or, without a `kid`, no key fitting the `alg`).
+    Unknown,
+}
+
+impl KeySet {
+    pub(crate) fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub(crate) fn select(&self, kid: Option<&str>, alg: Algorithm) -> KeyMatch<'_> {
+        match kid {
+            Some(kid) => {
+                let mut any = false;
+                let mut out = Vec::new();
+                for k in self.keys.iter().filter(|k| k.kid.as_deref() == Some(kid)) {
+                    any = true;
+                    if k.fits(alg) && out.len() < MAX_CANDIDATES {
+                        out.push(k);
+                    }
+                }
+                if !out.is_empty() {
+                    KeyMatch::Candidates(out)
+                } else if any {
+                    KeyMatch::WrongAlgorithm
+                } else {
+                    KeyMatch::Unknown
+                }
+            }
+            None => {
+                let out: Vec<_> = self
+                    .keys
+                    .iter()
+                    .filter(|k| k.fits(alg))
+                    .take(MAX_CANDIDATES)
+                    .collect();
+                if out.is_empty() {
+                    KeyMatch::Unknown
+                } else {
+                    KeyMatch::Candidates(out)
+                }
+            }
+        }
+    }
+}
+
+/// Parses a JWKS document, keeping the usable keys. Fails when nothing usable is left.
+pub(crate) fn parse_jwks(body: &[u8]) -> Result<KeySet, String> {
+    let doc: Value =
+        serde_json::from_slice(body).map_err(|e| format!("not JSON ({:?})", e.classify()))?;
+    let members = doc
+        .get("keys")
+        .and_then(Value::as_array)
+        .ok_or_else(|| "not a JWK set (no \"keys\" array)".to_string())?;
+    let mut keys = Vec::new();
+    let mut skipped = 0usize;
+    for member in members.iter().take(MAX_JWKS_MEMBERS) {
+        if keys.len() >= MAX_USABLE_KEYS {
+            skipped += 1;
+            continue;
+        }
+        match parse_key(member) {
+            Ok(k) => keys.push(k),
+            Err(why) => {
+                skipped += 1;
+                tracing::debug!(reason = why, "jwks: key skipped");
+            }
+        }
+    }
+    skipped += members.len().saturating_sub(MAX_JWKS_MEMBERS);
+    if keys.is_empty() {
+        return Err(format!(
+            "no usable keys ({} of {} skipped)",
+            skipped,
+            members.len()
+        ));
+    }
+    if skipped > 0 {
+        tracing::debug!(usable = keys.len(), skipped, "jwks: some keys skipped");
+    }
+    Ok(KeySet { keys })
+}
+
+/// Decodes a base64url member, tolerating trailing padding; returns the unpadded text and bytes.
+fn b64_member<'a>(
+    obj: &'a serde_json::Map<String, Value>,
+    name: &str,
+) -> Result<(&'a str, Vec<u8>), &'static str> {
+    let text = obj
+        .get(name)
+        .and_then(Value::as_str)
+        .ok_or("missing or non-string key parameter")?;
+    let text = text.trim_end_matches('=');
+    let bytes = URL_SAFE_NO_PAD
+        .decode(text)
+        .map_err(|_| "key parameter is not base64url")?;
+    Ok((text, bytes))
+}
+
+fn parse_key(member: &Value) -> Result<VerificationKey, &'static str> {
+    let obj = member.as_object().ok_or("not an object")?;
+    let kty = obj.get("kty").and_then(Value::as_str).ok_or("no kty")?;
+    if let Some(u) = obj.get("use") {
+        if u.as_str() != Some("sig") {
+            return Err("use is not sig");
+        }
+    }
+    if let Some(ops) = obj.get("key_ops") {
+        let ops = ops.as_array().ok_or("key_ops is not an array")?;
+        if !ops.iter().any(|o| o.as_str() == Some("verify")) {
+            return Err("key_ops lacks verify");
+        }
+    }
+    let kid = match obj.get("kid") {
+        None => None,
+        Some(Value::String(k)) if is_valid_kid(k) => Some(k.clone()),
+        Some(_) => return Err("bad kid"),
+    };
+    let published_alg = match obj.get("alg") {
+        None => None,
+        Some(Value::String(a)) => match Algorithm::from_str(a) {
+            Ok(alg) if !is_hmac(alg) => Some(alg),
+            _ => return Err("unsupported alg"),
+        },
+        Some(_) => return Err("non-string alg"),
+    };
+    let (possible, key): (Vec<Algorithm>, DecodingKey) = match kty {
+        "EC" => {
+            let crv = obj.get("crv").and_then(Value::as_str).ok_or("no crv")?;
+            let (alg, len) = match crv {
+                "P-256" => (Algorithm::ES256, 32),
+                "P-384" => (Algorithm::ES384, 48),
+                _ => return Err("unsupported EC curve"),
+            };
+            let (x, xb) = b64_member(obj, "x")?;
+            let (y, yb) = b64_member(obj, "y")?;
+            if xb.len() != len || yb.len() != len {
+                return Err("EC coordinates of the wrong length");
+            }
+            let key = DecodingKey::from_ec_components(x, y).map_err(|_| "bad EC key")?;
+            (vec![alg], key)
+        }
+        "RSA" => {
+            let (n, nb) = b64_member(obj, "n")?;
+            let (e, eb) = b64_member(obj, "e")?;
+            let n_trimmed = nb.iter().skip_while(|b| **b == 0).count();
+            let bits = n_trimmed * 8;
+            if !(MIN_RSA_BITS..=MAX_RSA_BITS).contains(&bits) {
+                return Err("RSA modulus size out of range");
+            }
+            if eb.iter().all(|b| *b == 0) || eb.len() > 8 {
+                return Err("bad RSA exponent");
+            }
+            let key = DecodingKey::from_rsa_components(n, e).map_err(|_| "bad RSA key")?;
+            (RSA_ALGS.to_vec(), key)
+        }
+        "OKP" => {
+            let crv = obj.get("crv").and_then(Value::as_str).ok_or("no crv")?;
+            if crv != "Ed25519" {
+                return Err("unsupported OKP curve");
+            }
+            let (x, xb) = b64_member(obj, "x")?;
+            if xb.len() != 32 {
+                return Err("Ed25519 key of the wrong length");
+            }
+            let key = DecodingKey::from_ed_components(x).map_err(|_| "bad Ed25519 key")?;
+            (vec![Algorithm::EdDSA], key)
+        }
+        _ => return Err("unsupported kty"),
+    };
+    let algs = match published_alg {
+        Some(alg) if possible.contains(&alg) => vec![alg],
+        Some(_) => return Err("alg does not fit the key type"),
+        None => possible,
+    };
+    Ok(VerificationKey { kid, algs, key })
+}
+
+/// Reads `max-age` from a `Cache-Control` header, clamped to [`MIN_MAX_AGE`]..[`MAX_MAX_AGE`].
+pub fn cache_max_age(headers: &HeaderMap) -> Option<Duration> {
+    let mut found = None;
+    for value in headers.get_all(CACHE_CONTROL) {
+        let Ok(text) = value.to_str() else { continue };
+        for directive in text.split(',') {
+            let directive = directive.trim();
+            let Some((name, arg)) = directive.split_once('=') else {
+                continue;
+            };
+            if name.trim().eq_ignore_ascii_case("max-age") {
+                if let Ok(secs) = arg.trim().trim_matches('"').parse::<u64>() {
+                    found = Some(Duration::from_secs(secs).clamp(MIN_MAX_AGE, MAX_MAX_AGE));
+                }
+            }
+        }
+    }
+    found
+}
+
+struct Snapshot {
+    keys: Option<Arc<KeySet>>,
+    /// Incremented at the end of every fetch attempt, good or bad.
+    generation: u64,
+    last_attempt: Option<Instant>,
+}
+
+/// The key cache of one issuer.
+pub(crate) struct IssuerKeys {
+    pub(crate) config: IssuerConfig,
+    client: HttpClient,
+    state: RwLock<Snapshot>,
+    /// Held for the whole of a fetch: this is what makes fetches single-flight.
+    fetch_lock: tokio::sync::Mutex<()>,
+    fetches: Arc<AtomicU64>,
+}
+
+impl IssuerKeys {
+    pub(crate) fn new(config: IssuerConfig, client: HttpClient, fetches: Arc<AtomicU64>) -> Self {
+        IssuerKeys {
+            config,
+            client,
+            state: RwLock::new(Snapshot {
+                keys: None,
+                generation: 0,
+                last_attempt: None,
+            }),
+            fetch_lock: tokio::sync::Mutex::new(()),
+            fetches,
+        }
+    }
+
+    /// The current keys (if any were ever fetched) and the fetch generation they were read at.
+    pub(crate) fn current(&self) -> (Option<Arc<KeySet>>, u64) {
+        let s = self.state.read().unwrap_or_else(PoisonError::into_inner);
+        (s.keys.clone(), s.generation)
+    }
+
+    pub(crate) fn has_keys(&self) -> bool {
+        self.state
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .keys
+            .is_some()
+    }
+
+    /// Unconditional fetch (start and background refresh), single-flight with every other fetch.
+    /// Returns how long to wait before the next background refresh.
+    pub(crate) async fn refresh(&self) -> Duration {
+        let _guard = self.fetch_lock.lock().await;
+        self.fetch_locked().await
+    }
+
+    /// On-demand refetch after a key lookup missed at `seen_generation`. Fetches only when no
+    /// fetch finished since (else the caller just uses that fetch's result) and the last attempt
+    /// is older than the cooldown. Returns the keys as they are afterwards.
+    pub(crate) async fn refetch_if_allowed(&self, seen_generation: u64) -> Option<Arc<KeySet>> {
+        let _guard = self.fetch_lock.lock().await;
+        let fetch_now = {
+            let s = self.state.read().unwrap_or_else(PoisonError::into_inner);
+            s.generation == seen_generation
+                && s.last_attempt
+                    .is_none_or(|at| at.elapsed() >= self.config.refetch_cooldown)
+        };
+        if fetch_now {
+            tracing::debug!(issuer = %self.config.issuer, "jwks: on-demand refetch");
+            self.fetch_locked().await;
+        }
+        self.current().0
+    }
+
+    /// One fetch attempt; the caller holds `fetch_lock`.
+    async fn fetch_locked(&self) -> Duration {
+        let started = Instant::now();
+        self.fetches.fetch_add(1, Ordering::Relaxed);
+        let outcome = match self.load().await {
+            Ok((body, hint)) => parse_jwks(&body).map(|set| (set, hint)),
+            Err(e) => Err(e),
+        };
+        let mut s = self.state.write().unwrap_or_else(PoisonError::into_inner);
+        s.generation = s.generation.wrapping_add(1);
+        s.last_attempt = Some(started);
+        match outcome {
+            Ok((set, hint)) => {
+                tracing::debug!(issuer = %self.config.issuer, keys = set.len(), "jwks: keys refreshed");
+                s.keys = Some(Arc::new(set));
+                hint.unwrap_or(self.config.refresh_interval)
+            }
+            Err(reason) => {
+                tracing::warn!(
+                    issuer = %self.config.issuer,
+                    reason = %reason,
+                    keeping_previous = s.keys.is_some(),
+                    "jwks: fetch failed"
+                );
+                self.config
+                    .refresh_interval
+                    .min(self.config.refetch_cooldown.max(Duration::from_secs(1)))
+            }
+        }
+    }
+
+    /// Reads the raw JWKS document and, for a URL, the refresh hint from `Cache-Control`.
+    async fn load(&self) -> Result<(Bytes, Option<Duration>), String> {
+        match &self.config.keys {
+            KeySource::Url(url) => {
+                let req = Request::builder()
+                    .method(Method::GET)
+                    .uri(url.as_str())
+                    .header(ACCEPT, "application/jwk-set+json, application/json")
+                    .header(
+                        USER_AGENT,
+                        concat!("greenhouse-gateway/", env!("CARGO_PKG_VERSION")),
+                    )
+                    .body(full_body(Bytes::new()))
+                    .map_err(|_| "invalid JWKS URL".to_string())?;
+                let (status, headers, body) =
+                    fetch(&self.client, req, MAX_JWKS_BYTES, FETCH_TIMEOUT)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                if status != StatusCode::OK {
+                    return Err(format!("status {}", status.as_u16()));
+                }
+                Ok((body, cache_max_age(&headers)))
+            }
+            KeySource::File(path) => {
+                let read = async {
+                    let file = tokio::fs::File::open(path)
+                        .await
+                        .map_err(|e| format!("cannot open file: {e}"))?;
+                    let mut buf = Vec::new();
+                    file.take(MAX_JWKS_BYTES as u64 + 1)
+                        .read_to_end(&mut buf)
+                        .await
+                        .map_err(|e| format!("cannot read file: {e}"))?;
+                    if buf.len() > MAX_JWKS_BYTES {
+                        return Err(format!("file over {MAX_JWKS_BYTES} bytes"));
+                    }
+                    Ok((Bytes::from(buf), None))
+                };
+                tokio::time::timeout(FETCH_TIMEOUT, read)
+                    .await
+                    .map_err(|_| "timed out".to_string())?
+            }
+        }
+    }
+}
+
+/// Spawns the background refresh loop of one issuer. It holds only a weak reference, so it ends
+/// once the verifier is dropped.
+pub(crate) fn spawn_refresher(keys: &Arc<IssuerKeys>, first_delay: Duration) {
+    let weak = Arc::downgrade(keys);
+    tokio::spawn(async move {
+        let mut delay = first_delay;
+        loop {
+            tokio::time::sleep(delay.max(MIN_BACKGROUND_DELAY)).await;
+            let Some(keys) = weak.upgrade() else { break };
+            delay = keys.refresh().await;
+        }
+    });
+}

@@ -1,0 +1,614 @@
+//! Inbound JWT verification.
+//!
+//! Order of work for one token, cheapest and most suspicious first, so that nothing an attacker
+//! controls can cause a key lookup, a JWKS fetch or a signature check unless everything that can
+//! be checked without the key already passed:
+//! 1. size cap, then exactly three non-empty base64url segments;
+//! 2. the header, decoded here (not by the library): `alg` must be a known asymmetric algorithm
+//!    (`none` in any spelling and HS* are refused), no embedded or remote key (`jwk`, `jku`,
+//!    `x5u`, `x5c`), no `crit`, and a short printable `kid`;
+//! 3. the unverified payload picks the issuer by `iss`; the issuer must allow the `alg`; `exp`
+//!    and `aud` must be present, `exp`/`nbf`/`iat` within leeway, `aud` must name us;
+//! 4. key lookup by `kid` (refetching the issuer's JWKS at most once per cooldown), then
+//!    `jsonwebtoken::decode` with a `Validation` built from the issuer config only.
+//!
+//! Verified tokens are cached by the SHA-256 of the token until (at the latest) their `exp`.
+//! Tokens, signatures and keys are never logged; only reasons and issuers are.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, Validation};
+use serde::Deserialize;
+use serde::de::{Deserializer, Error as _, MapAccess, Visitor};
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
+use super::jwks::{
+    FETCH_TIMEOUT, IssuerConfig, IssuerKeys, KeyMatch, is_hmac, is_valid_kid, spawn_refresher,
+};
+use crate::http_client::HttpClient;
+
+/// Tokens longer than this are refused before any decoding.
+pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
+/// Most verified tokens kept in the cache.
+const TOKEN_CACHE_CAPACITY: u64 = 100_000;
+/// A cached verification is reused for at most this long (and never past the token's `exp`), so
+/// a key withdrawn from a JWKS stops being honoured through the cache soon after.
+const MAX_CACHE_TTL: Duration = Duration::from_secs(300);
+/// Upper bound on the initial fetch of all issuers' keys in [`Verifier::start`].
+const START_TIMEOUT: Duration = Duration::from_secs(FETCH_TIMEOUT.as_secs() + 1);
+/// Largest leeway honoured, whatever the config says.
+const MAX_LEEWAY: Duration = Duration::from_secs(3600);
+
+/// Header members that carry or point at a key; a token must never choose its own key.
+const EMBEDDED_KEY_MEMBERS: [&str; 4] = ["jwk", "jku", "x5u", "x5c"];
+
+/// A verified token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VerifiedToken {
+    /// The `iss` claim (one of the configured issuers).
+    pub issuer: String,
+    /// The `sub` claim, when present.
+    pub subject: Option<String>,
+    /// All claims of the payload.
+    pub claims: Map<String, Value>,
+    /// The `exp` claim, seconds since the epoch.
+    pub expires_at: u64,
+}
+
+/// Why a token was not accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthError {
+    /// The token is bad (401).
+    Invalid(RejectReason),
+    /// The token's issuer has no usable keys (never fetched successfully) (503).
+    JwksUnavailable,
+}
+
+impl fmt::Display for AuthError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AuthError::Invalid(r) => write!(f, "invalid token: {}", r.as_str()),
+            AuthError::JwksUnavailable => f.write_str("issuer keys unavailable"),
+        }
+    }
+}
+
+impl std::error::Error for AuthError {}
+
+/// The precise reason a token was rejected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectReason {
+    TooLarge,
+    Malformed,
+    Algorithm,
+    UnknownIssuer,
+    UnknownKey,
+    Signature,
+    Expired,
+    NotYetValid,
+    IssuedInFuture,
+    MissingClaim,
+    Audience,
+    Crit,
+    EmbeddedKey,
+}
+
+impl RejectReason {
+    /// Snake-case name, used as a metric label.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            RejectReason::TooLarge => "too_large",
+            RejectReason::Malformed => "malformed",
+            RejectReason::Algorithm => "algorithm",
+            RejectReason::UnknownIssuer => "unknown_issuer",
+            RejectReason::UnknownKey => "unknown_key",
+            RejectReason::Signature => "signature",
+            RejectReason::Expired => "expired",
+            RejectReason::NotYetValid => "not_yet_valid",
+            RejectReason::IssuedInFuture => "issued_in_future",
+            RejectReason::MissingClaim => "missing_claim",
+            RejectReason::Audience => "audience",
+            RejectReason::Crit => "crit",
+            RejectReason::EmbeddedKey => "embedded_key",
+        }
+    }
+}
+
+impl fmt::Display for RejectReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl From<RejectReason> for AuthError {
+    fn from(r: RejectReason) -> Self {
+        AuthError::Invalid(r)
+    }
+}
+
+/// Verifies inbound JWTs against the configured issuers. Cheap to clone.
+#[derive(Clone)]
+pub struct Verifier {
+    inner: Arc<Inner>,
+}
+
+struct Issuer {
+    keys: Arc<IssuerKeys>,
+    /// Accepted algorithms (configured ones minus HMAC) with the `Validation` for each.
+    validations: Vec<(Algorithm, Validation)>,
+    leeway: u64,
+    audiences: HashSet<String>,
+}
+
+impl Issuer {
+    fn validation(&self, alg: Algorithm) -> Option<&Validation> {
+        self.validations
+            .iter()
+            .find(|(a, _)| *a == alg)
+            .map(|(_, v)| v)
+    }
+}
+
+type CacheKey = [u8; 32];
+
+struct Inner {
+    /// In configuration order (for `not_ready`).
+    issuers: Vec<Arc<Issuer>>,
+    by_name: HashMap<String, Arc<Issuer>>,
+    /// Union of every issuer's accepted algorithms, checked before the payload is read.
+    any_alg: HashSet<Algorithm>,
+    cache: moka::future::Cache<CacheKey, Arc<VerifiedToken>>,
+    fetches: Arc<AtomicU64>,
+    signature_checks: AtomicU64,
+    started: AtomicBool,
+}
+
+/// Per-entry expiry of the verified-token cache: never past `exp`, never over [`MAX_CACHE_TTL`].
+struct UntilExpiry;
+
+impl moka::Expiry<CacheKey, Arc<VerifiedToken>> for UntilExpiry {
+    fn expire_after_create(
+        &self,
+        _key: &CacheKey,
+        value: &Arc<VerifiedToken>,
+        _created_at: Instant,
+    ) -> Option<Duration> {
+        let exp = UNIX_EPOCH + Duration::from_secs(value.expires_at);
+        let left = exp
+            .duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO);
+        Some(left.min(MAX_CACHE_TTL))
+    }
+}
+
+impl Verifier {
+    /// Builds a verifier; no I/O happens until [`Verifier::start`] or the first [`Verifier::verify`].
+    pub fn new(issuers: Vec<IssuerConfig>, client: HttpClient) -> Self {
+        let fetches = Arc::new(AtomicU64::new(0));
+        let mut list: Vec<Arc<Issuer>> = Vec::new();
+        let mut by_name = HashMap::new();
+        let mut any_alg = HashSet::new();
+        for mut config in issuers {
+            if by_name.contains_key(&config.issuer) {
+                tracing::warn!(issuer = %config.issuer, "jwt: issuer configured twice; later entry ignored");
+                continue;
+            }
+            if config.leeway > MAX_LEEWAY {
+                tracing::warn!(issuer = %config.issuer, "jwt: leeway capped at one hour");
+                config.leeway = MAX_LEEWAY;
+            }
+            let mut algs: Vec<Algorithm> = Vec::new();
+            for alg in &config.algorithms {
+                if is_hmac(*alg) {
+                    tracing::warn!(issuer = %config.issuer, alg = ?alg, "jwt: HMAC algorithm ignored");
+                } else if !algs.contains(alg) {
+                    algs.push(*alg);
+                }
+            }
+            if algs.is_empty() {
+                tracing::warn!(issuer = %config.issuer, "jwt: issuer has no usable algorithm; its tokens are refused");
+            }
+            let leeway = config.leeway.as_secs();
+            let validations = algs
+                .iter()
+                .map(|alg| (*alg, build_validation(&config, *alg)))
+                .collect();
+            any_alg.extend(algs.iter().copied());
+            let issuer = Arc::new(Issuer {
+                audiences: config.audiences.iter().cloned().collect(),
+                leeway,
+                validations,
+                keys: Arc::new(IssuerKeys::new(
+                    config.clone(),
+                    client.clone(),
+                    fetches.clone(),
+                )),
+            });
+            by_name.insert(config.issuer.clone(), issuer.clone());
+            list.push(issuer);
+        }
+        let cache = moka::future::Cache::builder()
+            .name("verified-tokens")
+            .max_capacity(TOKEN_CACHE_CAPACITY)
+            .expire_after(UntilExpiry)
+            .build();
+        Verifier {
+            inner: Arc::new(Inner {
+                issuers: list,
+                by_name,
+                any_alg,
+                cache,
+                fetches,
+                signature_checks: AtomicU64::new(0),
+                started: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// Fetches every issuer's keys in parallel (bounded in time), then spawns the background
+    /// refresh tasks. Never fails: an issuer left without keys shows up in [`Verifier::not_ready`].
+    /// A second call does nothing.
+    pub async fn start(&self) {
+        if self.inner.started.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let initial = self.inner.issuers.iter().map(|issuer| {
+            let keys = issuer.keys.clone();
+            async move {
+                let next = keys.refresh().await;
+                (keys, next)
+            }
+        });
+        let fetched =
+            tokio::time::timeout(START_TIMEOUT, futures_util::future::join_all(initial)).await;
+        match fetched {
+            Ok(done) => {
+                for (keys, next) in done {
+                    spawn_refresher(&keys, next);
+                }
+            }
+            Err(_) => {
+                tracing::warn!("jwks: initial key fetch did not finish in time");
+                for issuer in &self.inner.issuers {
+                    let c = &issuer.keys.config;
+                    spawn_refresher(&issuer.keys, c.refresh_interval.min(c.refetch_cooldown));
+                }
+            }
+        }
+        for line in self.not_ready() {
+            tracing::warn!("{line}");
+        }
+    }
+
+    /// One line per issuer that has no usable keys yet.
+    pub fn not_ready(&self) -> Vec<String> {
+        self.inner
+            .issuers
+            .iter()
+            .filter(|i| !i.keys.has_keys())
+            .map(|i| format!("jwks: issuer {} has no usable keys", i.keys.config.issuer))
+            .collect()
+    }
+
+    /// Total JWKS fetch attempts (URL or file), all issuers.
+    pub fn jwks_fetches(&self) -> u64 {
+        self.inner.fetches.load(Ordering::Relaxed)
+    }
+
+    /// Total signature verifications performed.
+    pub fn signature_checks(&self) -> u64 {
+        self.inner.signature_checks.load(Ordering::Relaxed)
+    }
+
+    /// Verifies a raw token (no `Bearer ` prefix).
+    pub async fn verify(&self, token: &str) -> Result<Arc<VerifiedToken>, AuthError> {
+        if token.len() > MAX_TOKEN_BYTES {
+            tracing::debug!(
+                reason = RejectReason::TooLarge.as_str(),
+                "jwt: token rejected"
+            );
+            return Err(RejectReason::TooLarge.into());
+        }
+        let key: CacheKey = Sha256::digest(token.as_bytes()).into();
+        if let Some(hit) = self.inner.cache.get(&key).await {
+            if now_secs() < hit.expires_at {
+                return Ok(hit);
+            }
+            self.inner.cache.invalidate(&key).await;
+        }
+        match self.verify_uncached(token).await {
+            Ok(verified) => {
+                let verified = Arc::new(verified);
+                if now_secs() < verified.expires_at {
+                    self.inner.cache.insert(key, verified.clone()).await;
+                }
+                Ok(verified)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn verify_uncached(&self, token: &str) -> Result<VerifiedToken, AuthError> {
+        let mut issuer: Option<Arc<Issuer>> = None;
+        let result = self.check(token, &mut issuer).await;
+        if let Err(e) = &result {
+            let reason = match e {
+                AuthError::Invalid(r) => r.as_str(),
+                AuthError::JwksUnavailable => "jwks_unavailable",
+            };
+            let issuer = issuer
+                .as_ref()
+                .map_or("-", |i| i.keys.config.issuer.as_str());
+            tracing::debug!(reason, issuer, "jwt: token rejected");
+        }
+        result
+    }
+
+    async fn check(
+        &self,
+        token: &str,
+        issuer_seen: &mut Option<Arc<Issuer>>,
+    ) -> Result<VerifiedToken, AuthError> {
+        // 1. Shape.
+        let mut parts = token.split('.');
+        let (Some(h64), Some(p64), Some(s64), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(RejectReason::Malformed.into());
+        };
+        if ![h64, p64, s64].iter().all(|s| is_b64url(s)) || URL_SAFE_NO_PAD.decode(s64).is_err() {
+            return Err(RejectReason::Malformed.into());
+        }
+
+        // 2. Header.
+        let header = decode_object(h64)?;
+        let alg = match header.get("alg") {
+            Some(Value::String(s)) => {
+                Algorithm::from_str(s).map_err(|_| RejectReason::Algorithm)?
+            }
+            _ => return Err(RejectReason::Algorithm.into()),
+        };
+        if is_hmac(alg) || !self.inner.any_alg.contains(&alg) {
+            return Err(RejectReason::Algorithm.into());
+        }
+        if EMBEDDED_KEY_MEMBERS.iter().any(|m| header.contains_key(*m)) {
+            return Err(RejectReason::EmbeddedKey.into());
+        }
+        if header.contains_key("crit") {
+            return Err(RejectReason::Crit.into());
+        }
+        let kid = match header.get("kid") {
+            None => None,
+            Some(Value::String(k)) if is_valid_kid(k) => Some(k.as_str()),
+            Some(_) => return Err(RejectReason::Malformed.into()),
+        };
+
+        // 3. Unverified payload: issuer and the cheap claim checks.
+        let claims = decode_object(p64)?;
+        let iss = match claims.get("iss") {
+            None => return Err(RejectReason::MissingClaim.into()),
+            Some(Value::String(s)) => s.as_str(),
+            Some(_) => return Err(RejectReason::Malformed.into()),
+        };
+        let issuer = self
+            .inner
+            .by_name
+            .get(iss)
+            .ok_or(RejectReason::UnknownIssuer)?;
+        *issuer_seen = Some(issuer.clone());
+        let validation = issuer.validation(alg).ok_or(RejectReason::Algorithm)?;
+        check_claims(&claims, issuer, now_secs())?;
+
+        // 4. Key lookup, refetching at most once (and only as the cooldown allows).
+        let (set, generation) = issuer.keys.current();
+        let mut refetched = false;
+        let mut set = match set {
+            Some(set) => set,
+            None => {
+                refetched = true;
+                issuer
+                    .keys
+                    .refetch_if_allowed(generation)
+                    .await
+                    .ok_or(AuthError::JwksUnavailable)?
+            }
+        };
+        let candidates = loop {
+            match set.select(kid, alg) {
+                KeyMatch::Candidates(candidates) => break candidates,
+                KeyMatch::WrongAlgorithm => return Err(RejectReason::Algorithm.into()),
+                KeyMatch::Unknown if !refetched => {
+                    refetched = true;
+                    set = issuer
+                        .keys
+                        .refetch_if_allowed(generation)
+                        .await
+                        .ok_or(AuthError::JwksUnavailable)?;
+                }
+                KeyMatch::Unknown => return Err(RejectReason::UnknownKey.into()),
+            }
+        };
+
+        // 5. Signature (and the library's own claim validation, from the issuer config only).
+        for candidate in candidates {
+            self.inner.signature_checks.fetch_add(1, Ordering::Relaxed);
+            match jsonwebtoken::decode::<Map<String, Value>>(token, &candidate.key, validation) {
+                Ok(data) => return Ok(verified(&issuer.keys.config.issuer, data.claims)),
+                Err(e) => match map_library_error(e.kind()) {
+                    RejectReason::Signature => continue,
+                    other => return Err(other.into()),
+                },
+            }
+        }
+        Err(RejectReason::Signature.into())
+    }
+}
+
+fn build_validation(config: &IssuerConfig, alg: Algorithm) -> Validation {
+    let mut v = Validation::new(alg);
+    v.algorithms = vec![alg];
+    v.set_issuer(&[config.issuer.as_str()]);
+    v.set_audience(&config.audiences);
+    v.leeway = config.leeway.as_secs();
+    v.set_required_spec_claims(&["exp", "iss", "aud"]);
+    v.validate_exp = true;
+    v.validate_nbf = true;
+    v.validate_aud = true;
+    v
+}
+
+fn verified(issuer: &str, claims: Map<String, Value>) -> VerifiedToken {
+    let subject = claims.get("sub").and_then(Value::as_str).map(str::to_owned);
+    let expires_at = claims
+        .get("exp")
+        .and_then(|v| numeric_date(v, false))
+        .unwrap_or(0);
+    VerifiedToken {
+        issuer: issuer.to_owned(),
+        subject,
+        claims,
+        expires_at,
+    }
+}
+
+/// Maps a `jsonwebtoken` error to our reason. Anything signature- or key-shaped is `Signature`
+/// (so the next candidate key may be tried).
+fn map_library_error(kind: &ErrorKind) -> RejectReason {
+    match kind {
+        ErrorKind::InvalidSignature
+        | ErrorKind::InvalidEcdsaKey
+        | ErrorKind::InvalidRsaKey(_)
+        | ErrorKind::Crypto(_) => RejectReason::Signature,
+        ErrorKind::ExpiredSignature => RejectReason::Expired,
+        ErrorKind::ImmatureSignature => RejectReason::NotYetValid,
+        ErrorKind::InvalidAudience => RejectReason::Audience,
+        ErrorKind::InvalidIssuer => RejectReason::UnknownIssuer,
+        ErrorKind::MissingRequiredClaim(_) => RejectReason::MissingClaim,
+        ErrorKind::InvalidAlgorithm
+        | ErrorKind::MissingAlgorithm
+        | ErrorKind::InvalidAlgorithmName => RejectReason::Algorithm,
+        _ => RejectReason::Malformed,
+    }
+}
+
+/// The claim checks that need no key. `iss` was checked by the caller.
+fn check_claims(
+    claims: &Map<String, Value>,
+    issuer: &Issuer,
+    now: u64,
+) -> Result<(), RejectReason> {
+    let exp = claims.get("exp").ok_or(RejectReason::MissingClaim)?;
+    let aud = claims.get("aud").ok_or(RejectReason::MissingClaim)?;
+    // Rounding favours rejection: exp down, nbf and iat up.
+    let exp = numeric_date(exp, false).ok_or(RejectReason::Malformed)?;
+    let leeway = issuer.leeway;
+    if now >= exp.saturating_add(leeway) {
+        return Err(RejectReason::Expired);
+    }
+    if let Some(nbf) = claims.get("nbf") {
+        let nbf = numeric_date(nbf, true).ok_or(RejectReason::Malformed)?;
+        if nbf > now.saturating_add(leeway) {
+            return Err(RejectReason::NotYetValid);
+        }
+    }
+    if let Some(iat) = claims.get("iat") {
+        let iat = numeric_date(iat, true).ok_or(RejectReason::Malformed)?;
+        if iat > now.saturating_add(leeway) {
+            return Err(RejectReason::IssuedInFuture);
+        }
+    }
+    if let Some(sub) = claims.get("sub") {
+        if !sub.is_string() {
+            return Err(RejectReason::Malformed);
+        }
+    }
+    let named = match aud {
+        Value::String(a) => issuer.audiences.contains(a.as_str()),
+        Value::Array(list) => {
+            let mut any = false;
+            for a in list {
+                let a = a.as_str().ok_or(RejectReason::Malformed)?;
+                any |= issuer.audiences.contains(a);
+            }
+            any
+        }
+        _ => return Err(RejectReason::Malformed),
+    };
+    if !named {
+        return Err(RejectReason::Audience);
+    }
+    Ok(())
+}
+
+/// A JSON NumericDate as whole seconds; `None` when not a non-negative finite number.
+fn numeric_date(v: &Value, round_up: bool) -> Option<u64> {
+    if let Some(n) = v.as_u64() {
+        return Some(n);
+    }
+    let f = v.as_f64()?;
+    if !(0.0..9.0e15).contains(&f) {
+        return None;
+    }
+    let whole = if round_up { f.ceil() } else { f.floor() };
+    // Bounded above, finite and non-negative: the conversion is exact.
+    Some(whole as u64)
+}
+
+fn is_b64url(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// Decodes one base64url segment holding a JSON object with no duplicate members.
+fn decode_object(segment: &str) -> Result<Map<String, Value>, RejectReason> {
+    let bytes = URL_SAFE_NO_PAD
+        .decode(segment)
+        .map_err(|_| RejectReason::Malformed)?;
+    serde_json::from_slice::<StrictObject>(&bytes)
+        .map(|o| o.0)
+        .map_err(|_| RejectReason::Malformed)
+}
+
+/// A JSON object whose top-level members are unique (a duplicate `alg`, `kid`, `iss` or `exp`
+/// could be read one way here and another way by the library).
+struct StrictObject(Map<String, Value>);
+
+impl<'de> Deserialize<'de> for StrictObject {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ObjectVisitor;
+        impl<'de> Visitor<'de> for ObjectVisitor {
+            type Value = StrictObject;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<StrictObject, A::Error> {
+                let mut map = Map::new();
+                while let Some(name) = access.next_key::<String>()? {
+                    let value: Value = access.next_value()?;
+                    if map.insert(name, value).is_some() {
+                        return Err(A::Error::custom("duplicate member"));
+                    }
+                }
+                Ok(StrictObject(map))
+            }
+        }
+        deserializer.deserialize_map(ObjectVisitor)
+    }
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

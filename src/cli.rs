@@ -1,0 +1,290 @@
+//! The command line: `serve`, `dev`, `sandbox`, `check`.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{self, Config, Credential};
+use crate::sandbox::{Sandbox, SandboxOptions};
+
+#[derive(Parser, Debug)]
+#[command(name = "greenhouse-gateway", version, about = "Authenticating gateway for the Greenhouse Partner API")]
+pub struct Cli {
+    /// Log as JSON lines instead of text.
+    #[arg(long, global = true)]
+    pub log_json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the gateway.
+    Serve {
+        #[arg(long, default_value = "policies/gateway.toml")]
+        config: PathBuf,
+    },
+    /// The local playground: the sandbox and the gateway wired to it, with a token per team.
+    Dev {
+        #[arg(long, default_value = "policies/gateway.toml")]
+        config: PathBuf,
+    },
+    /// The Greenhouse sandbox alone (API emulator, token endpoint, dev identity provider).
+    Sandbox {
+        #[arg(long, default_value = "127.0.0.1:8089")]
+        listen: SocketAddr,
+    },
+    /// Validate config, team policies and spec without touching the network.
+    Check {
+        #[arg(long, default_value = "policies/gateway.toml")]
+        config: PathBuf,
+    },
+}
+
+/// Sets up logging. Secrets never reach a log line: they are redacted types or sensitive headers.
+pub fn init_tracing(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// Runs a command; the returned code is the process exit code.
+pub async fn run(cli: Cli) -> i32 {
+    match cli.command {
+        Command::Check { config } => check(&config),
+        Command::Serve { config } => match load_or_print(&config) {
+            None => 1,
+            Some(cfg) => serve(cfg).await,
+        },
+        Command::Dev { config } => match load_or_print(&config) {
+            None => 1,
+            Some(cfg) => dev(cfg).await,
+        },
+        Command::Sandbox { listen } => sandbox(listen).await,
+    }
+}
+
+fn load_or_print(path: &Path) -> Option<Config> {
+    match config::load(path) {
+        Ok(cfg) => {
+            for w in &cfg.warnings {
+                tracing::warn!("{w}");
+            }
+            Some(cfg)
+        }
+        Err(problems) => {
+            eprintln!("{} problem{} in the configuration:", problems.len(), if problems.len() == 1 { "" } else { "s" });
+            for p in problems {
+                eprintln!("  {p}");
+            }
+            None
+        }
+    }
+}
+
+/// `check`: every problem (exit 1), or a summary table (exit 0).
+pub fn check(path: &Path) -> i32 {
+    match config::load(path) {
+        Err(problems) => {
+            println!("{} problem{} found:", problems.len(), if problems.len() == 1 { "" } else { "s" });
+            for p in problems {
+                println!("  {p}");
+            }
+            1
+        }
+        Ok(cfg) => {
+            print!("{}", summary(&cfg));
+            0
+        }
+    }
+}
+
+/// The table `check` prints for a clean configuration.
+pub fn summary(cfg: &Config) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "configuration OK: {} ({} operations from \"{}\" {}), {} team(s), {} issuer(s), {} credential(s)",
+        cfg.source.display(),
+        cfg.spec.operations().len(),
+        cfg.spec.title,
+        cfg.spec.version,
+        cfg.teams.len(),
+        cfg.issuers.len(),
+        cfg.credentials.len()
+    );
+    let mut rows = vec![["TEAM".to_string(), "CREDENTIAL".into(), "ON-BEHALF-OF".into(), "OPERATIONS".into()]];
+    for t in cfg.teams.iter() {
+        let obo = &t.on_behalf_of;
+        let mut parts = Vec::new();
+        if let Some(d) = &obo.default {
+            parts.push(format!("default {d}"));
+        }
+        if !obo.allowed.is_empty() {
+            parts.push(format!("{} allowed", obo.allowed.len()));
+        }
+        if let Some(c) = &obo.from_claim {
+            parts.push(format!("claim {c}"));
+        }
+        let ops: Vec<&str> = t.operations.iter().map(String::as_str).collect();
+        rows.push([t.name.clone(), t.credential.clone(), parts.join(", "), ops.join(", ")]);
+    }
+    let widths: Vec<usize> = (0..4).map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0)).collect();
+    for r in &rows {
+        let _ = writeln!(out, "  {:w0$}  {:w1$}  {:w2$}  {}", r[0], r[1], r[2], r[3], w0 = widths[0], w1 = widths[1], w2 = widths[2]);
+    }
+    let _ = writeln!(out, "quotas: not configurable in this version (see README)");
+    for (name, c) in &cfg.credentials {
+        let _ = writeln!(out, "credential {name}: {}", c.kind());
+    }
+    for w in &cfg.warnings {
+        let _ = writeln!(out, "warning: {w}");
+    }
+    out
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {},
+                    _ = tokio::signal::ctrl_c() => {},
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+async fn serve(cfg: Config) -> i32 {
+    match crate::server::start(cfg).await {
+        Err(e) => {
+            eprintln!("cannot start: {e}");
+            1
+        }
+        Ok(running) => {
+            shutdown_signal().await;
+            tracing::info!("shutting down: no new connections; waiting for in-flight requests");
+            running.shutdown().await;
+            tracing::info!("stopped");
+            0
+        }
+    }
+}
+
+async fn sandbox(listen: SocketAddr) -> i32 {
+    let listener = match tokio::net::TcpListener::bind(listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("cannot bind {listen}: {e}");
+            return 1;
+        }
+    };
+    match Sandbox::spawn(listener, SandboxOptions::default()).await {
+        Err(e) => {
+            eprintln!("cannot start the sandbox: {e}");
+            1
+        }
+        Ok(sb) => {
+            println!("sandbox listening on http://{}", sb.addr());
+            println!("  partner API   {}", sb.base_url());
+            println!("  token URL     {}", sb.token_url());
+            println!("  issuer        {}", sb.issuer());
+            println!("  JWKS          {}", sb.jwks_url());
+            println!("  test hooks    http://{}/_sandbox/requests, /_sandbox/mint, /_sandbox/faults", sb.addr());
+            shutdown_signal().await;
+            sb.shutdown();
+            0
+        }
+    }
+}
+
+/// Options that make the sandbox accept exactly the credentials and issuer the config names.
+pub fn sandbox_options_for(cfg: &Config) -> SandboxOptions {
+    let mut opts = SandboxOptions { clients: Vec::new(), partner_keys: Vec::new(), ..SandboxOptions::default() };
+    for c in cfg.credentials.values() {
+        match c {
+            Credential::OAuth2(o) => opts.clients.push((o.client_id.clone(), o.client_secret.expose().to_string())),
+            Credential::Basic { api_key } => opts.partner_keys.push(api_key.expose().to_string()),
+        }
+    }
+    opts.issuer = cfg.issuers.first().map(|i| i.issuer.clone());
+    opts
+}
+
+async fn dev(cfg: Config) -> i32 {
+    let up = &cfg.upstream.base_url;
+    let Some(sandbox_addr) = up
+        .authority()
+        .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
+        .filter(|a| a.ip().is_loopback() && up.scheme_str() == Some("http"))
+    else {
+        eprintln!("dev runs the sandbox where upstream.base_url points; it must be http://127.0.0.1:PORT/...");
+        return 1;
+    };
+    let listener = match tokio::net::TcpListener::bind(sandbox_addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("cannot bind the sandbox on {sandbox_addr}: {e}");
+            return 1;
+        }
+    };
+    let sb = match Sandbox::spawn(listener, sandbox_options_for(&cfg)).await {
+        Ok(sb) => sb,
+        Err(e) => {
+            eprintln!("cannot start the sandbox: {e}");
+            return 1;
+        }
+    };
+    let teams: Vec<crate::policy::Team> = cfg.teams.iter().cloned().collect();
+    let audience = cfg.issuers.first().and_then(|i| i.audiences.first().cloned()).unwrap_or_default();
+    let spec = cfg.spec.clone();
+    let running = match crate::server::start(cfg).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cannot start the gateway: {e}");
+            return 1;
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(15), running.wait_ready()).await.is_err() {
+        eprintln!("the gateway did not become ready: {:?}", crate::admin::not_ready(&running.gateway));
+    }
+    let base = format!("http://{}{}", running.addr, running.gateway.config.upstream.prefix);
+    println!("greenhouse-gateway dev playground");
+    println!("  gateway  http://{}   (admin http://{}/metrics)", running.addr, running.admin_addr);
+    println!("  sandbox  http://{}   (requests it received: http://{}/_sandbox/requests)", sb.addr(), sb.addr());
+    println!();
+    for t in &teams {
+        let claims = crate::dev::claims_for(t, &audience);
+        let token = sb.mint_token(claims, Duration::from_secs(12 * 3600));
+        let var = format!("{}_TOKEN", t.name.to_ascii_uppercase().replace('-', "_"));
+        println!("# team {}{}", t.name, t.description.as_deref().map(|d| format!(": {d}")).unwrap_or_default());
+        println!("export {var}='{token}'");
+        for line in crate::dev::curl_lines(&spec, t, &base, &var) {
+            println!("{line}");
+        }
+        println!();
+    }
+    println!("Ctrl-C stops both.");
+    shutdown_signal().await;
+    running.shutdown().await;
+    sb.shutdown();
+    0
+}

@@ -1,0 +1,157 @@
+//! Serde mirrors of the files exactly as written. Unknown keys are refused everywhere. Values are
+//! kept as strings here; [`super::validate`] turns them into the model and reports problems.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+/// `policies/gateway.toml`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayFile {
+    /// Path of the OpenAPI document; the built-in seed spec when absent.
+    pub spec: Option<String>,
+    /// Folder of team policies, relative to this file (default `teams`).
+    pub teams: Option<String>,
+    pub listen: ListenFile,
+    #[serde(default)]
+    pub admin: AdminFile,
+    pub upstream: UpstreamFile,
+    #[serde(default)]
+    pub credentials: BTreeMap<String, CredentialFile>,
+    #[serde(default)]
+    pub issuers: Vec<IssuerFile>,
+    #[serde(default)]
+    pub limits: LimitsFile,
+}
+
+/// `[listen]`: the gateway listener.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenFile {
+    pub addr: String,
+    pub tls: Option<TlsFile>,
+    /// Time allowed for a client to send the request head (default `10s`).
+    pub header_read_timeout: Option<String>,
+    /// Largest request head accepted, in bytes (default 16384; larger gets 431).
+    pub max_header_bytes: Option<u64>,
+    /// How long in-flight requests may run after SIGTERM/SIGINT (default `30s`).
+    pub shutdown_grace: Option<String>,
+}
+
+/// TLS for the gateway listener.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFile {
+    pub cert: String,
+    pub key: String,
+    /// When set, clients must present a certificate signed by this CA.
+    pub client_ca: Option<String>,
+}
+
+/// `[admin]`: health, readiness and metrics.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminFile {
+    /// Default `127.0.0.1:9090`.
+    pub addr: Option<String>,
+    /// Bearer token for admin endpoints; required when `addr` is not loopback.
+    pub token: Option<SecretFile>,
+}
+
+/// `[upstream]`: where Greenhouse is.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamFile {
+    /// Its path is also the public path prefix.
+    pub base_url: String,
+    /// Time allowed for the upstream to answer with response headers (default `30s`).
+    pub timeout: Option<String>,
+    /// Time allowed to open a connection (default `5s`).
+    pub connect_timeout: Option<String>,
+    /// An extra PEM trust anchor for the upstream, token endpoints and JWKS URLs.
+    pub ca_file: Option<String>,
+}
+
+/// `[credentials.NAME]`.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum CredentialFile {
+    #[serde(rename = "oauth2_client_credentials")]
+    OAuth2ClientCredentials {
+        token_url: String,
+        client_id: String,
+        client_secret: SecretFile,
+        scope: Option<String>,
+        /// `basic` (default) or `post`.
+        client_auth: Option<String>,
+        /// Refresh the token this long before it expires (default `60s`).
+        refresh_before: Option<String>,
+        /// Token endpoint request timeout (default `5s`).
+        timeout: Option<String>,
+        /// Extra form parameters sent with the token request.
+        #[serde(default)]
+        extra_params: BTreeMap<String, String>,
+    },
+    Basic {
+        api_key: SecretFile,
+    },
+}
+
+/// A secret: `{ env = "NAME" }`, `{ file = "path" }` or, for development only, `{ value = "..." }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretFile {
+    pub env: Option<String>,
+    pub file: Option<String>,
+    pub value: Option<String>,
+}
+
+/// `[[issuers]]`: an identity provider whose tokens callers present.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssuerFile {
+    pub issuer: String,
+    pub audiences: Vec<String>,
+    pub jwks_url: Option<String>,
+    pub jwks_file: Option<String>,
+    pub algorithms: Vec<String>,
+    /// Clock skew allowed for `exp`, `nbf` and `iat` (default `30s`, at most `5m`).
+    pub leeway: Option<String>,
+    /// Background JWKS refresh (default `5m`).
+    pub refresh_interval: Option<String>,
+    /// At most one refetch per this interval for unknown key ids (default `30s`).
+    pub refetch_cooldown: Option<String>,
+}
+
+/// `[limits]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsFile {
+    /// Largest request body, in bytes (default 10 MiB).
+    pub max_body_bytes: Option<u64>,
+}
+
+/// `policies/teams/NAME.toml`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TeamFile {
+    pub name: String,
+    pub description: Option<String>,
+    pub operations: Vec<String>,
+    pub credential: Option<String>,
+    #[serde(default)]
+    pub members: Vec<BTreeMap<String, String>>,
+    #[serde(default)]
+    pub on_behalf_of: OnBehalfOfFile,
+}
+
+/// `[on_behalf_of]` in a team file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OnBehalfOfFile {
+    pub default: Option<String>,
+    #[serde(default)]
+    pub allowed: Vec<String>,
+    pub from_claim: Option<String>,
+}

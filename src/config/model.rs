@@ -1,0 +1,101 @@
+//! The validated configuration the gateway runs with.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::values::Secret;
+use crate::auth::jwks::IssuerConfig;
+use crate::policy::Teams;
+use crate::spec::Spec;
+
+#[derive(Debug)]
+pub struct Config {
+    /// The gateway.toml this was loaded from.
+    pub source: PathBuf,
+    pub spec: Arc<Spec>,
+    pub listen: Listen,
+    pub admin: Admin,
+    pub upstream: Upstream,
+    pub credentials: BTreeMap<String, Credential>,
+    pub issuers: Vec<IssuerConfig>,
+    pub limits: Limits,
+    pub teams: Teams,
+    /// Findings that do not stop the gateway (for example overlapping teams).
+    pub warnings: Vec<super::Problem>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Listen {
+    pub addr: SocketAddr,
+    pub tls: Option<Tls>,
+    pub header_read_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Tls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Admin {
+    pub addr: SocketAddr,
+    pub token: Option<Secret>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    /// Scheme, authority and path prefix, without a trailing slash.
+    pub base_url: http::Uri,
+    /// The path part of `base_url` (for example `/v1/partner`): the public path prefix too.
+    pub prefix: String,
+    pub timeout: Duration,
+    pub connect_timeout: Duration,
+    pub ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub enum Credential {
+    OAuth2(OAuth2Credential),
+    Basic { api_key: Secret },
+}
+
+impl Credential {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Credential::OAuth2(_) => "oauth2_client_credentials",
+            Credential::Basic { .. } => "basic",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// `client_secret_basic`: HTTP Basic with the client id and secret.
+    Basic,
+    /// `client_secret_post`: both in the form body.
+    Post,
+}
+
+#[derive(Debug, Clone)]
+pub struct OAuth2Credential {
+    pub token_url: http::Uri,
+    pub client_id: String,
+    pub client_secret: Secret,
+    pub scope: Option<String>,
+    pub client_auth: ClientAuth,
+    pub refresh_before: Duration,
+    pub timeout: Duration,
+    pub extra_params: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_body_bytes: u64,
+}

@@ -1,0 +1,554 @@
+//! Loading and validation. Reading files is the only I/O; everything after parsing is a pure
+//! function from the parsed mirrors (plus a secret resolver) to either the model or the full list
+//! of problems, each with its file and key path.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::file::{CredentialFile, GatewayFile, IssuerFile, SecretFile, TeamFile};
+use super::model::*;
+use super::values::{Secret, parse_duration};
+use crate::auth::jwks::{IssuerConfig, KeySource};
+use crate::policy::{Glob, MemberRule, OboPolicy, Team, Teams, is_valid_email};
+use crate::spec::Spec;
+
+/// One thing wrong with the configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub file: PathBuf,
+    /// Key path inside the file, for example `credentials.default.token_url` (empty for the
+    /// whole file).
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}: {}", self.file.display(), self.message)
+        } else {
+            write!(f, "{}: {}: {}", self.file.display(), self.key, self.message)
+        }
+    }
+}
+
+/// Resolves `{ env }` and `{ file }` secrets. Injected so validation stays pure in tests.
+pub trait SecretSource {
+    fn env(&self, name: &str) -> Option<String>;
+    fn read(&self, path: &Path) -> std::io::Result<String>;
+}
+
+/// The process environment and file system.
+pub struct RealSecrets;
+
+impl SecretSource for RealSecrets {
+    fn env(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+    fn read(&self, path: &Path) -> std::io::Result<String> {
+        std::fs::read_to_string(path)
+    }
+}
+
+/// Reads `gateway.toml`, the spec and every team file, then validates them all.
+pub fn load(path: &Path) -> Result<Config, Vec<Problem>> {
+    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let problem = |file: &Path, message: String| Problem { file: file.to_path_buf(), key: String::new(), message };
+    let text = std::fs::read_to_string(path).map_err(|e| vec![problem(path, format!("cannot read: {e}"))])?;
+    let gw: GatewayFile = toml::from_str(&text).map_err(|e| vec![toml_problem(path, &e)])?;
+
+    let mut problems = Vec::new();
+    let (spec_path, spec_text) = match &gw.spec {
+        None => (PathBuf::from("<built-in seed spec>"), Ok(crate::spec::BUILTIN_SPEC.to_string())),
+        Some(s) => {
+            let p = base.join(s);
+            let t = std::fs::read_to_string(&p);
+            (p, t)
+        }
+    };
+    let spec = match spec_text {
+        Err(e) => {
+            problems.push(Problem { file: path.to_path_buf(), key: "spec".into(), message: format!("cannot read {}: {e}", spec_path.display()) });
+            None
+        }
+        Ok(t) => match Spec::from_text(&t) {
+            Ok(s) => Some(s),
+            Err(list) => {
+                problems.extend(list.into_iter().map(|m| problem(&spec_path, m)));
+                None
+            }
+        },
+    };
+
+    let teams_dir = base.join(gw.teams.as_deref().unwrap_or("teams"));
+    let mut team_files = Vec::new();
+    match std::fs::read_dir(&teams_dir) {
+        Err(e) => problems.push(Problem { file: path.to_path_buf(), key: "teams".into(), message: format!("cannot read folder {}: {e}", teams_dir.display()) }),
+        Ok(entries) => {
+            let mut paths: Vec<PathBuf> = entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+                .collect();
+            paths.sort();
+            for p in paths {
+                match std::fs::read_to_string(&p) {
+                    Err(e) => problems.push(problem(&p, format!("cannot read: {e}"))),
+                    Ok(t) => match toml::from_str::<TeamFile>(&t) {
+                        Ok(tf) => team_files.push((p, tf)),
+                        Err(e) => problems.push(toml_problem(&p, &e)),
+                    },
+                }
+            }
+        }
+    }
+
+    let Some(spec) = spec else {
+        return Err(problems);
+    };
+    match validate(path, &gw, spec, &team_files, &RealSecrets) {
+        Ok(cfg) if problems.is_empty() => Ok(cfg),
+        Ok(_) => Err(problems),
+        Err(more) => {
+            problems.extend(more);
+            Err(problems)
+        }
+    }
+}
+
+fn toml_problem(file: &Path, e: &toml::de::Error) -> Problem {
+    let msg = e.message().to_string();
+    let key = match e.span() {
+        Some(span) => format!("at byte {}", span.start),
+        None => String::new(),
+    };
+    Problem { file: file.to_path_buf(), key, message: msg }
+}
+
+/// Collects problems for one file.
+struct Report<'a> {
+    file: &'a Path,
+    problems: &'a mut Vec<Problem>,
+}
+
+impl Report<'_> {
+    fn add(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.problems.push(Problem { file: self.file.to_path_buf(), key: key.into(), message: message.into() });
+    }
+
+    fn duration(&mut self, key: &str, value: Option<&str>, default: Duration) -> Duration {
+        match value.map(parse_duration) {
+            None => default,
+            Some(Ok(d)) => d,
+            Some(Err(e)) => {
+                self.add(key, e);
+                default
+            }
+        }
+    }
+
+    fn secret(&mut self, key: &str, s: &SecretFile, base: &Path, src: &dyn SecretSource) -> Option<Secret> {
+        let set = [s.env.is_some(), s.file.is_some(), s.value.is_some()].iter().filter(|x| **x).count();
+        if set != 1 {
+            self.add(key, "a secret needs exactly one of env, file or value");
+            return None;
+        }
+        let value = if let Some(name) = &s.env {
+            match src.env(name) {
+                Some(v) => v,
+                None => {
+                    self.add(key, format!("environment variable {name} is not set"));
+                    return None;
+                }
+            }
+        } else if let Some(f) = &s.file {
+            match src.read(&base.join(f)) {
+                Ok(v) => v.trim_end_matches(['\r', '\n']).to_string(),
+                Err(e) => {
+                    self.add(key, format!("cannot read secret file {f}: {e}"));
+                    return None;
+                }
+            }
+        } else {
+            s.value.clone().unwrap_or_default()
+        };
+        if value.is_empty() {
+            self.add(key, "the secret is empty");
+            return None;
+        }
+        if value.bytes().any(|b| b.is_ascii_control()) {
+            self.add(key, "the secret contains control characters");
+            return None;
+        }
+        Some(Secret::new(value))
+    }
+}
+
+/// Whether `http://` may be used for this URL: only for loopback hosts.
+pub fn is_loopback_host(uri: &http::Uri) -> bool {
+    match uri.host() {
+        Some("localhost") => true,
+        Some(h) => h.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback()),
+        None => false,
+    }
+}
+
+/// Parses a URL that must be https, or http to a loopback host.
+fn secure_url(r: &mut Report<'_>, key: &str, s: &str) -> Option<http::Uri> {
+    let uri: http::Uri = match s.parse() {
+        Ok(u) => u,
+        Err(_) => {
+            r.add(key, "not a valid URL");
+            return None;
+        }
+    };
+    match uri.scheme_str() {
+        Some("https") => {}
+        Some("http") if is_loopback_host(&uri) => {}
+        Some("http") => {
+            r.add(key, "must be https:// (plain http is accepted only for loopback hosts)");
+            return None;
+        }
+        _ => {
+            r.add(key, "must be an absolute https:// URL");
+            return None;
+        }
+    }
+    if uri.host().is_none() {
+        r.add(key, "has no host");
+        return None;
+    }
+    if uri.query().is_some() {
+        r.add(key, "must not have a query string");
+        return None;
+    }
+    Some(uri)
+}
+
+fn socket_addr(r: &mut Report<'_>, key: &str, s: &str) -> Option<SocketAddr> {
+    match s.parse() {
+        Ok(a) => Some(a),
+        Err(_) => {
+            r.add(key, "must be IP:PORT, for example 127.0.0.1:8080");
+            None
+        }
+    }
+}
+
+/// Validates everything. Pure apart from the secret source.
+pub fn validate(
+    gateway_path: &Path,
+    gw: &GatewayFile,
+    spec: Spec,
+    team_files: &[(PathBuf, TeamFile)],
+    secrets: &dyn SecretSource,
+) -> Result<Config, Vec<Problem>> {
+    let base = gateway_path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let mut problems = Vec::new();
+    let mut r = Report { file: gateway_path, problems: &mut problems };
+
+    // [listen]
+    let listen_addr = socket_addr(&mut r, "listen.addr", &gw.listen.addr);
+    let tls = gw.listen.tls.as_ref().map(|t| Tls {
+        cert: base.join(&t.cert),
+        key: base.join(&t.key),
+        client_ca: t.client_ca.as_ref().map(|c| base.join(c)),
+    });
+    let header_read_timeout = r.duration("listen.header_read_timeout", gw.listen.header_read_timeout.as_deref(), Duration::from_secs(10));
+    if header_read_timeout.is_zero() {
+        r.add("listen.header_read_timeout", "must be longer than zero");
+    }
+    let max_header_bytes = gw.listen.max_header_bytes.unwrap_or(16 * 1024);
+    if !(1024..=1024 * 1024).contains(&max_header_bytes) {
+        r.add("listen.max_header_bytes", "must be between 1024 and 1048576");
+    }
+    let shutdown_grace = r.duration("listen.shutdown_grace", gw.listen.shutdown_grace.as_deref(), Duration::from_secs(30));
+
+    // [admin]
+    let admin_addr = socket_addr(&mut r, "admin.addr", gw.admin.addr.as_deref().unwrap_or("127.0.0.1:9090"));
+    let admin_token = gw.admin.token.as_ref().and_then(|t| r.secret("admin.token", t, &base, secrets));
+    if let Some(a) = admin_addr
+        && !a.ip().is_loopback()
+        && admin_token.is_none()
+    {
+        r.add("admin.token", "required when admin.addr is not a loopback address");
+    }
+    if let (Some(a), Some(b)) = (listen_addr, admin_addr)
+        && a == b
+        && a.port() != 0
+    {
+        r.add("admin.addr", "must differ from listen.addr");
+    }
+
+    // [upstream]
+    let base_url = secure_url(&mut r, "upstream.base_url", &gw.upstream.base_url);
+    let timeout = r.duration("upstream.timeout", gw.upstream.timeout.as_deref(), Duration::from_secs(30));
+    let connect_timeout = r.duration("upstream.connect_timeout", gw.upstream.connect_timeout.as_deref(), Duration::from_secs(5));
+    for (k, d) in [("upstream.timeout", timeout), ("upstream.connect_timeout", connect_timeout)] {
+        if d.is_zero() {
+            r.add(k, "must be longer than zero");
+        }
+    }
+    let ca_file = gw.upstream.ca_file.as_ref().map(|c| base.join(c));
+
+    // [credentials.*]
+    let mut credentials = BTreeMap::new();
+    if gw.credentials.is_empty() {
+        r.add("credentials", "at least one credential is needed to call Greenhouse");
+    }
+    for (name, c) in &gw.credentials {
+        let key = format!("credentials.{name}");
+        let cred = match c {
+            CredentialFile::Basic { api_key } => {
+                r.secret(&format!("{key}.api_key"), api_key, &base, secrets).map(|api_key| Credential::Basic { api_key })
+            }
+            CredentialFile::OAuth2ClientCredentials { token_url, client_id, client_secret, scope, client_auth, refresh_before, timeout, extra_params } => {
+                let token_url = secure_url(&mut r, &format!("{key}.token_url"), token_url);
+                let secret = r.secret(&format!("{key}.client_secret"), client_secret, &base, secrets);
+                if client_id.is_empty() {
+                    r.add(format!("{key}.client_id"), "must not be empty");
+                }
+                let client_auth = match client_auth.as_deref() {
+                    None | Some("basic") => ClientAuth::Basic,
+                    Some("post") => ClientAuth::Post,
+                    Some(_) => {
+                        r.add(format!("{key}.client_auth"), "must be \"basic\" or \"post\"");
+                        ClientAuth::Basic
+                    }
+                };
+                for reserved in ["grant_type", "client_id", "client_secret", "scope"] {
+                    if extra_params.contains_key(reserved) {
+                        r.add(format!("{key}.extra_params.{reserved}"), "is set by the gateway and cannot be overridden");
+                    }
+                }
+                let refresh_before = r.duration(&format!("{key}.refresh_before"), refresh_before.as_deref(), Duration::from_secs(60));
+                let timeout = r.duration(&format!("{key}.timeout"), timeout.as_deref(), Duration::from_secs(5));
+                match (token_url, secret) {
+                    (Some(token_url), Some(client_secret)) => Some(Credential::OAuth2(OAuth2Credential {
+                        token_url,
+                        client_id: client_id.clone(),
+                        client_secret,
+                        scope: scope.clone(),
+                        client_auth,
+                        refresh_before,
+                        timeout,
+                        extra_params: extra_params.clone(),
+                    })),
+                    _ => None,
+                }
+            }
+        };
+        if let Some(cred) = cred {
+            credentials.insert(name.clone(), cred);
+        }
+    }
+
+    // [[issuers]]
+    let mut issuers = Vec::new();
+    if gw.issuers.is_empty() {
+        r.add("issuers", "at least one [[issuers]] entry is needed to authenticate callers");
+    }
+    let mut seen_issuers = BTreeSet::new();
+    for (i, iss) in gw.issuers.iter().enumerate() {
+        if !seen_issuers.insert(iss.issuer.as_str()) {
+            r.add(format!("issuers[{i}].issuer"), "is listed twice");
+        }
+        if let Some(cfg) = validate_issuer(&mut r, i, iss, &base) {
+            issuers.push(cfg);
+        }
+    }
+
+    // [limits]
+    let max_body_bytes = gw.limits.max_body_bytes.unwrap_or(10 * 1024 * 1024);
+    if max_body_bytes == 0 || max_body_bytes > 256 * 1024 * 1024 {
+        r.add("limits.max_body_bytes", "must be between 1 and 268435456");
+    }
+
+    // teams
+    let mut teams = Vec::new();
+    if team_files.is_empty() {
+        r.add("teams", "no team policies found: no caller could ever be admitted");
+    }
+    for (path, tf) in team_files {
+        let mut tr = Report { file: path, problems: r.problems };
+        if let Some(t) = validate_team(&mut tr, path, tf, &spec, &gw.credentials) {
+            teams.push(t);
+        }
+    }
+    let mut names = BTreeSet::new();
+    for t in &teams {
+        if !names.insert(t.name.clone()) {
+            r.add("teams", format!("team {} is defined twice", t.name));
+        }
+    }
+    let teams = Teams::new(teams);
+    let warnings = teams
+        .overlaps()
+        .into_iter()
+        .map(|(a, b)| Problem {
+            file: base.join(gw.teams.as_deref().unwrap_or("teams")),
+            key: format!("{a}, {b}"),
+            message: format!("a caller could match both teams; {a} wins (teams are tried by name)"),
+        })
+        .collect();
+
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    let (Some(addr), Some(admin_addr), Some(base_url)) = (listen_addr, admin_addr, base_url) else {
+        return Err(vec![Problem { file: gateway_path.to_path_buf(), key: String::new(), message: "incomplete configuration".into() }]);
+    };
+    let prefix = base_url.path().trim_end_matches('/').to_string();
+    Ok(Config {
+        source: gateway_path.to_path_buf(),
+        spec: Arc::new(spec),
+        listen: Listen { addr, tls, header_read_timeout, max_header_bytes: max_header_bytes as usize, shutdown_grace },
+        admin: Admin { addr: admin_addr, token: admin_token },
+        upstream: Upstream { base_url, prefix, timeout, connect_timeout, ca_file },
+        credentials,
+        issuers,
+        limits: Limits { max_body_bytes },
+        teams,
+        warnings,
+    })
+}
+
+fn validate_issuer(r: &mut Report<'_>, i: usize, iss: &IssuerFile, base: &Path) -> Option<IssuerConfig> {
+    let key = format!("issuers[{i}]");
+    let mut ok = true;
+    if iss.issuer.is_empty() {
+        r.add(format!("{key}.issuer"), "must not be empty");
+        ok = false;
+    }
+    if iss.audiences.is_empty() || iss.audiences.iter().any(String::is_empty) {
+        r.add(format!("{key}.audiences"), "needs at least one non-empty audience");
+        ok = false;
+    }
+    let keys = match (&iss.jwks_url, &iss.jwks_file) {
+        (Some(u), None) => secure_url(r, &format!("{key}.jwks_url"), u).map(|u| KeySource::Url(u.to_string())),
+        (None, Some(f)) => Some(KeySource::File(base.join(f))),
+        _ => {
+            r.add(&key, "needs exactly one of jwks_url or jwks_file");
+            None
+        }
+    };
+    let mut algorithms = Vec::new();
+    if iss.algorithms.is_empty() {
+        r.add(format!("{key}.algorithms"), "list at least one algorithm, for example [\"RS256\"]");
+        ok = false;
+    }
+    for (j, a) in iss.algorithms.iter().enumerate() {
+        let k = format!("{key}.algorithms[{j}]");
+        if a.starts_with("HS") {
+            r.add(k, "HMAC algorithms are refused: callers' tokens must be verified with public keys");
+            ok = false;
+            continue;
+        }
+        match a.parse::<jsonwebtoken::Algorithm>() {
+            Ok(alg) => algorithms.push(alg),
+            Err(_) => {
+                r.add(k, "unknown algorithm (use RS256/384/512, PS256/384/512, ES256/384 or EdDSA)");
+                ok = false;
+            }
+        }
+    }
+    let leeway = r.duration(&format!("{key}.leeway"), iss.leeway.as_deref(), Duration::from_secs(30));
+    if leeway > Duration::from_secs(300) {
+        r.add(format!("{key}.leeway"), "must be at most 5m");
+    }
+    let refresh_interval = r.duration(&format!("{key}.refresh_interval"), iss.refresh_interval.as_deref(), Duration::from_secs(300));
+    if refresh_interval < Duration::from_secs(1) {
+        r.add(format!("{key}.refresh_interval"), "must be at least 1s");
+    }
+    let refetch_cooldown = r.duration(&format!("{key}.refetch_cooldown"), iss.refetch_cooldown.as_deref(), Duration::from_secs(30));
+    let keys = keys?;
+    ok.then(|| IssuerConfig {
+        issuer: iss.issuer.clone(),
+        audiences: iss.audiences.clone(),
+        keys,
+        algorithms,
+        leeway,
+        refresh_interval,
+        refetch_cooldown,
+    })
+}
+
+fn validate_team(
+    r: &mut Report<'_>,
+    path: &Path,
+    tf: &TeamFile,
+    spec: &Spec,
+    credentials: &BTreeMap<String, CredentialFile>,
+) -> Option<Team> {
+    let before = r.problems.len();
+    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("");
+    if tf.name != stem {
+        r.add("name", format!("must equal the file name ({stem})"));
+    }
+    if tf.name.is_empty() || !tf.name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+        r.add("name", "use letters, digits, '-' and '_' only");
+    }
+    if tf.operations.is_empty() {
+        r.add("operations", "lists no operation: the team could call nothing");
+    }
+    let mut operations = BTreeSet::new();
+    for (i, op) in tf.operations.iter().enumerate() {
+        if spec.operation(op).is_none() {
+            let known: Vec<&str> = spec.operations().iter().map(|o| o.id.as_str()).collect();
+            r.add(format!("operations[{i}]"), format!("unknown operation id {op:?} (the spec has: {})", known.join(", ")));
+        } else if !operations.insert(op.clone()) {
+            r.add(format!("operations[{i}]"), format!("{op} is listed twice"));
+        }
+    }
+    let credential = tf.credential.clone().unwrap_or_else(|| "default".to_string());
+    if !credentials.contains_key(&credential) {
+        let known: Vec<&str> = credentials.keys().map(String::as_str).collect();
+        r.add("credential", format!("no [credentials.{credential}] in gateway.toml (defined: {})", known.join(", ")));
+    }
+    if tf.members.is_empty() {
+        r.add("members", "has no [[members]] table: no caller could ever match");
+    }
+    let mut members = Vec::new();
+    for (i, m) in tf.members.iter().enumerate() {
+        if m.is_empty() {
+            r.add(format!("members[{i}]"), "is empty and would match every caller; name at least one claim");
+            continue;
+        }
+        let mut claims = Vec::new();
+        for (claim, pattern) in m {
+            if pattern.is_empty() || pattern.chars().all(|c| c == '*') {
+                r.add(format!("members[{i}].{claim}"), "must be more specific than a bare '*'");
+            }
+            claims.push((claim.clone(), Glob::new(pattern.clone())));
+        }
+        members.push(MemberRule { claims });
+    }
+    let obo = &tf.on_behalf_of;
+    if let Some(d) = &obo.default
+        && !is_valid_email(d)
+    {
+        r.add("on_behalf_of.default", "is not a valid email address");
+    }
+    for (i, a) in obo.allowed.iter().enumerate() {
+        if !is_valid_email(a) {
+            r.add(format!("on_behalf_of.allowed[{i}]"), "is not a valid email address");
+        }
+    }
+    if obo.from_claim.as_deref() == Some("") {
+        r.add("on_behalf_of.from_claim", "must name a claim");
+    }
+    if obo.default.is_none() && obo.from_claim.is_none() && obo.allowed.is_empty() {
+        r.add("on_behalf_of", "needs a default, allowed users or from_claim: Greenhouse requires On-Behalf-Of on every call");
+    }
+    (r.problems.len() == before).then(|| Team {
+        name: tf.name.clone(),
+        description: tf.description.clone(),
+        operations,
+        credential,
+        members,
+        on_behalf_of: OboPolicy { default: obo.default.clone(), allowed: obo.allowed.clone(), from_claim: obo.from_claim.clone() },
+    })
+}

@@ -1,0 +1,133 @@
+//! Small value types parsed from strings: durations, rates, secrets.
+
+use std::fmt;
+use std::time::Duration;
+
+/// Parses `"250ms"`, `"30s"`, `"5m"`, `"1h"`, `"2d"`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(|| {
+        format!("\"{s}\" has no unit (use ms, s, m, h or d)")
+    })?;
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("\"{s}\" does not start with a whole number"))?;
+    let ms = match unit {
+        "ms" => Some(n),
+        "s" => n.checked_mul(1000),
+        "m" => n.checked_mul(60_000),
+        "h" => n.checked_mul(3_600_000),
+        "d" => n.checked_mul(86_400_000),
+        _ => return Err(format!("\"{s}\" has an unknown unit \"{unit}\" (use ms, s, m, h or d)")),
+    };
+    ms.map(Duration::from_millis).ok_or_else(|| format!("\"{s}\" is too large"))
+}
+
+/// A rate: `count` requests per `per`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub count: u32,
+    pub per: Duration,
+}
+
+impl fmt::Display for Rate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let secs = self.per.as_secs();
+        match secs {
+            1 => write!(f, "{}/s", self.count),
+            60 => write!(f, "{}/m", self.count),
+            3600 => write!(f, "{}/h", self.count),
+            n => write!(f, "{}/{}s", self.count, n),
+        }
+    }
+}
+
+/// Parses `"N/s"`, `"N/m"`, `"N/h"` or `"N/10s"`.
+pub fn parse_rate(s: &str) -> Result<Rate, String> {
+    let (n, per) = s.trim().split_once('/').ok_or_else(|| format!("\"{s}\" is not a rate like \"20/s\""))?;
+    let count: u32 = n.trim().parse().map_err(|_| format!("\"{s}\": the count must be a whole number"))?;
+    if count == 0 {
+        return Err(format!("\"{s}\": the count must be at least 1"));
+    }
+    let per = per.trim();
+    let per = match per {
+        "s" => Duration::from_secs(1),
+        "m" => Duration::from_secs(60),
+        "h" => Duration::from_secs(3600),
+        other => parse_duration(other).map_err(|e| format!("\"{s}\": {e}"))?,
+    };
+    if per.is_zero() {
+        return Err(format!("\"{s}\": the period must be longer than zero"));
+    }
+    Ok(Rate { count, per })
+}
+
+/// A secret resolved from the environment, a file or (dev only) the config itself. Its `Debug`
+/// and `Display` never show the value.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+    /// The value, for the one place that must send it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_with_each_unit_parse() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+    }
+
+    #[test]
+    fn duration_without_unit_or_with_unknown_unit_is_refused() {
+        assert!(parse_duration("30").is_err());
+        assert!(parse_duration("3x").is_err());
+        assert!(parse_duration("s").is_err());
+    }
+
+    #[test]
+    fn rates_in_every_form_parse() {
+        assert_eq!(parse_rate("20/s"), Ok(Rate { count: 20, per: Duration::from_secs(1) }));
+        assert_eq!(parse_rate("50/10s"), Ok(Rate { count: 50, per: Duration::from_secs(10) }));
+        assert_eq!(parse_rate("100/h").map(|r| r.per), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_rate("50/10s").map(|r| r.to_string()), Ok("50/10s".to_string()));
+    }
+
+    #[test]
+    fn zero_or_malformed_rates_are_refused() {
+        assert!(parse_rate("0/s").is_err());
+        assert!(parse_rate("5").is_err());
+        assert!(parse_rate("5/0s").is_err());
+        assert!(parse_rate("x/s").is_err());
+    }
+
+    #[test]
+    fn secret_never_shows_its_value_in_debug_or_display() {
+        let s = Secret::new("hunter2-canary");
+        assert!(!format!("{s:?}").contains("hunter2"));
+        assert!(!format!("{s}").contains("hunter2"));
+        assert_eq!(s.expose(), "hunter2-canary");
+    }
+}

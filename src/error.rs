@@ -1,0 +1,263 @@
+//! The one error type a client can see, and the one place it becomes a response.
+//!
+//! Every variant maps to a stable `code` (documented in the README) and a status. Bodies are
+//! `application/problem+json` (RFC 9457) and never contain a submitted value, a token, a key id or
+//! a secret: variants carry only what the gateway itself decided (names from the config or the
+//! spec, counts, seconds).
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+use serde::Serialize;
+
+/// Who is at fault, for logs and metrics (after pingora's `ErrorSource`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The caller sent something we refuse.
+    Client,
+    /// Greenhouse (or the network to it) failed.
+    Upstream,
+    /// The gateway itself could not do its job.
+    Gateway,
+}
+
+/// One problem inside a `validation_failed` or `bad_request` answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FieldProblem {
+    pub pointer: String,
+    pub keyword: String,
+    pub message: String,
+}
+
+/// Every outcome, other than success, that a client can see.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GatewayError {
+    BadRequest(&'static str),
+    /// Undeclared query parameters; the names come from the request but are reduced to a safe
+    /// alphabet and length before they are ever shown.
+    UndeclaredQuery(Vec<String>),
+    UriTooLong,
+    HeadersTooLarge,
+    InvalidJson(&'static str),
+    MissingToken,
+    InvalidToken(&'static str),
+    UnknownTeam,
+    OperationNotAllowed,
+    OnBehalfOfNotAllowed(&'static str),
+    RouteNotFound,
+    MethodNotAllowed { allow: Vec<http::Method> },
+    PayloadTooLarge { limit: u64 },
+    UnsupportedMediaType,
+    ValidationFailed(Vec<FieldProblem>),
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamCredentialsUnavailable,
+    UpstreamRejectedCredentials,
+    UpstreamRateLimited { retry_after_secs: u64 },
+    JwksUnavailable,
+    NotReady(&'static str),
+    Internal,
+}
+
+impl GatewayError {
+    pub fn status(&self) -> StatusCode {
+        use GatewayError::*;
+        match self {
+            BadRequest(_) | UndeclaredQuery(_) | InvalidJson(_) => StatusCode::BAD_REQUEST,
+            UriTooLong => StatusCode::URI_TOO_LONG,
+            HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            MissingToken | InvalidToken(_) => StatusCode::UNAUTHORIZED,
+            UnknownTeam | OperationNotAllowed | OnBehalfOfNotAllowed(_) => StatusCode::FORBIDDEN,
+            RouteNotFound => StatusCode::NOT_FOUND,
+            MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ValidationFailed(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            UpstreamError | UpstreamRejectedCredentials => StatusCode::BAD_GATEWAY,
+            UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            UpstreamCredentialsUnavailable
+            | UpstreamRateLimited { .. }
+            | JwksUnavailable
+            | NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The stable machine-readable code.
+    pub fn code(&self) -> &'static str {
+        use GatewayError::*;
+        match self {
+            BadRequest(_) | UndeclaredQuery(_) | UriTooLong | HeadersTooLarge => "bad_request",
+            InvalidJson(_) => "invalid_json",
+            MissingToken => "missing_token",
+            InvalidToken(_) => "invalid_token",
+            UnknownTeam => "unknown_team",
+            OperationNotAllowed => "operation_not_allowed",
+            OnBehalfOfNotAllowed(_) => "on_behalf_of_not_allowed",
+            RouteNotFound => "route_not_found",
+            MethodNotAllowed { .. } => "method_not_allowed",
+            PayloadTooLarge { .. } => "payload_too_large",
+            UnsupportedMediaType => "unsupported_media_type",
+            ValidationFailed(_) => "validation_failed",
+            UpstreamError => "upstream_error",
+            UpstreamTimeout => "upstream_timeout",
+            UpstreamCredentialsUnavailable => "upstream_credentials_unavailable",
+            UpstreamRejectedCredentials => "upstream_rejected_credentials",
+            UpstreamRateLimited { .. } => "upstream_rate_limited",
+            JwksUnavailable => "jwks_unavailable",
+            NotReady(_) => "internal_error",
+            Internal => "internal_error",
+        }
+    }
+
+    pub fn fault(&self) -> Fault {
+        use GatewayError::*;
+        match self {
+            UpstreamError | UpstreamTimeout | UpstreamRejectedCredentials | UpstreamRateLimited { .. } => {
+                Fault::Upstream
+            }
+            UpstreamCredentialsUnavailable | JwksUnavailable | NotReady(_) | Internal => Fault::Gateway,
+            BadRequest(_) | UndeclaredQuery(_) | UriTooLong | HeadersTooLarge | InvalidJson(_)
+            | MissingToken | InvalidToken(_) | UnknownTeam | OperationNotAllowed
+            | OnBehalfOfNotAllowed(_) | RouteNotFound | MethodNotAllowed { .. }
+            | PayloadTooLarge { .. } | UnsupportedMediaType | ValidationFailed(_) => Fault::Client,
+        }
+    }
+
+    fn title(&self) -> &'static str {
+        use GatewayError::*;
+        match self {
+            BadRequest(_) | UndeclaredQuery(_) => "Bad request",
+            UriTooLong => "Request target too long",
+            HeadersTooLarge => "Request headers too large",
+            InvalidJson(_) => "Request body is not valid JSON",
+            MissingToken => "A bearer token is required",
+            InvalidToken(_) => "The bearer token is not valid",
+            UnknownTeam => "The caller belongs to no team",
+            OperationNotAllowed => "The team may not call this operation",
+            OnBehalfOfNotAllowed(_) => "The team may not act on behalf of this user",
+            RouteNotFound => "No such route",
+            MethodNotAllowed { .. } => "Method not allowed on this route",
+            PayloadTooLarge { .. } => "Request body too large",
+            UnsupportedMediaType => "Unsupported media type",
+            ValidationFailed(_) => "Request does not match the schema",
+            UpstreamError => "Greenhouse could not be reached",
+            UpstreamTimeout => "Greenhouse did not answer in time",
+            UpstreamCredentialsUnavailable => "No Greenhouse credential is available",
+            UpstreamRejectedCredentials => "Greenhouse rejected the gateway's credential",
+            UpstreamRateLimited { .. } => "Greenhouse's shared rate limit is exhausted",
+            JwksUnavailable => "The identity provider's keys are unavailable",
+            NotReady(_) => "The gateway is not ready",
+            Internal => "Internal error",
+        }
+    }
+
+    fn detail(&self) -> Option<String> {
+        use GatewayError::*;
+        match self {
+            BadRequest(d) | InvalidJson(d) | InvalidToken(d) | OnBehalfOfNotAllowed(d) | NotReady(d) => {
+                Some((*d).to_string())
+            }
+            UndeclaredQuery(names) => Some(format!("undeclared query parameters: {}", names.join(", "))),
+            PayloadTooLarge { limit } => Some(format!("the limit is {limit} bytes")),
+            ValidationFailed(p) => Some(format!("{} problem{}", p.len(), if p.len() == 1 { "" } else { "s" })),
+            MethodNotAllowed { allow } => Some(format!(
+                "allowed: {}",
+                allow.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(", ")
+            )),
+            UpstreamRateLimited { retry_after_secs } => Some(format!("retry after {retry_after_secs} s")),
+            UnsupportedMediaType => Some("the body must be application/json in UTF-8".into()),
+            _ => None,
+        }
+    }
+
+    /// Renders the problem+json response. This is the only place gateway errors become responses.
+    pub fn to_response(&self, request_id: &str) -> Response<Bytes> {
+        #[derive(Serialize)]
+        struct Problem<'a> {
+            #[serde(rename = "type")]
+            kind: String,
+            title: &'a str,
+            status: u16,
+            code: &'a str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            detail: Option<String>,
+            request_id: &'a str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            errors: Option<&'a [FieldProblem]>,
+        }
+        let status = self.status();
+        let code = self.code();
+        let body = Problem {
+            kind: format!("urn:greenhouse-gateway:problem:{code}"),
+            title: self.title(),
+            status: status.as_u16(),
+            code,
+            detail: self.detail(),
+            request_id,
+            errors: match self {
+                GatewayError::ValidationFailed(p) => Some(p),
+                _ => None,
+            },
+        };
+        let bytes = serde_json::to_vec(&body).unwrap_or_else(|_| b"{}".to_vec());
+        let mut resp = Response::new(Bytes::from(bytes));
+        *resp.status_mut() = status;
+        let h = resp.headers_mut();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        match self {
+            GatewayError::MissingToken => {
+                h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"greenhouse-gateway\""));
+            }
+            GatewayError::InvalidToken(_) => {
+                h.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"greenhouse-gateway\", error=\"invalid_token\""),
+                );
+            }
+            GatewayError::MethodNotAllowed { allow } => {
+                let joined = allow.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(", ");
+                if let Ok(v) = HeaderValue::from_str(&joined) {
+                    h.insert(header::ALLOW, v);
+                }
+            }
+            GatewayError::UpstreamRateLimited { retry_after_secs } => {
+                h.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+            }
+            _ => {}
+        }
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payload_too_large_maps_to_413_with_stable_code() {
+        let e = GatewayError::PayloadTooLarge { limit: 10 };
+        assert_eq!(e.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(e.code(), "payload_too_large");
+    }
+
+    #[test]
+    fn invalid_token_response_carries_bearer_challenge_with_error() {
+        let r = GatewayError::InvalidToken("expired").to_response("rid");
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        let v = r.headers()[header::WWW_AUTHENTICATE].to_str().unwrap_or_default();
+        assert!(v.starts_with("Bearer ") && v.contains("error=\"invalid_token\""), "{v}");
+    }
+
+    #[test]
+    fn problem_body_has_type_code_status_and_request_id() {
+        let r = GatewayError::MethodNotAllowed { allow: vec![http::Method::GET, http::Method::POST] }
+            .to_response("abc");
+        assert_eq!(r.headers()[header::ALLOW], "GET, POST");
+        let v: serde_json::Value = serde_json::from_slice(r.body()).unwrap_or_default();
+        assert_eq!(v["type"], "urn:greenhouse-gateway:problem:method_not_allowed");
+        assert_eq!(v["code"], "method_not_allowed");
+        assert_eq!(v["status"], 405);
+        assert_eq!(v["request_id"], "abc");
+    }
+}

@@ -1,0 +1,26 @@
+//! greenhouse-gateway: an authenticating reverse proxy for the Greenhouse Candidate Ingestion
+//! (Partner) API.
+//!
+//! The request path, in order (see [`pipeline`]):
+//! 1. framing, target, header and body-size sanity ([`server`]);
+//! 2. the caller's bearer JWT is verified against its issuer's keys ([`auth`]);
+//! 3. the route is found in the OpenAPI spec ([`spec`]);
+//! 4. the caller's team, the operation allow-list and `On-Behalf-Of` are decided ([`policy`]);
+//! 5. the request is forwarded with the upstream credential and clean headers ([`proxy`]).
+//!
+//! Every error a client can see is a [`error::GatewayError`], rendered in one place.
+
+pub mod admin;
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod dev;
+pub mod error;
+pub mod http_client;
+pub mod metrics;
+pub mod pipeline;
+pub mod policy;
+pub mod proxy;
+pub mod sandbox;
+pub mod server;
+pub mod spec;

@@ -1,0 +1,9 @@
+use clap::Parser;
+
+#[tokio::main]
+async fn main() {
+    let cli = greenhouse_gateway::cli::Cli::parse();
+    greenhouse_gateway::cli::init_tracing(cli.log_json);
+    let code = greenhouse_gateway::cli::run(cli).await;
+    std::process::exit(code);
+}

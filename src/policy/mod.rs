@@ -1,0 +1,252 @@
+//! Teams: who is a member, which operations they may call, and whom they may act for.
+//!
+//! Membership: a team lists `[[members]]` tables; a caller is a member when every key of one
+//! table matches a claim of its verified token (values are globs with `*` and `?`; an array claim
+//! matches when any element does). Teams are tried in the alphabetical order of their names and
+//! the first match wins, so overlapping teams resolve the same way on every replica; `check`
+//! warns about overlaps.
+
+use std::collections::BTreeSet;
+
+use serde_json::{Map, Value};
+
+mod obo;
+pub use obo::{OboPolicy, decide_on_behalf_of, is_valid_email};
+
+/// A glob over claim values: `*` matches any run of characters, `?` exactly one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Glob(String);
+
+impl Glob {
+    pub fn new(pattern: impl Into<String>) -> Self {
+        Glob(pattern.into())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn is_literal(&self) -> bool {
+        !self.0.contains(['*', '?'])
+    }
+
+    /// Iterative wildcard match with single-star backtracking: linear in practice, never
+    /// exponential, whatever the pattern.
+    pub fn matches(&self, text: &str) -> bool {
+        let p: Vec<char> = self.0.chars().collect();
+        let t: Vec<char> = text.chars().collect();
+        let (mut pi, mut ti) = (0usize, 0usize);
+        let mut star: Option<(usize, usize)> = None;
+        while ti < t.len() {
+            if pi < p.len() && (p[pi] == '?' || (p[pi] != '*' && p[pi] == t[ti])) {
+                pi += 1;
+                ti += 1;
+            } else if pi < p.len() && p[pi] == '*' {
+                star = Some((pi, ti));
+                pi += 1;
+            } else if let Some((sp, st)) = star {
+                pi = sp + 1;
+                ti = st + 1;
+                star = Some((sp, st + 1));
+            } else {
+                return false;
+            }
+        }
+        while pi < p.len() && p[pi] == '*' {
+            pi += 1;
+        }
+        pi == p.len()
+    }
+
+    /// Whether some string could match both globs (conservative: may say yes when the answer is
+    /// no, never the reverse for the literal parts it compares). Used only for `check` warnings.
+    pub fn may_overlap(&self, other: &Glob) -> bool {
+        if self.is_literal() {
+            return other.matches(&self.0);
+        }
+        if other.is_literal() {
+            return self.matches(&other.0);
+        }
+        let prefix = |g: &Glob| g.0.chars().take_while(|c| *c != '*' && *c != '?').collect::<String>();
+        let suffix = |g: &Glob| {
+            let s: String = g.0.chars().rev().take_while(|c| *c != '*' && *c != '?').collect();
+            s.chars().rev().collect::<String>()
+        };
+        let (pa, pb) = (prefix(self), prefix(other));
+        let (sa, sb) = (suffix(self), suffix(other));
+        (pa.starts_with(&pb) || pb.starts_with(&pa)) && (sa.ends_with(&sb) || sb.ends_with(&sa))
+    }
+}
+
+/// One `[[members]]` table: every claim must match.
+#[derive(Debug, Clone)]
+pub struct MemberRule {
+    pub claims: Vec<(String, Glob)>,
+}
+
+impl MemberRule {
+    pub fn matches(&self, claims: &Map<String, Value>) -> bool {
+        self.claims.iter().all(|(name, glob)| match claims.get(name) {
+            Some(Value::String(s)) => glob.matches(s),
+            Some(Value::Array(items)) => items.iter().any(|v| match v {
+                Value::String(s) => glob.matches(s),
+                Value::Number(_) | Value::Bool(_) => glob.matches(&v.to_string()),
+                _ => false,
+            }),
+            Some(v @ (Value::Number(_) | Value::Bool(_))) => glob.matches(&v.to_string()),
+            _ => false,
+        })
+    }
+
+    /// Whether one token could match both rules (for `check`'s overlap warning).
+    pub fn may_overlap(&self, other: &MemberRule) -> bool {
+        self.claims.iter().all(|(name, glob)| {
+            other.claims.iter().filter(|(n, _)| n == name).all(|(_, g)| glob.may_overlap(g))
+        })
+    }
+}
+
+/// A validated team policy.
+#[derive(Debug, Clone)]
+pub struct Team {
+    pub name: String,
+    pub description: Option<String>,
+    pub operations: BTreeSet<String>,
+    pub credential: String,
+    pub members: Vec<MemberRule>,
+    pub on_behalf_of: OboPolicy,
+}
+
+impl Team {
+    pub fn is_member(&self, claims: &Map<String, Value>) -> bool {
+        self.members.iter().any(|m| m.matches(claims))
+    }
+
+    pub fn may_call(&self, operation_id: &str) -> bool {
+        self.operations.contains(operation_id)
+    }
+}
+
+/// All teams, in the order membership is tried (by name).
+#[derive(Debug, Clone, Default)]
+pub struct Teams {
+    teams: Vec<Team>,
+}
+
+impl Teams {
+    pub fn new(mut teams: Vec<Team>) -> Self {
+        teams.sort_by(|a, b| a.name.cmp(&b.name));
+        Teams { teams }
+    }
+
+    /// The first team, by name, whose membership the claims satisfy.
+    pub fn find(&self, claims: &Map<String, Value>) -> Option<&Team> {
+        self.teams.iter().find(|t| t.is_member(claims))
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Team> {
+        self.teams.iter()
+    }
+
+    pub fn len(&self) -> usize {
+        self.teams.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.teams.is_empty()
+    }
+
+    /// Pairs of teams one token could belong to both of; the first of each pair wins.
+    pub fn overlaps(&self) -> Vec<(&str, &str)> {
+        let mut out = Vec::new();
+        for (i, a) in self.teams.iter().enumerate() {
+            for b in &self.teams[i + 1..] {
+                let overlap = a.members.iter().any(|ra| b.members.iter().any(|rb| ra.may_overlap(rb)));
+                if overlap {
+                    out.push((a.name.as_str(), b.name.as_str()));
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn claims(v: Value) -> Map<String, Value> {
+        match v {
+            Value::Object(m) => m,
+            _ => Map::new(),
+        }
+    }
+
+    fn team(name: &str, rules: &[&[(&str, &str)]]) -> Team {
+        Team {
+            name: name.into(),
+            description: None,
+            operations: BTreeSet::new(),
+            credential: "default".into(),
+            members: rules
+                .iter()
+                .map(|r| MemberRule {
+                    claims: r.iter().map(|(k, v)| (k.to_string(), Glob::new(*v))).collect(),
+                })
+                .collect(),
+            on_behalf_of: OboPolicy::default(),
+        }
+    }
+
+    #[test]
+    fn glob_star_and_question_mark_match_as_documented() {
+        assert!(Glob::new("svc-sourcing-*").matches("svc-sourcing-bot"));
+        assert!(Glob::new("svc-sourcing-*").matches("svc-sourcing-"));
+        assert!(!Glob::new("svc-sourcing-*").matches("svc-reporting-bot"));
+        assert!(Glob::new("a?c").matches("abc"));
+        assert!(!Glob::new("a?c").matches("ac"));
+        assert!(Glob::new("*mid*").matches("xxmidyy"));
+        assert!(!Glob::new("exact").matches("exactly"));
+    }
+
+    #[test]
+    fn glob_with_many_stars_on_long_input_finishes_quickly() {
+        let pattern = Glob::new("*a*a*a*a*a*a*a*a*b");
+        let text = "a".repeat(5000);
+        assert!(!pattern.matches(&text));
+    }
+
+    #[test]
+    fn member_needs_every_claim_of_one_table() {
+        let t = team("s", &[&[("iss", "https://idp"), ("sub", "svc-*")]]);
+        assert!(t.is_member(&claims(json!({"iss":"https://idp","sub":"svc-x"}))));
+        assert!(!t.is_member(&claims(json!({"iss":"https://other","sub":"svc-x"}))));
+        assert!(!t.is_member(&claims(json!({"iss":"https://idp"}))));
+    }
+
+    #[test]
+    fn array_claim_matches_when_any_element_does() {
+        let t = team("s", &[&[("groups", "recruiting-*")]]);
+        assert!(t.is_member(&claims(json!({"groups":["eng","recruiting-ops"]}))));
+        assert!(!t.is_member(&claims(json!({"groups":["eng"]}))));
+    }
+
+    #[test]
+    fn overlapping_teams_resolve_to_first_by_name_whatever_the_file_order() {
+        let teams = Teams::new(vec![team("zeta", &[&[("sub", "svc-*")]]), team("alpha", &[&[("sub", "svc-a*")]])]);
+        let found = teams.find(&claims(json!({"sub":"svc-abc"}))).map(|t| t.name.as_str());
+        assert_eq!(found, Some("alpha"));
+        assert_eq!(teams.overlaps(), vec![("alpha", "zeta")]);
+    }
+
+    #[test]
+    fn disjoint_teams_report_no_overlap() {
+        let teams = Teams::new(vec![
+            team("a", &[&[("sub", "svc-sourcing-*")]]),
+            team("b", &[&[("sub", "svc-reporting-*")]]),
+            team("c", &[&[("sub", "exact-one")]]),
+        ]);
+        assert!(teams.overlaps().is_empty(), "{:?}", teams.overlaps());
+    }
+}

@@ -1,0 +1,192 @@
+//! Forwarding: header hygiene in both directions and the upstream call.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, Uri};
+use hyper::body::Incoming;
+
+use crate::error::GatewayError;
+use crate::http_client::{HttpClient, error_chain, full_body};
+
+/// Hop-by-hop headers (RFC 9110 section 7.6.1 and the usual proxy extras).
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Headers a caller may never pass on: its own credentials and cookies, anything claiming to be
+/// forwarding information, the identity we decide ourselves, and framing we recompute.
+const CALLER_ONLY: [&str; 8] = [
+    "authorization",
+    "cookie",
+    "on-behalf-of",
+    "forwarded",
+    "x-real-ip",
+    "host",
+    "content-length",
+    "x-request-id",
+];
+
+/// Names listed in `Connection` (they are hop-by-hop for this message).
+fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect()
+}
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    for name in connection_listed(headers) {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// What the gateway decided to send along with the caller's request.
+pub struct Outbound<'a> {
+    pub upstream_host: &'a HeaderValue,
+    pub authorization: HeaderValue,
+    pub on_behalf_of: &'a str,
+    pub request_id: &'a str,
+    pub client_ip: IpAddr,
+}
+
+/// The headers the upstream receives (DESIGN 1.3 step 7).
+pub fn upstream_headers(inbound: &HeaderMap, out: Outbound<'_>) -> Result<HeaderMap, GatewayError> {
+    let mut h = inbound.clone();
+    strip_hop_by_hop(&mut h);
+    for name in CALLER_ONLY {
+        h.remove(name);
+    }
+    let forwarded: Vec<HeaderName> = h.keys().filter(|k| k.as_str().starts_with("x-forwarded-")).cloned().collect();
+    for name in forwarded {
+        h.remove(name);
+    }
+    h.insert(header::HOST, out.upstream_host.clone());
+    h.insert(header::AUTHORIZATION, out.authorization);
+    let obo = HeaderValue::from_str(out.on_behalf_of).map_err(|_| GatewayError::Internal)?;
+    h.insert(HeaderName::from_static("on-behalf-of"), obo);
+    let rid = HeaderValue::from_str(out.request_id).map_err(|_| GatewayError::Internal)?;
+    h.insert(HeaderName::from_static("x-request-id"), rid);
+    let xff = HeaderValue::from_str(&out.client_ip.to_string()).map_err(|_| GatewayError::Internal)?;
+    h.insert(HeaderName::from_static("x-forwarded-for"), xff);
+    Ok(h)
+}
+
+/// Cleans an upstream response's headers before they go back to the caller.
+pub fn downstream_headers(headers: &mut HeaderMap) {
+    strip_hop_by_hop(headers);
+}
+
+/// Builds the upstream URI: the upstream's scheme and authority, the caller's path (already
+/// routed, so under the shared prefix) and its query as received.
+pub fn upstream_uri(base: &Uri, path: &str, query: Option<&str>) -> Result<Uri, GatewayError> {
+    let mut pq = String::with_capacity(path.len() + query.map_or(0, |q| q.len() + 1));
+    pq.push_str(path);
+    if let Some(q) = query {
+        pq.push('?');
+        pq.push_str(q);
+    }
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = base.scheme().cloned();
+    parts.authority = base.authority().cloned();
+    parts.path_and_query = Some(pq.parse().map_err(|_| GatewayError::BadRequest("the request target is not valid"))?);
+    Uri::from_parts(parts).map_err(|_| GatewayError::Internal)
+}
+
+/// Sends the request; 502 when the upstream cannot be reached or breaks, 504 when it does not
+/// answer with response headers in time.
+pub async fn send(
+    client: &HttpClient,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+    timeout: Duration,
+) -> Result<Response<Incoming>, GatewayError> {
+    let mut req = Request::new(full_body(body));
+    *req.method_mut() = method;
+    *req.uri_mut() = uri;
+    *req.headers_mut() = headers;
+    match tokio::time::timeout(timeout, client.request(req)).await {
+        Err(_) => Err(GatewayError::UpstreamTimeout),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %error_chain(&e), connect = e.is_connect(), "upstream request failed");
+            Err(GatewayError::UpstreamError)
+        }
+        Ok(Ok(resp)) => Ok(resp),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_headers_remove_caller_credentials_hop_by_hop_and_forwarding_claims() {
+        let mut inbound = HeaderMap::new();
+        for (k, v) in [
+            ("authorization", "Bearer caller-jwt"),
+            ("cookie", "session=1"),
+            ("on-behalf-of", "attacker-chosen"),
+            ("x-forwarded-for", "6.6.6.6"),
+            ("x-forwarded-host", "evil"),
+            ("forwarded", "for=6.6.6.6"),
+            ("connection", "keep-alive, x-secret-hop"),
+            ("x-secret-hop", "1"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("upgrade", "h2c"),
+            ("proxy-authorization", "Basic x"),
+            ("host", "gateway.internal"),
+            ("x-request-id", "caller"),
+            ("accept", "application/json"),
+            ("user-agent", "svc/1.0"),
+        ] {
+            inbound.append(k, HeaderValue::from_static(v));
+        }
+        let host = HeaderValue::from_static("api.greenhouse.io");
+        let out = Outbound {
+            upstream_host: &host,
+            authorization: HeaderValue::from_static("Bearer upstream"),
+            on_behalf_of: "integration@example.com",
+            request_id: "rid-1",
+            client_ip: "10.1.2.3".parse().unwrap_or(IpAddr::from([0, 0, 0, 0])),
+        };
+        let h = upstream_headers(&inbound, out).unwrap_or_default();
+        let mut names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        names.sort();
+        assert_eq!(
+            names,
+            ["accept", "authorization", "host", "on-behalf-of", "user-agent", "x-forwarded-for", "x-request-id"]
+        );
+        assert_eq!(h["authorization"], "Bearer upstream");
+        assert_eq!(h.get_all("on-behalf-of").iter().count(), 1);
+        assert_eq!(h["on-behalf-of"], "integration@example.com");
+        assert_eq!(h["host"], "api.greenhouse.io");
+        assert_eq!(h["x-forwarded-for"], "10.1.2.3");
+        assert_eq!(h["x-request-id"], "rid-1");
+    }
+
+    #[test]
+    fn upstream_uri_keeps_path_and_query_and_takes_scheme_and_authority_from_base() {
+        let base: Uri = "https://api.greenhouse.io/v1/partner".parse().unwrap_or_default();
+        let u = upstream_uri(&base, "/v1/partner/candidates", Some("candidate_ids=1,2")).map(|u| u.to_string());
+        assert_eq!(u, Ok("https://api.greenhouse.io/v1/partner/candidates?candidate_ids=1,2".to_string()));
+    }
+}
