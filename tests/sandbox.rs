@@ -586,7 +586,7 @@ async fn partner_call_with_unknown_on_behalf_of_is_401() -> TestResult {
     let sb = sandbox().await?;
     let reply = Call::get("/jobs")
         .auth(basic(PARTNER_KEY, ""))
-        .obo("[email protected]")
+        .obo("nobody@example.com")
         .send(&sb)
         .await?;
     assert_eq!(reply.status, StatusCode::UNAUTHORIZED);

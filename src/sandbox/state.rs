@@ -357,25 +357,50 @@ fn seed_users() -> Vec<User> {
         User {
             id: 4_080_001,
             name: "Riley Recruiter",
-            email: "[email protected]",
+            email: "riley.recruiter@example.com",
             enabled: true,
         },
         User {
             id: 4_080_002,
             name: "Sam Sourcer",
-            email: "[email protected]",
+            email: "sam.sourcer@example.com",
             enabled: true,
         },
         User {
             id: 4_080_003,
             name: "Harper Hiring-Manager",
-            email: "[email protected]",
+            email: "harper.hiring@example.com",
+            enabled: true,
+        },
+        // The integration users the shipped example teams act as.
+        User {
+            id: 4_080_005,
+            name: "Sourcing Bot",
+            email: "sourcing.bot@example.com",
+            enabled: true,
+        },
+        User {
+            id: 4_080_006,
+            name: "Agency Liaison",
+            email: "agency.liaison@example.com",
+            enabled: true,
+        },
+        User {
+            id: 4_080_007,
+            name: "Recruiter One",
+            email: "recruiter.one@example.com",
+            enabled: true,
+        },
+        User {
+            id: 4_080_008,
+            name: "Recruiter Two",
+            email: "recruiter.two@example.com",
             enabled: true,
         },
         User {
             id: 4_080_004,
             name: "Dana Departed",
-            email: "[email protected]",
+            email: "dana.departed@example.com",
             enabled: false,
         },
     ]
