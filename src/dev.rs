@@ -29,9 +29,9 @@ pub fn example_body(operation_id: &str) -> Option<Value> {
             "first_name": "Ada",
             "last_name": "Example",
             "emails": [{"value": "ada@example.com", "type": "personal"}],
-            "application": {"job_id": 4001}
+            "application": {"job_id": 7001}
         })),
-        "createTrackingLink" => Some(json!({"job_id": 4001, "external_id": "campaign-1"})),
+        "createTrackingLink" => Some(json!({"job_id": 7001, "external_id": "campaign-1"})),
         _ => None,
     }
 }
@@ -52,7 +52,7 @@ pub fn curl_lines(spec: &Spec, team: &Team, base: &str, token_var: &str) -> Vec<
             url.push('?');
             url.push_str(q);
         }
-        let mut line = format!("curl -sS -X {} '{url}' -H \"Authorization: Bearer ${token_var}\"", op.method);
+        let mut line = format!("curl -sS -w '\\n' -X {} '{url}' -H \"Authorization: Bearer ${token_var}\"", op.method);
         if op.request_body.is_some() {
             let body = example_body(&op.id).unwrap_or_else(|| json!({}));
             line.push_str(&format!(" -H 'Content-Type: application/json' -d '{body}'"));
@@ -63,7 +63,7 @@ pub fn curl_lines(spec: &Spec, team: &Team, base: &str, token_var: &str) -> Vec<
         && let Some(op) = spec.operations().iter().find(|o| team.may_call(&o.id) && o.request_body.is_none())
     {
         lines.push(format!(
-            "curl -sS '{base}{}' -H \"Authorization: Bearer ${token_var}\" -H 'On-Behalf-Of: {other}'   # {} on behalf of an allowed user",
+            "curl -sS -w '\\n' '{base}{}' -H \"Authorization: Bearer ${token_var}\" -H 'On-Behalf-Of: {other}'   # {} on behalf of an allowed user",
             op.path, op.id
         ));
     }
