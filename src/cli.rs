@@ -11,7 +11,11 @@ use crate::config::{self, Config, Credential};
 use crate::sandbox::{Sandbox, SandboxOptions};
 
 #[derive(Parser, Debug)]
-#[command(name = "greenhouse-gateway", version, about = "Authenticating gateway for the Greenhouse Partner API")]
+#[command(
+    name = "greenhouse-gateway",
+    version,
+    about = "Authenticating gateway for the Greenhouse Partner API"
+)]
 pub struct Cli {
     /// Log as JSON lines instead of text.
     #[arg(long, global = true)]
@@ -48,7 +52,9 @@ pub enum Command {
 pub fn init_tracing(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         builder.json().init();
     } else {
@@ -81,7 +87,11 @@ fn load_or_print(path: &Path) -> Option<Config> {
             Some(cfg)
         }
         Err(problems) => {
-            eprintln!("{} problem{} in the configuration:", problems.len(), if problems.len() == 1 { "" } else { "s" });
+            eprintln!(
+                "{} problem{} in the configuration:",
+                problems.len(),
+                if problems.len() == 1 { "" } else { "s" }
+            );
             for p in problems {
                 eprintln!("  {p}");
             }
@@ -94,7 +104,11 @@ fn load_or_print(path: &Path) -> Option<Config> {
 pub fn check(path: &Path) -> i32 {
     match config::load(path) {
         Err(problems) => {
-            println!("{} problem{} found:", problems.len(), if problems.len() == 1 { "" } else { "s" });
+            println!(
+                "{} problem{} found:",
+                problems.len(),
+                if problems.len() == 1 { "" } else { "s" }
+            );
             for p in problems {
                 println!("  {p}");
             }
@@ -121,7 +135,12 @@ pub fn summary(cfg: &Config) -> String {
         cfg.issuers.len(),
         cfg.credentials.len()
     );
-    let mut rows = vec![["TEAM".to_string(), "CREDENTIAL".into(), "ON-BEHALF-OF".into(), "OPERATIONS".into()]];
+    let mut rows = vec![[
+        "TEAM".to_string(),
+        "CREDENTIAL".into(),
+        "ON-BEHALF-OF".into(),
+        "OPERATIONS".into(),
+    ]];
     for t in cfg.teams.iter() {
         let obo = &t.on_behalf_of;
         let mut parts = Vec::new();
@@ -135,11 +154,28 @@ pub fn summary(cfg: &Config) -> String {
             parts.push(format!("claim {c}"));
         }
         let ops: Vec<&str> = t.operations.iter().map(String::as_str).collect();
-        rows.push([t.name.clone(), t.credential.clone(), parts.join(", "), ops.join(", ")]);
+        rows.push([
+            t.name.clone(),
+            t.credential.clone(),
+            parts.join(", "),
+            ops.join(", "),
+        ]);
     }
-    let widths: Vec<usize> = (0..4).map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0)).collect();
+    let widths: Vec<usize> = (0..4)
+        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
+        .collect();
     for r in &rows {
-        let _ = writeln!(out, "  {:w0$}  {:w1$}  {:w2$}  {}", r[0], r[1], r[2], r[3], w0 = widths[0], w1 = widths[1], w2 = widths[2]);
+        let _ = writeln!(
+            out,
+            "  {:w0$}  {:w1$}  {:w2$}  {}",
+            r[0],
+            r[1],
+            r[2],
+            r[3],
+            w0 = widths[0],
+            w1 = widths[1],
+            w2 = widths[2]
+        );
     }
     let _ = writeln!(out, "quotas: not configurable in this version (see README)");
     for (name, c) in &cfg.credentials {
@@ -208,7 +244,10 @@ async fn sandbox(listen: SocketAddr) -> i32 {
             println!("  token URL     {}", sb.token_url());
             println!("  issuer        {}", sb.issuer());
             println!("  JWKS          {}", sb.jwks_url());
-            println!("  test hooks    http://{}/_sandbox/requests, /_sandbox/mint, /_sandbox/faults", sb.addr());
+            println!(
+                "  test hooks    http://{}/_sandbox/requests, /_sandbox/mint, /_sandbox/faults",
+                sb.addr()
+            );
             shutdown_signal().await;
             sb.shutdown();
             0
@@ -218,10 +257,16 @@ async fn sandbox(listen: SocketAddr) -> i32 {
 
 /// Options that make the sandbox accept exactly the credentials and issuer the config names.
 pub fn sandbox_options_for(cfg: &Config) -> SandboxOptions {
-    let mut opts = SandboxOptions { clients: Vec::new(), partner_keys: Vec::new(), ..SandboxOptions::default() };
+    let mut opts = SandboxOptions {
+        clients: Vec::new(),
+        partner_keys: Vec::new(),
+        ..SandboxOptions::default()
+    };
     for c in cfg.credentials.values() {
         match c {
-            Credential::OAuth2(o) => opts.clients.push((o.client_id.clone(), o.client_secret.expose().to_string())),
+            Credential::OAuth2(o) => opts
+                .clients
+                .push((o.client_id.clone(), o.client_secret.expose().to_string())),
             Credential::Basic { api_key } => opts.partner_keys.push(api_key.expose().to_string()),
         }
     }
@@ -236,7 +281,9 @@ async fn dev(cfg: Config) -> i32 {
         .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
         .filter(|a| a.ip().is_loopback() && up.scheme_str() == Some("http"))
     else {
-        eprintln!("dev runs the sandbox where upstream.base_url points; it must be http://127.0.0.1:PORT/...");
+        eprintln!(
+            "dev runs the sandbox where upstream.base_url points; it must be http://127.0.0.1:PORT/..."
+        );
         return 1;
     };
     let listener = match tokio::net::TcpListener::bind(sandbox_addr).await {
@@ -254,7 +301,11 @@ async fn dev(cfg: Config) -> i32 {
         }
     };
     let teams: Vec<crate::policy::Team> = cfg.teams.iter().cloned().collect();
-    let audience = cfg.issuers.first().and_then(|i| i.audiences.first().cloned()).unwrap_or_default();
+    let audience = cfg
+        .issuers
+        .first()
+        .and_then(|i| i.audiences.first().cloned())
+        .unwrap_or_default();
     let spec = cfg.spec.clone();
     let running = match crate::server::start(cfg).await {
         Ok(r) => r,
@@ -263,19 +314,42 @@ async fn dev(cfg: Config) -> i32 {
             return 1;
         }
     };
-    if tokio::time::timeout(Duration::from_secs(15), running.wait_ready()).await.is_err() {
-        eprintln!("the gateway did not become ready: {:?}", crate::admin::not_ready(&running.gateway));
+    if tokio::time::timeout(Duration::from_secs(15), running.wait_ready())
+        .await
+        .is_err()
+    {
+        eprintln!(
+            "the gateway did not become ready: {:?}",
+            crate::admin::not_ready(&running.gateway)
+        );
     }
-    let base = format!("http://{}{}", running.addr, running.gateway.config.upstream.prefix);
+    let base = format!(
+        "http://{}{}",
+        running.addr, running.gateway.config.upstream.prefix
+    );
     println!("greenhouse-gateway dev playground");
-    println!("  gateway  http://{}   (admin http://{}/metrics)", running.addr, running.admin_addr);
-    println!("  sandbox  http://{}   (requests it received: http://{}/_sandbox/requests)", sb.addr(), sb.addr());
+    println!(
+        "  gateway  http://{}   (admin http://{}/metrics)",
+        running.addr, running.admin_addr
+    );
+    println!(
+        "  sandbox  http://{}   (requests it received: http://{}/_sandbox/requests)",
+        sb.addr(),
+        sb.addr()
+    );
     println!();
     for t in &teams {
         let claims = crate::dev::claims_for(t, &audience);
         let token = sb.mint_token(claims, Duration::from_secs(12 * 3600));
         let var = format!("{}_TOKEN", t.name.to_ascii_uppercase().replace('-', "_"));
-        println!("# team {}{}", t.name, t.description.as_deref().map(|d| format!(": {d}")).unwrap_or_default());
+        println!(
+            "# team {}{}",
+            t.name,
+            t.description
+                .as_deref()
+                .map(|d| format!(": {d}"))
+                .unwrap_or_default()
+        );
         println!("export {var}='{token}'");
         for line in crate::dev::curl_lines(&spec, t, &base, &var) {
             println!("{line}");

@@ -15,7 +15,9 @@ pub fn claims_for(team: &Team, audience: &str) -> Value {
             claims.insert(name.clone(), Value::String(value));
         }
     }
-    claims.entry("sub").or_insert_with(|| Value::String(format!("dev-{}", team.name)));
+    claims
+        .entry("sub")
+        .or_insert_with(|| Value::String(format!("dev-{}", team.name)));
     claims.insert("aud".into(), Value::String(audience.to_string()));
     Value::Object(claims)
 }
@@ -52,15 +54,25 @@ pub fn curl_lines(spec: &Spec, team: &Team, base: &str, token_var: &str) -> Vec<
             url.push('?');
             url.push_str(q);
         }
-        let mut line = format!("curl -sS -w '\\n' -X {} '{url}' -H \"Authorization: Bearer ${token_var}\"", op.method);
+        let mut line = format!(
+            "curl -sS -w '\\n' -X {} '{url}' -H \"Authorization: Bearer ${token_var}\"",
+            op.method
+        );
         if op.request_body.is_some() {
             let body = example_body(&op.id).unwrap_or_else(|| json!({}));
             line.push_str(&format!(" -H 'Content-Type: application/json' -d '{body}'"));
         }
         lines.push(format!("{line}   # {}", op.id));
     }
-    if let Some(other) = team.on_behalf_of.allowed.iter().find(|a| Some(*a) != team.on_behalf_of.default.as_ref())
-        && let Some(op) = spec.operations().iter().find(|o| team.may_call(&o.id) && o.request_body.is_none())
+    if let Some(other) = team
+        .on_behalf_of
+        .allowed
+        .iter()
+        .find(|a| Some(*a) != team.on_behalf_of.default.as_ref())
+        && let Some(op) = spec
+            .operations()
+            .iter()
+            .find(|o| team.may_call(&o.id) && o.request_body.is_none())
     {
         lines.push(format!(
             "curl -sS -w '\\n' '{base}{}' -H \"Authorization: Bearer ${token_var}\" -H 'On-Behalf-Of: {other}'   # {} on behalf of an allowed user",

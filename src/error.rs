@@ -44,15 +44,21 @@ pub enum GatewayError {
     OperationNotAllowed,
     OnBehalfOfNotAllowed(&'static str),
     RouteNotFound,
-    MethodNotAllowed { allow: Vec<http::Method> },
-    PayloadTooLarge { limit: u64 },
+    MethodNotAllowed {
+        allow: Vec<http::Method>,
+    },
+    PayloadTooLarge {
+        limit: u64,
+    },
     UnsupportedMediaType,
     ValidationFailed(Vec<FieldProblem>),
     UpstreamError,
     UpstreamTimeout,
     UpstreamCredentialsUnavailable,
     UpstreamRejectedCredentials,
-    UpstreamRateLimited { retry_after_secs: u64 },
+    UpstreamRateLimited {
+        retry_after_secs: u64,
+    },
     JwksUnavailable,
     NotReady(&'static str),
     Internal,
@@ -112,14 +118,28 @@ impl GatewayError {
     pub fn fault(&self) -> Fault {
         use GatewayError::*;
         match self {
-            UpstreamError | UpstreamTimeout | UpstreamRejectedCredentials | UpstreamRateLimited { .. } => {
-                Fault::Upstream
+            UpstreamError
+            | UpstreamTimeout
+            | UpstreamRejectedCredentials
+            | UpstreamRateLimited { .. } => Fault::Upstream,
+            UpstreamCredentialsUnavailable | JwksUnavailable | NotReady(_) | Internal => {
+                Fault::Gateway
             }
-            UpstreamCredentialsUnavailable | JwksUnavailable | NotReady(_) | Internal => Fault::Gateway,
-            BadRequest(_) | UndeclaredQuery(_) | UriTooLong | HeadersTooLarge | InvalidJson(_)
-            | MissingToken | InvalidToken(_) | UnknownTeam | OperationNotAllowed
-            | OnBehalfOfNotAllowed(_) | RouteNotFound | MethodNotAllowed { .. }
-            | PayloadTooLarge { .. } | UnsupportedMediaType | ValidationFailed(_) => Fault::Client,
+            BadRequest(_)
+            | UndeclaredQuery(_)
+            | UriTooLong
+            | HeadersTooLarge
+            | InvalidJson(_)
+            | MissingToken
+            | InvalidToken(_)
+            | UnknownTeam
+            | OperationNotAllowed
+            | OnBehalfOfNotAllowed(_)
+            | RouteNotFound
+            | MethodNotAllowed { .. }
+            | PayloadTooLarge { .. }
+            | UnsupportedMediaType
+            | ValidationFailed(_) => Fault::Client,
         }
     }
 
@@ -154,17 +174,31 @@ impl GatewayError {
     fn detail(&self) -> Option<String> {
         use GatewayError::*;
         match self {
-            BadRequest(d) | InvalidJson(d) | InvalidToken(d) | OnBehalfOfNotAllowed(d) | NotReady(d) => {
-                Some((*d).to_string())
+            BadRequest(d)
+            | InvalidJson(d)
+            | InvalidToken(d)
+            | OnBehalfOfNotAllowed(d)
+            | NotReady(d) => Some((*d).to_string()),
+            UndeclaredQuery(names) => {
+                Some(format!("undeclared query parameters: {}", names.join(", ")))
             }
-            UndeclaredQuery(names) => Some(format!("undeclared query parameters: {}", names.join(", "))),
             PayloadTooLarge { limit } => Some(format!("the limit is {limit} bytes")),
-            ValidationFailed(p) => Some(format!("{} problem{}", p.len(), if p.len() == 1 { "" } else { "s" })),
+            ValidationFailed(p) => Some(format!(
+                "{} problem{}",
+                p.len(),
+                if p.len() == 1 { "" } else { "s" }
+            )),
             MethodNotAllowed { allow } => Some(format!(
                 "allowed: {}",
-                allow.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(", ")
+                allow
+                    .iter()
+                    .map(|m| m.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )),
-            UpstreamRateLimited { retry_after_secs } => Some(format!("retry after {retry_after_secs} s")),
+            UpstreamRateLimited { retry_after_secs } => {
+                Some(format!("retry after {retry_after_secs} s"))
+            }
             UnsupportedMediaType => Some("the body must be application/json in UTF-8".into()),
             _ => None,
         }
@@ -203,20 +237,32 @@ impl GatewayError {
         let mut resp = Response::new(Bytes::from(bytes));
         *resp.status_mut() = status;
         let h = resp.headers_mut();
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         match self {
             GatewayError::MissingToken => {
-                h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"greenhouse-gateway\""));
+                h.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"greenhouse-gateway\""),
+                );
             }
             GatewayError::InvalidToken(_) => {
                 h.insert(
                     header::WWW_AUTHENTICATE,
-                    HeaderValue::from_static("Bearer realm=\"greenhouse-gateway\", error=\"invalid_token\""),
+                    HeaderValue::from_static(
+                        "Bearer realm=\"greenhouse-gateway\", error=\"invalid_token\"",
+                    ),
                 );
             }
             GatewayError::MethodNotAllowed { allow } => {
-                let joined = allow.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(", ");
+                let joined = allow
+                    .iter()
+                    .map(|m| m.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ");
                 if let Ok(v) = HeaderValue::from_str(&joined) {
                     h.insert(header::ALLOW, v);
                 }
@@ -245,17 +291,27 @@ mod tests {
     fn invalid_token_response_carries_bearer_challenge_with_error() {
         let r = GatewayError::InvalidToken("expired").to_response("rid");
         assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
-        let v = r.headers()[header::WWW_AUTHENTICATE].to_str().unwrap_or_default();
-        assert!(v.starts_with("Bearer ") && v.contains("error=\"invalid_token\""), "{v}");
+        let v = r.headers()[header::WWW_AUTHENTICATE]
+            .to_str()
+            .unwrap_or_default();
+        assert!(
+            v.starts_with("Bearer ") && v.contains("error=\"invalid_token\""),
+            "{v}"
+        );
     }
 
     #[test]
     fn problem_body_has_type_code_status_and_request_id() {
-        let r = GatewayError::MethodNotAllowed { allow: vec![http::Method::GET, http::Method::POST] }
-            .to_response("abc");
+        let r = GatewayError::MethodNotAllowed {
+            allow: vec![http::Method::GET, http::Method::POST],
+        }
+        .to_response("abc");
         assert_eq!(r.headers()[header::ALLOW], "GET, POST");
         let v: serde_json::Value = serde_json::from_slice(r.body()).unwrap_or_default();
-        assert_eq!(v["type"], "urn:greenhouse-gateway:problem:method_not_allowed");
+        assert_eq!(
+            v["type"],
+            "urn:greenhouse-gateway:problem:method_not_allowed"
+        );
         assert_eq!(v["code"], "method_not_allowed");
         assert_eq!(v["status"], 405);
         assert_eq!(v["request_id"], "abc");

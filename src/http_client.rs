@@ -6,15 +6,16 @@ use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
-use rustls_pki_types::pem::PemObject;
 use http::{HeaderMap, Request, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls_pki_types::pem::PemObject;
 
 /// The request body type used for every outbound request.
-pub type OutBody = http_body_util::combinators::BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+pub type OutBody =
+    http_body_util::combinators::BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
 /// The shared pooled client.
 pub type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, OutBody>;
@@ -23,18 +24,27 @@ pub type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, OutBod
 #[derive(Debug, thiserror::Error)]
 pub enum ClientBuildError {
     #[error("cannot read CA file {path}: {source}")]
-    CaRead { path: String, source: std::io::Error },
+    CaRead {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("CA file {path} holds no usable certificate")]
     CaEmpty { path: String },
 }
 
 /// Builds the pooled client. `extra_ca` is a PEM file of additional trust anchors.
-pub fn build_client(extra_ca: Option<&Path>, connect_timeout: Duration) -> Result<HttpClient, ClientBuildError> {
+pub fn build_client(
+    extra_ca: Option<&Path>,
+    connect_timeout: Duration,
+) -> Result<HttpClient, ClientBuildError> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(path) = extra_ca {
         let shown = path.display().to_string();
-        let pem = std::fs::read(path).map_err(|source| ClientBuildError::CaRead { path: shown.clone(), source })?;
+        let pem = std::fs::read(path).map_err(|source| ClientBuildError::CaRead {
+            path: shown.clone(),
+            source,
+        })?;
         let mut added = 0;
         for cert in rustls_pki_types::CertificateDer::pem_slice_iter(&pem).flatten() {
             if roots.add(cert).is_ok() {
@@ -45,10 +55,12 @@ pub fn build_client(extra_ca: Option<&Path>, connect_timeout: Duration) -> Resul
             return Err(ClientBuildError::CaEmpty { path: shown });
         }
     }
-    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map(|b| b.with_root_certificates(roots).with_no_client_auth())
-        .unwrap_or_else(|_| unreachable_protocols());
+    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map(|b| b.with_root_certificates(roots).with_no_client_auth())
+    .unwrap_or_else(|_| unreachable_protocols());
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_connect_timeout(Some(connect_timeout));
@@ -70,12 +82,16 @@ pub fn build_client(extra_ca: Option<&Path>, connect_timeout: Duration) -> Resul
 fn unreachable_protocols() -> rustls::ClientConfig {
     // The ring provider always supports the safe default versions; this path exists only so the
     // builder's Result needs no unwrap.
-    rustls::ClientConfig::builder().with_root_certificates(rustls::RootCertStore::empty()).with_no_client_auth()
+    rustls::ClientConfig::builder()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth()
 }
 
 /// Wraps bytes as an outbound body.
 pub fn full_body(bytes: impl Into<Bytes>) -> OutBody {
-    Full::new(bytes.into()).map_err(|never| match never {}).boxed()
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
 }
 
 /// Why a small fetch (JWKS, token endpoint) failed.
@@ -99,10 +115,15 @@ pub async fn fetch(
     timeout: Duration,
 ) -> Result<(StatusCode, HeaderMap, Bytes), FetchError> {
     let work = async {
-        let resp = client.request(req).await.map_err(|e| FetchError::Connect(error_chain(&e)))?;
+        let resp = client
+            .request(req)
+            .await
+            .map_err(|e| FetchError::Connect(error_chain(&e)))?;
         let (parts, body) = resp.into_parts();
         let bytes = Limited::new(body, max_bytes).collect().await.map_err(|e| {
-            if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
                 FetchError::TooLarge(max_bytes)
             } else {
                 FetchError::Body(e.to_string())
@@ -110,7 +131,9 @@ pub async fn fetch(
         })?;
         Ok((parts.status, parts.headers, bytes.to_bytes()))
     };
-    tokio::time::timeout(timeout, work).await.map_err(|_| FetchError::Timeout)?
+    tokio::time::timeout(timeout, work)
+        .await
+        .map_err(|_| FetchError::Timeout)?
 }
 
 /// Renders an error with its sources, for logs (never contains request data).

@@ -45,7 +45,9 @@ struct BuildLabels {
 }
 
 fn latency_histogram() -> Histogram {
-    Histogram::new([0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0])
+    Histogram::new([
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    ])
 }
 
 struct Inner {
@@ -71,40 +73,102 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::default();
         let requests = Family::<RequestLabels, Counter>::default();
-        let duration = Family::<TeamOpLabels, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram);
-        let upstream_duration = Family::<OpLabels, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram);
+        let duration = Family::<TeamOpLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+            latency_histogram,
+        );
+        let upstream_duration =
+            Family::<OpLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                latency_histogram,
+            );
         let jwt_rejections = Family::<ReasonLabels, Counter>::default();
         let token_fetches = Family::<TokenFetchLabels, Counter>::default();
         let build_info = Family::<BuildLabels, Gauge>::default();
-        build_info.get_or_create(&BuildLabels { version: env!("CARGO_PKG_VERSION").to_string() }).set(1);
-        registry.register("gateway_requests", "Requests answered, by team, operation and code", requests.clone());
-        registry.register("gateway_request_duration_seconds", "Time to answer a request", duration.clone());
-        registry.register("gateway_upstream_duration_seconds", "Time Greenhouse took to answer", upstream_duration.clone());
-        registry.register("gateway_jwt_rejections", "Caller tokens refused, by reason", jwt_rejections.clone());
-        registry.register("gateway_upstream_token_fetches", "Upstream token requests, by credential and result", token_fetches.clone());
+        build_info
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION").to_string(),
+            })
+            .set(1);
+        registry.register(
+            "gateway_requests",
+            "Requests answered, by team, operation and code",
+            requests.clone(),
+        );
+        registry.register(
+            "gateway_request_duration_seconds",
+            "Time to answer a request",
+            duration.clone(),
+        );
+        registry.register(
+            "gateway_upstream_duration_seconds",
+            "Time Greenhouse took to answer",
+            upstream_duration.clone(),
+        );
+        registry.register(
+            "gateway_jwt_rejections",
+            "Caller tokens refused, by reason",
+            jwt_rejections.clone(),
+        );
+        registry.register(
+            "gateway_upstream_token_fetches",
+            "Upstream token requests, by credential and result",
+            token_fetches.clone(),
+        );
         registry.register("gateway_build_info", "Build information", build_info);
-        Metrics(Arc::new(Inner { registry, requests, duration, upstream_duration, jwt_rejections, token_fetches }))
+        Metrics(Arc::new(Inner {
+            registry,
+            requests,
+            duration,
+            upstream_duration,
+            jwt_rejections,
+            token_fetches,
+        }))
     }
 
     /// Records one answered request. `team` and `operation` are config names or `none`.
     pub fn request(&self, team: &str, operation: &str, code: &str, seconds: f64) {
         self.0
             .requests
-            .get_or_create(&RequestLabels { team: team.into(), operation: operation.into(), code: code.into() })
+            .get_or_create(&RequestLabels {
+                team: team.into(),
+                operation: operation.into(),
+                code: code.into(),
+            })
             .inc();
-        self.0.duration.get_or_create(&TeamOpLabels { team: team.into(), operation: operation.into() }).observe(seconds);
+        self.0
+            .duration
+            .get_or_create(&TeamOpLabels {
+                team: team.into(),
+                operation: operation.into(),
+            })
+            .observe(seconds);
     }
 
     pub fn upstream(&self, operation: &str, seconds: f64) {
-        self.0.upstream_duration.get_or_create(&OpLabels { operation: operation.into() }).observe(seconds);
+        self.0
+            .upstream_duration
+            .get_or_create(&OpLabels {
+                operation: operation.into(),
+            })
+            .observe(seconds);
     }
 
     pub fn jwt_rejection(&self, reason: &'static str) {
-        self.0.jwt_rejections.get_or_create(&ReasonLabels { reason: reason.into() }).inc();
+        self.0
+            .jwt_rejections
+            .get_or_create(&ReasonLabels {
+                reason: reason.into(),
+            })
+            .inc();
     }
 
     pub fn token_fetch(&self, credential: &str, result: &'static str) {
-        self.0.token_fetches.get_or_create(&TokenFetchLabels { credential: credential.into(), result: result.into() }).inc();
+        self.0
+            .token_fetches
+            .get_or_create(&TokenFetchLabels {
+                credential: credential.into(),
+                result: result.into(),
+            })
+            .inc();
     }
 
     /// Prometheus text exposition.
@@ -128,8 +192,14 @@ mod tests {
         m.jwt_rejection("expired");
         let text = m.render();
         assert!(text.contains("gateway_requests_total{team=\"sourcing\",operation=\"listPartnerJobs\",code=\"ok\"} 1"), "{text}");
-        assert!(text.contains("gateway_request_duration_seconds_bucket"), "{text}");
-        assert!(text.contains("gateway_jwt_rejections_total{reason=\"expired\"} 1"), "{text}");
+        assert!(
+            text.contains("gateway_request_duration_seconds_bucket"),
+            "{text}"
+        );
+        assert!(
+            text.contains("gateway_jwt_rejections_total{reason=\"expired\"} 1"),
+            "{text}"
+        );
         assert!(text.contains("gateway_build_info"), "{text}");
     }
 }

@@ -18,7 +18,7 @@ use http::{Request, Response, Version};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 
-use crate::auth::jwt::{AuthError, Verifier, VerifiedToken};
+use crate::auth::jwt::{AuthError, VerifiedToken, Verifier};
 use crate::auth::upstream::UpstreamCredentials;
 use crate::config::Config;
 use crate::error::GatewayError;
@@ -29,7 +29,8 @@ use crate::proxy::{self, Outbound};
 use crate::spec::{Operation, RouteMatch};
 
 /// The response body type of the gateway listener.
-pub type RespBody = http_body_util::combinators::BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+pub type RespBody =
+    http_body_util::combinators::BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
 /// Everything a request needs, built once at start.
 pub struct Gateway {
@@ -42,10 +43,29 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    pub fn new(config: Arc<Config>, verifier: Verifier, credentials: UpstreamCredentials, client: HttpClient, metrics: Metrics) -> Self {
-        let host = config.upstream.base_url.authority().map(|a| a.as_str().to_string()).unwrap_or_default();
-        let upstream_host = HeaderValue::from_str(&host).unwrap_or_else(|_| HeaderValue::from_static("localhost"));
-        Gateway { config, verifier, credentials, client, metrics, upstream_host }
+    pub fn new(
+        config: Arc<Config>,
+        verifier: Verifier,
+        credentials: UpstreamCredentials,
+        client: HttpClient,
+        metrics: Metrics,
+    ) -> Self {
+        let host = config
+            .upstream
+            .base_url
+            .authority()
+            .map(|a| a.as_str().to_string())
+            .unwrap_or_default();
+        let upstream_host =
+            HeaderValue::from_str(&host).unwrap_or_else(|_| HeaderValue::from_static("localhost"));
+        Gateway {
+            config,
+            verifier,
+            credentials,
+            client,
+            metrics,
+            upstream_host,
+        }
     }
 }
 
@@ -57,7 +77,11 @@ struct Context {
 }
 
 /// Handles one request on the gateway listener. Never fails: every outcome is a response.
-pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, peer: SocketAddr) -> Response<RespBody> {
+pub async fn handle(
+    gw: Arc<Gateway>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<RespBody> {
     let started = Instant::now();
     let request_id = request_id(req.headers());
     let mut ctx = Context::default();
@@ -67,7 +91,11 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, peer: SocketAddr) 
             if e.fault() != crate::error::Fault::Client {
                 tracing::warn!(request_id = %request_id, code = e.code(), "request failed");
             }
-            (e.to_response(&request_id).map(|b| Full::new(b).map_err(|never| match never {}).boxed()), e.code())
+            (
+                e.to_response(&request_id)
+                    .map(|b| Full::new(b).map_err(|never| match never {}).boxed()),
+                e.code(),
+            )
         }
     };
     if let Ok(v) = HeaderValue::from_str(&request_id) {
@@ -97,7 +125,9 @@ async fn decide_and_forward(
     if let Some(len) = declared_length(&req)?
         && len > cfg.limits.max_body_bytes
     {
-        return Err(GatewayError::PayloadTooLarge { limit: cfg.limits.max_body_bytes });
+        return Err(GatewayError::PayloadTooLarge {
+            limit: cfg.limits.max_body_bytes,
+        });
     }
 
     // 2. Who is calling.
@@ -108,7 +138,10 @@ async fn decide_and_forward(
     ctx.operation = Some(op.id.clone());
 
     // 4. Which team, may it call this, on whose behalf.
-    let team: &Team = cfg.teams.find(&token.claims).ok_or(GatewayError::UnknownTeam)?;
+    let team: &Team = cfg
+        .teams
+        .find(&token.claims)
+        .ok_or(GatewayError::UnknownTeam)?;
     ctx.team = Some(team.name.clone());
     if !team.may_call(&op.id) {
         return Err(GatewayError::OperationNotAllowed);
@@ -126,16 +159,34 @@ async fn decide_and_forward(
     let authorization = gw.credentials.authorization(&team.credential).await?;
     let headers = proxy::upstream_headers(
         &parts.headers,
-        Outbound { upstream_host: &gw.upstream_host, authorization, on_behalf_of: &on_behalf_of, request_id, client_ip: peer.ip() },
+        Outbound {
+            upstream_host: &gw.upstream_host,
+            authorization,
+            on_behalf_of: &on_behalf_of,
+            request_id,
+            client_ip: peer.ip(),
+        },
     )?;
     let uri = proxy::upstream_uri(&cfg.upstream.base_url, parts.uri.path(), parts.uri.query())?;
     let sent = Instant::now();
-    let upstream = proxy::send(&gw.client, parts.method, uri, headers, body, cfg.upstream.timeout).await;
+    let upstream = proxy::send(
+        &gw.client,
+        parts.method,
+        uri,
+        headers,
+        body,
+        cfg.upstream.timeout,
+    )
+    .await;
     gw.metrics.upstream(&op.id, sent.elapsed().as_secs_f64());
     let (mut head, body) = upstream?.into_parts();
     proxy::downstream_headers(&mut head.headers);
     head.version = Version::HTTP_11;
-    Ok(Response::from_parts(head, body.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>).boxed()))
+    Ok(Response::from_parts(
+        head,
+        body.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+            .boxed(),
+    ))
 }
 
 /// A caller's `X-Request-Id` is kept when it is 1 to 128 characters of `A-Z a-z 0-9 . _ -`.
@@ -144,7 +195,8 @@ fn request_id(headers: &http::HeaderMap) -> String {
     if let (Some(v), None) = (given.next(), given.next())
         && let Ok(s) = v.to_str()
         && (1..=128).contains(&s.len())
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
     {
         return s.to_string();
     }
@@ -153,28 +205,41 @@ fn request_id(headers: &http::HeaderMap) -> String {
 
 /// A fresh id: milliseconds since the epoch and 64 random bits, in hex (sortable by time).
 pub fn new_request_id() -> String {
-    let ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis();
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis();
     format!("{ms:012x}{:016x}", rand::random::<u64>())
 }
 
 fn check_target(req: &Request<Incoming>) -> Result<(), GatewayError> {
     if req.method() == http::Method::CONNECT {
-        return Err(GatewayError::BadRequest("authority-form request targets are not accepted"));
+        return Err(GatewayError::BadRequest(
+            "authority-form request targets are not accepted",
+        ));
     }
     let uri = req.uri();
     if uri.path() == "*" || !uri.path().starts_with('/') {
-        return Err(GatewayError::BadRequest("the request target must be a path"));
+        return Err(GatewayError::BadRequest(
+            "the request target must be a path",
+        ));
     }
     if req.version() <= Version::HTTP_11 {
         if uri.scheme().is_some() || uri.authority().is_some() {
-            return Err(GatewayError::BadRequest("absolute-form request targets are not accepted"));
+            return Err(GatewayError::BadRequest(
+                "absolute-form request targets are not accepted",
+            ));
         }
         let hosts = req.headers().get_all(header::HOST).iter().count();
         if req.version() == Version::HTTP_11 && hosts != 1 {
-            return Err(GatewayError::BadRequest("exactly one Host header is required"));
+            return Err(GatewayError::BadRequest(
+                "exactly one Host header is required",
+            ));
         }
         if hosts > 1 {
-            return Err(GatewayError::BadRequest("exactly one Host header is required"));
+            return Err(GatewayError::BadRequest(
+                "exactly one Host header is required",
+            ));
         }
     }
     Ok(())
@@ -190,18 +255,29 @@ fn declared_length(req: &Request<Incoming>) -> Result<Option<u64>, GatewayError>
             .and_then(|s| s.parse::<u64>().ok())
             .map(Some)
             .ok_or(GatewayError::BadRequest("Content-Length is not a number")),
-        _ => Err(GatewayError::BadRequest("more than one Content-Length header")),
+        _ => Err(GatewayError::BadRequest(
+            "more than one Content-Length header",
+        )),
     }
 }
 
-async fn authenticate(gw: &Gateway, req: &Request<Incoming>) -> Result<Arc<VerifiedToken>, GatewayError> {
+async fn authenticate(
+    gw: &Gateway,
+    req: &Request<Incoming>,
+) -> Result<Arc<VerifiedToken>, GatewayError> {
     let mut values = req.headers().get_all(header::AUTHORIZATION).iter();
     let value = match (values.next(), values.next()) {
         (None, _) => return Err(GatewayError::MissingToken),
         (Some(v), None) => v,
-        _ => return Err(GatewayError::InvalidToken("more than one Authorization header")),
+        _ => {
+            return Err(GatewayError::InvalidToken(
+                "more than one Authorization header",
+            ));
+        }
     };
-    let token = bearer_token(value).ok_or(GatewayError::InvalidToken("the Authorization header must be `Bearer <token>`"))?;
+    let token = bearer_token(value).ok_or(GatewayError::InvalidToken(
+        "the Authorization header must be `Bearer <token>`",
+    ))?;
     gw.verifier.verify(token).await.map_err(|e| match e {
         AuthError::JwksUnavailable => GatewayError::JwksUnavailable,
         AuthError::Invalid(reason) => {
@@ -244,7 +320,10 @@ fn reason_text(r: crate::auth::jwt::RejectReason) -> &'static str {
 
 fn route<'a>(cfg: &'a Config, req: &Request<Incoming>) -> Result<&'a Operation, GatewayError> {
     let path = req.uri().path();
-    let rest = path.strip_prefix(cfg.upstream.prefix.as_str()).filter(|r| r.starts_with('/')).ok_or(GatewayError::RouteNotFound)?;
+    let rest = path
+        .strip_prefix(cfg.upstream.prefix.as_str())
+        .filter(|r| r.starts_with('/'))
+        .ok_or(GatewayError::RouteNotFound)?;
     match cfg.spec.route(req.method(), rest) {
         RouteMatch::Found(op) => Ok(op),
         RouteMatch::MethodNotAllowed(allow) => Err(GatewayError::MethodNotAllowed { allow }),
@@ -259,7 +338,12 @@ fn check_query(op: &Operation, query: Option<&str>) -> Result<(), GatewayError> 
     let mut undeclared: Vec<String> = Vec::new();
     for (name, _) in form_urlencoded::parse(q.as_bytes()) {
         if !op.declares_query(&name) {
-            let shown = if !name.is_empty() && name.len() <= 64 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-[]".contains(&b)) {
+            let shown = if !name.is_empty()
+                && name.len() <= 64
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"_.-[]".contains(&b))
+            {
                 name.into_owned()
             } else {
                 "(unprintable name)".to_string()
@@ -269,17 +353,28 @@ fn check_query(op: &Operation, query: Option<&str>) -> Result<(), GatewayError> 
             }
         }
     }
-    if undeclared.is_empty() { Ok(()) } else { Err(GatewayError::UndeclaredQuery(undeclared)) }
+    if undeclared.is_empty() {
+        Ok(())
+    } else {
+        Err(GatewayError::UndeclaredQuery(undeclared))
+    }
 }
 
 async fn read_body(body: Incoming, limit: u64) -> Result<Bytes, GatewayError> {
     let limit = usize::try_from(limit).unwrap_or(usize::MAX);
     match Limited::new(body, limit).collect().await {
         Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
-            Err(GatewayError::PayloadTooLarge { limit: limit as u64 })
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(GatewayError::PayloadTooLarge {
+                limit: limit as u64,
+            })
         }
-        Err(_) => Err(GatewayError::BadRequest("the request body could not be read")),
+        Err(_) => Err(GatewayError::BadRequest(
+            "the request body could not be read",
+        )),
     }
 }
 
@@ -310,7 +405,10 @@ mod tests {
         h.insert("x-request-id", HeaderValue::from_static("bad id"));
         assert_ne!(request_id(&h), "bad id");
         let long = "a".repeat(129);
-        h.insert("x-request-id", HeaderValue::from_str(&long).unwrap_or(HeaderValue::from_static("x")));
+        h.insert(
+            "x-request-id",
+            HeaderValue::from_str(&long).unwrap_or(HeaderValue::from_static("x")),
+        );
         assert_eq!(request_id(&h).len(), 28);
     }
 }

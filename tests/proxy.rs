@@ -13,7 +13,12 @@ use support::{Harness, Setup, Stub, TestClient, email, raw_exchange};
 
 async fn with_stub() -> (Harness, Stub) {
     let stub = Stub::start().await;
-    let h = Harness::start_with(Setup { upstream: Some(stub.base_url()), upstream_timeout: "1s", ..Setup::default() }).await;
+    let h = Harness::start_with(Setup {
+        upstream: Some(stub.base_url()),
+        upstream_timeout: "1s",
+        ..Setup::default()
+    })
+    .await;
     (h, stub)
 }
 
@@ -44,40 +49,79 @@ async fn upstream_receives_decided_identity_and_none_of_the_callers_credentials(
         .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     assert_eq!(r.headers["x-request-id"], "caller-req-1");
-    assert!(r.headers.get("x-upstream-hop").is_none(), "header named in upstream Connection must be dropped");
+    assert!(
+        r.headers.get("x-upstream-hop").is_none(),
+        "header named in upstream Connection must be dropped"
+    );
     let seen = stub.seen();
     assert_eq!(seen.len(), 1);
     let got = &seen[0];
     assert_eq!(got.uri, "/v1/partner/jobs");
-    let hdr = |n: &str| got.headers.get_all(n).iter().map(|v| v.to_str().unwrap().to_string()).collect::<Vec<_>>();
+    let hdr = |n: &str| {
+        got.headers
+            .get_all(n)
+            .iter()
+            .map(|v| v.to_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
     assert_eq!(hdr("host"), [stub.addr.to_string()]);
     let upstream_auth = hdr("authorization");
     assert_eq!(upstream_auth.len(), 1);
-    assert!(upstream_auth[0].starts_with("Bearer "), "oauth credential expected");
-    assert!(!upstream_auth[0].contains(&token), "caller JWT must never reach the upstream");
+    assert!(
+        upstream_auth[0].starts_with("Bearer "),
+        "oauth credential expected"
+    );
+    assert!(
+        !upstream_auth[0].contains(&token),
+        "caller JWT must never reach the upstream"
+    );
     assert_eq!(hdr("on-behalf-of"), [email("sourcing.bot(at)example.com")]);
     assert_eq!(hdr("x-forwarded-for"), ["127.0.0.1"]);
     assert_eq!(hdr("x-request-id"), ["caller-req-1"]);
     assert_eq!(hdr("accept"), ["application/json"]);
-    for absent in ["cookie", "x-forwarded-host", "forwarded", "x-drop-me", "proxy-authorization", "connection"] {
+    for absent in [
+        "cookie",
+        "x-forwarded-host",
+        "forwarded",
+        "x-drop-me",
+        "proxy-authorization",
+        "connection",
+    ] {
         assert!(hdr(absent).is_empty(), "{absent} reached the upstream");
     }
     let all = format!("{:?}", got.headers);
-    assert!(!all.contains(&token[token.len() - 20..]), "JWT signature seen upstream");
+    assert!(
+        !all.contains(&token[token.len() - 20..]),
+        "JWT signature seen upstream"
+    );
 }
 
 #[tokio::test]
-async fn declared_query_parameters_pass_unchanged_and_undeclared_are_refused_without_upstream_call() {
+async fn declared_query_parameters_pass_unchanged_and_undeclared_are_refused_without_upstream_call()
+{
     let (h, stub) = with_stub().await;
     let t = h.sourcing_token();
-    let ok = h.get("/v1/partner/candidates?external_ids=a,b&candidate_ids=1,2", &t).await;
+    let ok = h
+        .get(
+            "/v1/partner/candidates?external_ids=a,b&candidate_ids=1,2",
+            &t,
+        )
+        .await;
     assert_eq!(ok.status, StatusCode::OK);
-    assert_eq!(stub.seen()[0].uri, "/v1/partner/candidates?external_ids=a,b&candidate_ids=1,2");
-    let bad = h.get("/v1/partner/candidates?external_ids=a&page=2&debug=1", &t).await;
+    assert_eq!(
+        stub.seen()[0].uri,
+        "/v1/partner/candidates?external_ids=a,b&candidate_ids=1,2"
+    );
+    let bad = h
+        .get("/v1/partner/candidates?external_ids=a&page=2&debug=1", &t)
+        .await;
     assert_eq!(bad.status, StatusCode::BAD_REQUEST);
     assert_eq!(bad.code(), "bad_request");
     let detail = bad.json()["detail"].as_str().unwrap_or("").to_string();
-    assert!(detail.contains("page") && detail.contains("debug"), "{detail}");
+    assert!(
+        detail.contains("page") && detail.contains("debug"),
+        "{detail}"
+    );
     assert_eq!(stub.seen().len(), 1, "refused request reached the upstream");
 }
 
@@ -86,13 +130,27 @@ async fn unknown_path_is_404_and_wrong_method_is_405_with_allow() {
     let (h, stub) = with_stub().await;
     let t = h.sourcing_token();
     let r = h.get("/v1/partner/nope", &t).await;
-    assert_eq!((r.status, r.code().as_str()), (StatusCode::NOT_FOUND, "route_not_found"));
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (StatusCode::NOT_FOUND, "route_not_found")
+    );
     assert_eq!(r.headers["content-type"], "application/problem+json");
     let r = h.get("/other/prefix/jobs", &t).await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
     let auth = format!("Bearer {t}");
-    let r = h.client.send(Method::DELETE, &h.url("/v1/partner/candidates"), &[("authorization", &auth)], Bytes::new()).await;
-    assert_eq!((r.status, r.code().as_str()), (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"));
+    let r = h
+        .client
+        .send(
+            Method::DELETE,
+            &h.url("/v1/partner/candidates"),
+            &[("authorization", &auth)],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed")
+    );
     assert_eq!(r.headers["allow"], "GET, POST");
     assert!(stub.seen().is_empty());
 }
@@ -137,11 +195,17 @@ async fn malformed_request_targets_and_host_headers_are_400() {
     let (h, stub) = with_stub().await;
     let t = h.sourcing_token();
     let cases = [
-        format!("GET http://evil.example/v1/partner/jobs HTTP/1.1\r\nHost: evil.example\r\nAuthorization: Bearer {t}\r\n\r\n"),
+        format!(
+            "GET http://evil.example/v1/partner/jobs HTTP/1.1\r\nHost: evil.example\r\nAuthorization: Bearer {t}\r\n\r\n"
+        ),
         format!("OPTIONS * HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {t}\r\n\r\n"),
-        format!("CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\nAuthorization: Bearer {t}\r\n\r\n"),
+        format!(
+            "CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\nAuthorization: Bearer {t}\r\n\r\n"
+        ),
         format!("GET /v1/partner/jobs HTTP/1.1\r\nAuthorization: Bearer {t}\r\n\r\n"),
-        format!("GET /v1/partner/jobs HTTP/1.1\r\nHost: a\r\nHost: b\r\nAuthorization: Bearer {t}\r\n\r\n"),
+        format!(
+            "GET /v1/partner/jobs HTTP/1.1\r\nHost: a\r\nHost: b\r\nAuthorization: Bearer {t}\r\n\r\n"
+        ),
     ];
     for req in cases {
         let out = raw_exchange(h.gateway.addr, req.as_bytes(), Duration::from_secs(3)).await;
@@ -153,7 +217,10 @@ async fn malformed_request_targets_and_host_headers_are_400() {
 #[tokio::test]
 async fn oversized_request_head_is_431() {
     let (h, _stub) = with_stub().await;
-    let req = format!("GET /v1/partner/jobs HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(40 * 1024));
+    let req = format!(
+        "GET /v1/partner/jobs HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(40 * 1024)
+    );
     let out = raw_exchange(h.gateway.addr, req.as_bytes(), Duration::from_secs(3)).await;
     assert!(out.starts_with("HTTP/1.1 431"), "{out}");
 }
@@ -169,8 +236,16 @@ async fn slow_request_head_is_cut_off_by_the_header_read_timeout() {
     .await;
     let started = std::time::Instant::now();
     // The head never completes; the server must close the connection by itself.
-    let out = raw_exchange(h.gateway.addr, b"GET /v1/partner/jobs HTTP/1.1\r\nHost: x\r\n", Duration::from_secs(10)).await;
-    assert!(started.elapsed() < Duration::from_secs(10), "connection was not closed: {out:?}");
+    let out = raw_exchange(
+        h.gateway.addr,
+        b"GET /v1/partner/jobs HTTP/1.1\r\nHost: x\r\n",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "connection was not closed: {out:?}"
+    );
     assert!(!out.contains("200 OK"));
 }
 
@@ -180,9 +255,16 @@ async fn upstream_down_is_502_upstream_error() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
-    let h = Harness::start_with(Setup { upstream: Some(format!("http://127.0.0.1:{port}/v1/partner")), ..Setup::default() }).await;
+    let h = Harness::start_with(Setup {
+        upstream: Some(format!("http://127.0.0.1:{port}/v1/partner")),
+        ..Setup::default()
+    })
+    .await;
     let r = h.get("/v1/partner/jobs", &h.sourcing_token()).await;
-    assert_eq!((r.status, r.code().as_str()), (StatusCode::BAD_GATEWAY, "upstream_error"));
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (StatusCode::BAD_GATEWAY, "upstream_error")
+    );
 }
 
 #[tokio::test]
@@ -190,13 +272,20 @@ async fn slow_upstream_is_504_upstream_timeout() {
     let (h, stub) = with_stub().await;
     stub.set_reply(200, "[]", Duration::from_secs(3));
     let r = h.get("/v1/partner/jobs", &h.sourcing_token()).await;
-    assert_eq!((r.status, r.code().as_str()), (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"));
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout")
+    );
 }
 
 #[tokio::test]
 async fn upstream_error_statuses_pass_through_with_their_body() {
     let (h, stub) = with_stub().await;
-    stub.set_reply(404, r#"{"errors":[{"message":"Not found"}]}"#, Duration::ZERO);
+    stub.set_reply(
+        404,
+        r#"{"errors":[{"message":"Not found"}]}"#,
+        Duration::ZERO,
+    );
     let r = h.get("/v1/partner/jobs", &h.sourcing_token()).await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
     assert_eq!(r.json()["errors"][0]["message"], "Not found");
@@ -207,7 +296,14 @@ async fn http2_request_is_served_and_forwarded() {
     let (h, stub) = with_stub().await;
     let client = TestClient::http2_only();
     let auth = format!("Bearer {}", h.sourcing_token());
-    let r = client.send(Method::GET, &h.url("/v1/partner/jobs"), &[("authorization", &auth)], Bytes::new()).await;
+    let r = client
+        .send(
+            Method::GET,
+            &h.url("/v1/partner/jobs"),
+            &[("authorization", &auth)],
+            Bytes::new(),
+        )
+        .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     assert_eq!(r.version, http::Version::HTTP_2);
     assert_eq!(stub.seen().len(), 1);
@@ -216,14 +312,25 @@ async fn http2_request_is_served_and_forwarded() {
 #[tokio::test]
 async fn every_gateway_error_is_problem_json_with_request_id() {
     let (h, _stub) = with_stub().await;
-    let r = h.client.send(Method::GET, &h.url("/v1/partner/jobs"), &[], Bytes::new()).await;
+    let r = h
+        .client
+        .send(Method::GET, &h.url("/v1/partner/jobs"), &[], Bytes::new())
+        .await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
     let v = r.json();
     assert_eq!(v["code"], "missing_token");
     assert_eq!(v["type"], "urn:greenhouse-gateway:problem:missing_token");
     assert_eq!(v["status"], 401);
-    assert_eq!(v["request_id"].as_str(), r.headers["x-request-id"].to_str().ok());
-    assert!(r.headers["www-authenticate"].to_str().unwrap().starts_with("Bearer"));
+    assert_eq!(
+        v["request_id"].as_str(),
+        r.headers["x-request-id"].to_str().ok()
+    );
+    assert!(
+        r.headers["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .starts_with("Bearer")
+    );
 }
 
 #[tokio::test]
@@ -233,17 +340,32 @@ async fn through_the_sandbox_oauth_and_basic_credentials_both_work_end_to_end() 
     let r = h.get("/v1/partner/jobs", &sourcing).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     assert!(r.json().as_array().is_some_and(|a| !a.is_empty()));
-    assert!(r.headers.contains_key("x-ratelimit-remaining"), "sandbox rate-limit headers pass through");
+    assert!(
+        r.headers.contains_key("x-ratelimit-remaining"),
+        "sandbox rate-limit headers pass through"
+    );
     let body = json!({"external_id": "ext-42", "first_name": "Ada", "last_name": "Example"});
     let agency = h.token("svc-agency-connector", json!({}));
     let created = h.post_json("/v1/partner/candidates", &agency, &body).await;
     assert_eq!(created.status, StatusCode::CREATED, "{}", created.text());
     let upstream = h.sandbox.received();
     let last = upstream.last().unwrap();
-    assert!(last.header("authorization").unwrap().starts_with("Basic "), "agency uses the partner key");
-    assert_eq!(last.header("on-behalf-of"), Some(email("agency.liaison(at)example.com").as_str()));
-    assert_eq!(&last.body[..], body.to_string().as_bytes(), "body forwarded byte for byte");
-    let found = h.get("/v1/partner/candidates?external_ids=ext-42", &sourcing).await;
+    assert!(
+        last.header("authorization").unwrap().starts_with("Basic "),
+        "agency uses the partner key"
+    );
+    assert_eq!(
+        last.header("on-behalf-of"),
+        Some(email("agency.liaison(at)example.com").as_str())
+    );
+    assert_eq!(
+        &last.body[..],
+        body.to_string().as_bytes(),
+        "body forwarded byte for byte"
+    );
+    let found = h
+        .get("/v1/partner/candidates?external_ids=ext-42", &sourcing)
+        .await;
     assert_eq!(found.status, StatusCode::OK);
     assert_eq!(found.json()[0]["external_id"], "ext-42");
 }
@@ -260,27 +382,52 @@ async fn tls_listener_serves_http2_and_http1_with_a_generated_certificate() {
         dir.path().join("cert.pem").display(),
         dir.path().join("key.pem").display()
     );
-    let h = Harness::start_with(Setup { upstream: Some(stub.base_url()), listen_extra, ..Setup::default() }).await;
+    let h = Harness::start_with(Setup {
+        upstream: Some(stub.base_url()),
+        listen_extra,
+        ..Setup::default()
+    })
+    .await;
     let mut roots = rustls::RootCertStore::empty();
     roots.add(ck.cert.der().clone()).unwrap();
-    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
     let token = h.sourcing_token();
     for h2 in [true, false] {
-        let builder = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls.clone()).https_only();
-        let connector = if h2 { builder.enable_http2().build() } else { builder.enable_http1().build() };
+        let builder = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls.clone())
+            .https_only();
+        let connector = if h2 {
+            builder.enable_http2().build()
+        } else {
+            builder.enable_http1().build()
+        };
         let client: hyper_util::client::legacy::Client<_, http_body_util::Full<Bytes>> =
-            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).http2_only(h2).build(connector);
-        let req = http::Request::get(format!("https://localhost:{}/v1/partner/jobs", h.gateway.addr.port()))
-            .header("authorization", format!("Bearer {token}"))
-            .body(http_body_util::Full::new(Bytes::new()))
-            .unwrap();
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .http2_only(h2)
+                .build(connector);
+        let req = http::Request::get(format!(
+            "https://localhost:{}/v1/partner/jobs",
+            h.gateway.addr.port()
+        ))
+        .header("authorization", format!("Bearer {token}"))
+        .body(http_body_util::Full::new(Bytes::new()))
+        .unwrap();
         let r = support::collect(client.request(req).await.unwrap()).await;
         assert_eq!(r.status, StatusCode::OK, "{}", r.text());
-        assert_eq!(r.version, if h2 { http::Version::HTTP_2 } else { http::Version::HTTP_11 });
+        assert_eq!(
+            r.version,
+            if h2 {
+                http::Version::HTTP_2
+            } else {
+                http::Version::HTTP_11
+            }
+        );
     }
     assert_eq!(stub.seen().len(), 2);
 }
@@ -292,7 +439,11 @@ async fn graceful_shutdown_lets_the_in_flight_request_finish_and_stops_accepting
     let client = h.client.clone();
     let url = h.url("/v1/partner/jobs");
     let auth = format!("Bearer {}", h.sourcing_token());
-    let in_flight = tokio::spawn(async move { client.send(Method::GET, &url, &[("authorization", &auth)], Bytes::new()).await });
+    let in_flight = tokio::spawn(async move {
+        client
+            .send(Method::GET, &url, &[("authorization", &auth)], Bytes::new())
+            .await
+    });
     // Wait until the request has reached the upstream, so it is truly in flight.
     for _ in 0..200 {
         if !stub.seen().is_empty() {
@@ -302,12 +453,20 @@ async fn graceful_shutdown_lets_the_in_flight_request_finish_and_stops_accepting
     }
     assert_eq!(stub.seen().len(), 1);
     let addr = h.gateway.addr;
-    let Harness { gateway, sandbox: _sb, dir: _dir, client: _c } = h;
+    let Harness {
+        gateway,
+        sandbox: _sb,
+        dir: _dir,
+        client: _c,
+    } = h;
     gateway.shutdown().await;
     let r = in_flight.await.unwrap();
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.text(), "[\"late\"]");
-    assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "listener still accepting after shutdown");
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "listener still accepting after shutdown"
+    );
 }
 
 #[tokio::test]
@@ -315,15 +474,27 @@ async fn admin_listener_serves_health_readiness_and_metrics() {
     let (h, _stub) = with_stub().await;
     let _ = h.get("/v1/partner/jobs", &h.sourcing_token()).await;
     let c = TestClient::new();
-    let health = c.send(Method::GET, &h.admin_url("/healthz"), &[], Bytes::new()).await;
+    let health = c
+        .send(Method::GET, &h.admin_url("/healthz"), &[], Bytes::new())
+        .await;
     assert_eq!(health.status, StatusCode::OK);
-    let ready = c.send(Method::GET, &h.admin_url("/readyz"), &[], Bytes::new()).await;
+    let ready = c
+        .send(Method::GET, &h.admin_url("/readyz"), &[], Bytes::new())
+        .await;
     assert_eq!(ready.status, StatusCode::OK, "{}", ready.text());
     assert_eq!(ready.json()["ready"], true);
-    let m = c.send(Method::GET, &h.admin_url("/metrics"), &[], Bytes::new()).await.text();
+    let m = c
+        .send(Method::GET, &h.admin_url("/metrics"), &[], Bytes::new())
+        .await
+        .text();
     assert!(m.contains("gateway_requests_total{team=\"sourcing\",operation=\"listPartnerJobs\",code=\"forwarded\"} 1"), "{m}");
-    assert!(m.contains("gateway_request_duration_seconds_bucket{"), "{m}");
+    assert!(
+        m.contains("gateway_request_duration_seconds_bucket{"),
+        "{m}"
+    );
     // The admin surface is not the gateway: it is not reachable on the gateway listener.
-    let r = c.send(Method::GET, &h.url("/metrics"), &[], Bytes::new()).await;
+    let r = c
+        .send(Method::GET, &h.url("/metrics"), &[], Bytes::new())
+        .await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
 }

@@ -57,7 +57,11 @@ struct Token {
 }
 
 impl UpstreamCredentials {
-    pub fn new(credentials: &BTreeMap<String, Credential>, client: HttpClient, metrics: Metrics) -> Self {
+    pub fn new(
+        credentials: &BTreeMap<String, Credential>,
+        client: HttpClient,
+        metrics: Metrics,
+    ) -> Self {
         let sources = credentials
             .iter()
             .map(|(name, c)| {
@@ -83,7 +87,9 @@ impl UpstreamCredentials {
                 (name.clone(), src)
             })
             .collect();
-        UpstreamCredentials { sources: Arc::new(sources) }
+        UpstreamCredentials {
+            sources: Arc::new(sources),
+        }
     }
 
     /// Fetches every OAuth2 token once, so the first callers do not wait.
@@ -101,7 +107,12 @@ impl UpstreamCredentials {
             .values()
             .filter_map(|s| match s {
                 Source::OAuth2(t) if t.valid_token().is_none() => {
-                    let why = t.last_error.lock().ok().and_then(|e| e.clone()).unwrap_or_else(|| "no token yet".into());
+                    let why = t
+                        .last_error
+                        .lock()
+                        .ok()
+                        .and_then(|e| e.clone())
+                        .unwrap_or_else(|| "no token yet".into());
                     Some(format!("credential {}: {why}", t.name))
                 }
                 _ => None,
@@ -215,8 +226,13 @@ impl TokenSource {
         match cfg.client_auth {
             ClientAuth::Basic => {
                 // RFC 6749 section 2.3.1: both parts form-urlencoded before Basic encoding.
-                let enc = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
-                let pair = format!("{}:{}", enc(&cfg.client_id), enc(cfg.client_secret.expose()));
+                let enc =
+                    |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+                let pair = format!(
+                    "{}:{}",
+                    enc(&cfg.client_id),
+                    enc(cfg.client_secret.expose())
+                );
                 let mut v = HeaderValue::from_str(&format!("Basic {}", STANDARD.encode(pair)))
                     .map_err(|_| "client credentials cannot form a header".to_string())?;
                 v.set_sensitive(true);
@@ -227,17 +243,27 @@ impl TokenSource {
                 form.append_pair("client_secret", cfg.client_secret.expose());
             }
         }
-        builder.body(full_body(form.finish())).map_err(|e| format!("cannot build request: {e}"))
+        builder
+            .body(full_body(form.finish()))
+            .map_err(|e| format!("cannot build request: {e}"))
     }
 }
 
 /// Keeps an error code from a token endpoint printable and short (it is logged).
 fn sanitize_code(s: &str) -> String {
-    s.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '_').take(64).collect()
+    s.chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+        .take(64)
+        .collect()
 }
 
-fn parse_token_response(body: &[u8], at: SystemTime, refresh_before: Duration) -> Result<Token, String> {
-    let v: Value = serde_json::from_slice(body).map_err(|_| "token endpoint answered with a body that is not JSON".to_string())?;
+fn parse_token_response(
+    body: &[u8],
+    at: SystemTime,
+    refresh_before: Duration,
+) -> Result<Token, String> {
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|_| "token endpoint answered with a body that is not JSON".to_string())?;
     let access = v
         .get("access_token")
         .and_then(Value::as_str)
@@ -249,32 +275,44 @@ fn parse_token_response(body: &[u8], at: SystemTime, refresh_before: Duration) -
         return Err("token endpoint answered with a token_type other than Bearer".into());
     }
     let lifetime = token_lifetime(&v, at);
-    let mut header = HeaderValue::from_str(&format!("Bearer {access}")).map_err(|_| "the access_token is not a valid header value".to_string())?;
+    let mut header = HeaderValue::from_str(&format!("Bearer {access}"))
+        .map_err(|_| "the access_token is not a valid header value".to_string())?;
     header.set_sensitive(true);
     let expires_at = at + lifetime;
     // Refresh `refresh_before` ahead of expiry, but never earlier than half-way through a short
     // lifetime, so a short-lived token is not refreshed continuously.
     let margin = refresh_before.min(lifetime / 2);
-    Ok(Token { header, expires_at, refresh_at: expires_at - margin })
+    Ok(Token {
+        header,
+        expires_at,
+        refresh_at: expires_at - margin,
+    })
 }
 
 /// `expires_in` (seconds) or `expires_at` (RFC 3339 or epoch seconds); absent or absurd values
 /// get a conservative default.
 fn token_lifetime(v: &Value, at: SystemTime) -> Duration {
     let sane = |d: Duration| (d >= Duration::from_secs(1) && d <= MAX_LIFETIME).then_some(d);
-    if let Some(secs) = v.get("expires_in").and_then(|x| x.as_u64().or_else(|| x.as_str().and_then(|s| s.parse().ok()))) {
+    if let Some(secs) = v.get("expires_in").and_then(|x| {
+        x.as_u64()
+            .or_else(|| x.as_str().and_then(|s| s.parse().ok()))
+    }) {
         return sane(Duration::from_secs(secs)).unwrap_or(DEFAULT_LIFETIME);
     }
     let at_epoch = at.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
     let expiry = match v.get("expires_at") {
         Some(Value::Number(n)) => n.as_i64(),
         Some(Value::String(s)) => s.parse::<i64>().ok().or_else(|| {
-            time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok().map(|t| t.unix_timestamp())
+            time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+                .ok()
+                .map(|t| t.unix_timestamp())
         }),
         _ => None,
     };
     match expiry {
-        Some(e) if e > at_epoch => sane(Duration::from_secs((e - at_epoch) as u64)).unwrap_or(DEFAULT_LIFETIME),
+        Some(e) if e > at_epoch => {
+            sane(Duration::from_secs((e - at_epoch) as u64)).unwrap_or(DEFAULT_LIFETIME)
+        }
         _ => DEFAULT_LIFETIME,
     }
 }
@@ -292,18 +330,32 @@ mod tests {
 
     #[test]
     fn expires_in_is_used_as_the_lifetime() {
-        assert_eq!(token_lifetime(&json!({"expires_in": 3600}), at()), Duration::from_secs(3600));
+        assert_eq!(
+            token_lifetime(&json!({"expires_in": 3600}), at()),
+            Duration::from_secs(3600)
+        );
     }
 
     #[test]
     fn expires_at_in_rfc3339_and_epoch_are_understood() {
-        assert_eq!(token_lifetime(&json!({"expires_at": 1_800_000_600}), at()), Duration::from_secs(600));
-        assert_eq!(token_lifetime(&json!({"expires_at": "2027-01-15T08:10:00Z"}), at()), Duration::from_secs(600));
+        assert_eq!(
+            token_lifetime(&json!({"expires_at": 1_800_000_600}), at()),
+            Duration::from_secs(600)
+        );
+        assert_eq!(
+            token_lifetime(&json!({"expires_at": "2027-01-15T08:10:00Z"}), at()),
+            Duration::from_secs(600)
+        );
     }
 
     #[test]
     fn absent_or_absurd_lifetimes_get_the_conservative_default() {
-        for v in [json!({}), json!({"expires_in": 0}), json!({"expires_in": 999_999_999}), json!({"expires_at": 5})] {
+        for v in [
+            json!({}),
+            json!({"expires_in": 0}),
+            json!({"expires_in": 999_999_999}),
+            json!({"expires_at": 5}),
+        ] {
             assert_eq!(token_lifetime(&v, at()), DEFAULT_LIFETIME, "{v}");
         }
     }
@@ -313,13 +365,16 @@ mod tests {
         assert!(parse_token_response(b"", at(), S60).is_err());
         assert!(parse_token_response(b"{}", at(), S60).is_err());
         assert!(parse_token_response(br#"{"access_token":""}"#, at(), S60).is_err());
-        assert!(parse_token_response(br#"{"access_token":"a","token_type":"mac"}"#, at(), S60).is_err());
+        assert!(
+            parse_token_response(br#"{"access_token":"a","token_type":"mac"}"#, at(), S60).is_err()
+        );
         assert!(parse_token_response(br#"{"access_token":"a\r\nx"}"#, at(), S60).is_err());
     }
 
     #[test]
     fn token_refreshes_before_it_expires() {
-        let t = parse_token_response(br#"{"access_token":"abc","expires_in":3600}"#, at(), S60).ok();
+        let t =
+            parse_token_response(br#"{"access_token":"abc","expires_in":3600}"#, at(), S60).ok();
         let Some(t) = t else { panic!("parse failed") };
         assert_eq!(t.expires_at, at() + Duration::from_secs(3600));
         assert_eq!(t.refresh_at, at() + Duration::from_secs(3540));

@@ -57,13 +57,21 @@ impl SecretSource for RealSecrets {
 /// Reads `gateway.toml`, the spec and every team file, then validates them all.
 pub fn load(path: &Path) -> Result<Config, Vec<Problem>> {
     let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    let problem = |file: &Path, message: String| Problem { file: file.to_path_buf(), key: String::new(), message };
-    let text = std::fs::read_to_string(path).map_err(|e| vec![problem(path, format!("cannot read: {e}"))])?;
+    let problem = |file: &Path, message: String| Problem {
+        file: file.to_path_buf(),
+        key: String::new(),
+        message,
+    };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| vec![problem(path, format!("cannot read: {e}"))])?;
     let gw: GatewayFile = toml::from_str(&text).map_err(|e| vec![toml_problem(path, &e)])?;
 
     let mut problems = Vec::new();
     let (spec_path, spec_text) = match &gw.spec {
-        None => (PathBuf::from("<built-in seed spec>"), Ok(crate::spec::BUILTIN_SPEC.to_string())),
+        None => (
+            PathBuf::from("<built-in seed spec>"),
+            Ok(crate::spec::BUILTIN_SPEC.to_string()),
+        ),
         Some(s) => {
             let p = base.join(s);
             let t = std::fs::read_to_string(&p);
@@ -72,7 +80,11 @@ pub fn load(path: &Path) -> Result<Config, Vec<Problem>> {
     };
     let spec = match spec_text {
         Err(e) => {
-            problems.push(Problem { file: path.to_path_buf(), key: "spec".into(), message: format!("cannot read {}: {e}", spec_path.display()) });
+            problems.push(Problem {
+                file: path.to_path_buf(),
+                key: "spec".into(),
+                message: format!("cannot read {}: {e}", spec_path.display()),
+            });
             None
         }
         Ok(t) => match Spec::from_text(&t) {
@@ -87,7 +99,11 @@ pub fn load(path: &Path) -> Result<Config, Vec<Problem>> {
     let teams_dir = base.join(gw.teams.as_deref().unwrap_or("teams"));
     let mut team_files = Vec::new();
     match std::fs::read_dir(&teams_dir) {
-        Err(e) => problems.push(Problem { file: path.to_path_buf(), key: "teams".into(), message: format!("cannot read folder {}: {e}", teams_dir.display()) }),
+        Err(e) => problems.push(Problem {
+            file: path.to_path_buf(),
+            key: "teams".into(),
+            message: format!("cannot read folder {}: {e}", teams_dir.display()),
+        }),
         Ok(entries) => {
             let mut paths: Vec<PathBuf> = entries
                 .filter_map(|e| e.ok().map(|e| e.path()))
@@ -125,7 +141,11 @@ fn toml_problem(file: &Path, e: &toml::de::Error) -> Problem {
         Some(span) => format!("at byte {}", span.start),
         None => String::new(),
     };
-    Problem { file: file.to_path_buf(), key, message: msg }
+    Problem {
+        file: file.to_path_buf(),
+        key,
+        message: msg,
+    }
 }
 
 /// Collects problems for one file.
@@ -136,7 +156,11 @@ struct Report<'a> {
 
 impl Report<'_> {
     fn add(&mut self, key: impl Into<String>, message: impl Into<String>) {
-        self.problems.push(Problem { file: self.file.to_path_buf(), key: key.into(), message: message.into() });
+        self.problems.push(Problem {
+            file: self.file.to_path_buf(),
+            key: key.into(),
+            message: message.into(),
+        });
     }
 
     fn duration(&mut self, key: &str, value: Option<&str>, default: Duration) -> Duration {
@@ -150,8 +174,17 @@ impl Report<'_> {
         }
     }
 
-    fn secret(&mut self, key: &str, s: &SecretFile, base: &Path, src: &dyn SecretSource) -> Option<Secret> {
-        let set = [s.env.is_some(), s.file.is_some(), s.value.is_some()].iter().filter(|x| **x).count();
+    fn secret(
+        &mut self,
+        key: &str,
+        s: &SecretFile,
+        base: &Path,
+        src: &dyn SecretSource,
+    ) -> Option<Secret> {
+        let set = [s.env.is_some(), s.file.is_some(), s.value.is_some()]
+            .iter()
+            .filter(|x| **x)
+            .count();
         if set != 1 {
             self.add(key, "a secret needs exactly one of env, file or value");
             return None;
@@ -191,7 +224,11 @@ impl Report<'_> {
 pub fn is_loopback_host(uri: &http::Uri) -> bool {
     match uri.host() {
         Some("localhost") => true,
-        Some(h) => h.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback()),
+        Some(h) => h
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback()),
         None => false,
     }
 }
@@ -209,7 +246,10 @@ fn secure_url(r: &mut Report<'_>, key: &str, s: &str) -> Option<http::Uri> {
         Some("https") => {}
         Some("http") if is_loopback_host(&uri) => {}
         Some("http") => {
-            r.add(key, "must be https:// (plain http is accepted only for loopback hosts)");
+            r.add(
+                key,
+                "must be https:// (plain http is accepted only for loopback hosts)",
+            );
             return None;
         }
         _ => {
@@ -246,9 +286,15 @@ pub fn validate(
     team_files: &[(PathBuf, TeamFile)],
     secrets: &dyn SecretSource,
 ) -> Result<Config, Vec<Problem>> {
-    let base = gateway_path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let base = gateway_path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
     let mut problems = Vec::new();
-    let mut r = Report { file: gateway_path, problems: &mut problems };
+    let mut r = Report {
+        file: gateway_path,
+        problems: &mut problems,
+    };
 
     // [listen]
     let listen_addr = socket_addr(&mut r, "listen.addr", &gw.listen.addr);
@@ -257,24 +303,46 @@ pub fn validate(
         key: base.join(&t.key),
         client_ca: t.client_ca.as_ref().map(|c| base.join(c)),
     });
-    let header_read_timeout = r.duration("listen.header_read_timeout", gw.listen.header_read_timeout.as_deref(), Duration::from_secs(10));
+    let header_read_timeout = r.duration(
+        "listen.header_read_timeout",
+        gw.listen.header_read_timeout.as_deref(),
+        Duration::from_secs(10),
+    );
     if header_read_timeout.is_zero() {
         r.add("listen.header_read_timeout", "must be longer than zero");
     }
     let max_header_bytes = gw.listen.max_header_bytes.unwrap_or(16 * 1024);
     if !(1024..=1024 * 1024).contains(&max_header_bytes) {
-        r.add("listen.max_header_bytes", "must be between 1024 and 1048576");
+        r.add(
+            "listen.max_header_bytes",
+            "must be between 1024 and 1048576",
+        );
     }
-    let shutdown_grace = r.duration("listen.shutdown_grace", gw.listen.shutdown_grace.as_deref(), Duration::from_secs(30));
+    let shutdown_grace = r.duration(
+        "listen.shutdown_grace",
+        gw.listen.shutdown_grace.as_deref(),
+        Duration::from_secs(30),
+    );
 
     // [admin]
-    let admin_addr = socket_addr(&mut r, "admin.addr", gw.admin.addr.as_deref().unwrap_or("127.0.0.1:9090"));
-    let admin_token = gw.admin.token.as_ref().and_then(|t| r.secret("admin.token", t, &base, secrets));
+    let admin_addr = socket_addr(
+        &mut r,
+        "admin.addr",
+        gw.admin.addr.as_deref().unwrap_or("127.0.0.1:9090"),
+    );
+    let admin_token = gw
+        .admin
+        .token
+        .as_ref()
+        .and_then(|t| r.secret("admin.token", t, &base, secrets));
     if let Some(a) = admin_addr
         && !a.ip().is_loopback()
         && admin_token.is_none()
     {
-        r.add("admin.token", "required when admin.addr is not a loopback address");
+        r.add(
+            "admin.token",
+            "required when admin.addr is not a loopback address",
+        );
     }
     if let (Some(a), Some(b)) = (listen_addr, admin_addr)
         && a == b
@@ -285,9 +353,20 @@ pub fn validate(
 
     // [upstream]
     let base_url = secure_url(&mut r, "upstream.base_url", &gw.upstream.base_url);
-    let timeout = r.duration("upstream.timeout", gw.upstream.timeout.as_deref(), Duration::from_secs(30));
-    let connect_timeout = r.duration("upstream.connect_timeout", gw.upstream.connect_timeout.as_deref(), Duration::from_secs(5));
-    for (k, d) in [("upstream.timeout", timeout), ("upstream.connect_timeout", connect_timeout)] {
+    let timeout = r.duration(
+        "upstream.timeout",
+        gw.upstream.timeout.as_deref(),
+        Duration::from_secs(30),
+    );
+    let connect_timeout = r.duration(
+        "upstream.connect_timeout",
+        gw.upstream.connect_timeout.as_deref(),
+        Duration::from_secs(5),
+    );
+    for (k, d) in [
+        ("upstream.timeout", timeout),
+        ("upstream.connect_timeout", connect_timeout),
+    ] {
         if d.is_zero() {
             r.add(k, "must be longer than zero");
         }
@@ -297,17 +376,34 @@ pub fn validate(
     // [credentials.*]
     let mut credentials = BTreeMap::new();
     if gw.credentials.is_empty() {
-        r.add("credentials", "at least one credential is needed to call Greenhouse");
+        r.add(
+            "credentials",
+            "at least one credential is needed to call Greenhouse",
+        );
     }
     for (name, c) in &gw.credentials {
         let key = format!("credentials.{name}");
         let cred = match c {
-            CredentialFile::Basic { api_key } => {
-                r.secret(&format!("{key}.api_key"), api_key, &base, secrets).map(|api_key| Credential::Basic { api_key })
-            }
-            CredentialFile::OAuth2ClientCredentials { token_url, client_id, client_secret, scope, client_auth, refresh_before, timeout, extra_params } => {
+            CredentialFile::Basic { api_key } => r
+                .secret(&format!("{key}.api_key"), api_key, &base, secrets)
+                .map(|api_key| Credential::Basic { api_key }),
+            CredentialFile::OAuth2ClientCredentials {
+                token_url,
+                client_id,
+                client_secret,
+                scope,
+                client_auth,
+                refresh_before,
+                timeout,
+                extra_params,
+            } => {
                 let token_url = secure_url(&mut r, &format!("{key}.token_url"), token_url);
-                let secret = r.secret(&format!("{key}.client_secret"), client_secret, &base, secrets);
+                let secret = r.secret(
+                    &format!("{key}.client_secret"),
+                    client_secret,
+                    &base,
+                    secrets,
+                );
                 if client_id.is_empty() {
                     r.add(format!("{key}.client_id"), "must not be empty");
                 }
@@ -315,28 +411,44 @@ pub fn validate(
                     None | Some("basic") => ClientAuth::Basic,
                     Some("post") => ClientAuth::Post,
                     Some(_) => {
-                        r.add(format!("{key}.client_auth"), "must be \"basic\" or \"post\"");
+                        r.add(
+                            format!("{key}.client_auth"),
+                            "must be \"basic\" or \"post\"",
+                        );
                         ClientAuth::Basic
                     }
                 };
                 for reserved in ["grant_type", "client_id", "client_secret", "scope"] {
                     if extra_params.contains_key(reserved) {
-                        r.add(format!("{key}.extra_params.{reserved}"), "is set by the gateway and cannot be overridden");
+                        r.add(
+                            format!("{key}.extra_params.{reserved}"),
+                            "is set by the gateway and cannot be overridden",
+                        );
                     }
                 }
-                let refresh_before = r.duration(&format!("{key}.refresh_before"), refresh_before.as_deref(), Duration::from_secs(60));
-                let timeout = r.duration(&format!("{key}.timeout"), timeout.as_deref(), Duration::from_secs(5));
+                let refresh_before = r.duration(
+                    &format!("{key}.refresh_before"),
+                    refresh_before.as_deref(),
+                    Duration::from_secs(60),
+                );
+                let timeout = r.duration(
+                    &format!("{key}.timeout"),
+                    timeout.as_deref(),
+                    Duration::from_secs(5),
+                );
                 match (token_url, secret) {
-                    (Some(token_url), Some(client_secret)) => Some(Credential::OAuth2(OAuth2Credential {
-                        token_url,
-                        client_id: client_id.clone(),
-                        client_secret,
-                        scope: scope.clone(),
-                        client_auth,
-                        refresh_before,
-                        timeout,
-                        extra_params: extra_params.clone(),
-                    })),
+                    (Some(token_url), Some(client_secret)) => {
+                        Some(Credential::OAuth2(OAuth2Credential {
+                            token_url,
+                            client_id: client_id.clone(),
+                            client_secret,
+                            scope: scope.clone(),
+                            client_auth,
+                            refresh_before,
+                            timeout,
+                            extra_params: extra_params.clone(),
+                        }))
+                    }
                     _ => None,
                 }
             }
@@ -349,7 +461,10 @@ pub fn validate(
     // [[issuers]]
     let mut issuers = Vec::new();
     if gw.issuers.is_empty() {
-        r.add("issuers", "at least one [[issuers]] entry is needed to authenticate callers");
+        r.add(
+            "issuers",
+            "at least one [[issuers]] entry is needed to authenticate callers",
+        );
     }
     let mut seen_issuers = BTreeSet::new();
     for (i, iss) in gw.issuers.iter().enumerate() {
@@ -370,10 +485,16 @@ pub fn validate(
     // teams
     let mut teams = Vec::new();
     if team_files.is_empty() {
-        r.add("teams", "no team policies found: no caller could ever be admitted");
+        r.add(
+            "teams",
+            "no team policies found: no caller could ever be admitted",
+        );
     }
     for (path, tf) in team_files {
-        let mut tr = Report { file: path, problems: r.problems };
+        let mut tr = Report {
+            file: path,
+            problems: r.problems,
+        };
         if let Some(t) = validate_team(&mut tr, path, tf, &spec, &gw.credentials) {
             teams.push(t);
         }
@@ -399,15 +520,34 @@ pub fn validate(
         return Err(problems);
     }
     let (Some(addr), Some(admin_addr), Some(base_url)) = (listen_addr, admin_addr, base_url) else {
-        return Err(vec![Problem { file: gateway_path.to_path_buf(), key: String::new(), message: "incomplete configuration".into() }]);
+        return Err(vec![Problem {
+            file: gateway_path.to_path_buf(),
+            key: String::new(),
+            message: "incomplete configuration".into(),
+        }]);
     };
     let prefix = base_url.path().trim_end_matches('/').to_string();
     Ok(Config {
         source: gateway_path.to_path_buf(),
         spec: Arc::new(spec),
-        listen: Listen { addr, tls, header_read_timeout, max_header_bytes: max_header_bytes as usize, shutdown_grace },
-        admin: Admin { addr: admin_addr, token: admin_token },
-        upstream: Upstream { base_url, prefix, timeout, connect_timeout, ca_file },
+        listen: Listen {
+            addr,
+            tls,
+            header_read_timeout,
+            max_header_bytes: max_header_bytes as usize,
+            shutdown_grace,
+        },
+        admin: Admin {
+            addr: admin_addr,
+            token: admin_token,
+        },
+        upstream: Upstream {
+            base_url,
+            prefix,
+            timeout,
+            connect_timeout,
+            ca_file,
+        },
         credentials,
         issuers,
         limits: Limits { max_body_bytes },
@@ -416,7 +556,12 @@ pub fn validate(
     })
 }
 
-fn validate_issuer(r: &mut Report<'_>, i: usize, iss: &IssuerFile, base: &Path) -> Option<IssuerConfig> {
+fn validate_issuer(
+    r: &mut Report<'_>,
+    i: usize,
+    iss: &IssuerFile,
+    base: &Path,
+) -> Option<IssuerConfig> {
     let key = format!("issuers[{i}]");
     let mut ok = true;
     if iss.issuer.is_empty() {
@@ -424,11 +569,16 @@ fn validate_issuer(r: &mut Report<'_>, i: usize, iss: &IssuerFile, base: &Path) 
         ok = false;
     }
     if iss.audiences.is_empty() || iss.audiences.iter().any(String::is_empty) {
-        r.add(format!("{key}.audiences"), "needs at least one non-empty audience");
+        r.add(
+            format!("{key}.audiences"),
+            "needs at least one non-empty audience",
+        );
         ok = false;
     }
     let keys = match (&iss.jwks_url, &iss.jwks_file) {
-        (Some(u), None) => secure_url(r, &format!("{key}.jwks_url"), u).map(|u| KeySource::Url(u.to_string())),
+        (Some(u), None) => {
+            secure_url(r, &format!("{key}.jwks_url"), u).map(|u| KeySource::Url(u.to_string()))
+        }
         (None, Some(f)) => Some(KeySource::File(base.join(f))),
         _ => {
             r.add(&key, "needs exactly one of jwks_url or jwks_file");
@@ -437,33 +587,54 @@ fn validate_issuer(r: &mut Report<'_>, i: usize, iss: &IssuerFile, base: &Path) 
     };
     let mut algorithms = Vec::new();
     if iss.algorithms.is_empty() {
-        r.add(format!("{key}.algorithms"), "list at least one algorithm, for example [\"RS256\"]");
+        r.add(
+            format!("{key}.algorithms"),
+            "list at least one algorithm, for example [\"RS256\"]",
+        );
         ok = false;
     }
     for (j, a) in iss.algorithms.iter().enumerate() {
         let k = format!("{key}.algorithms[{j}]");
         if a.starts_with("HS") {
-            r.add(k, "HMAC algorithms are refused: callers' tokens must be verified with public keys");
+            r.add(
+                k,
+                "HMAC algorithms are refused: callers' tokens must be verified with public keys",
+            );
             ok = false;
             continue;
         }
         match a.parse::<jsonwebtoken::Algorithm>() {
             Ok(alg) => algorithms.push(alg),
             Err(_) => {
-                r.add(k, "unknown algorithm (use RS256/384/512, PS256/384/512, ES256/384 or EdDSA)");
+                r.add(
+                    k,
+                    "unknown algorithm (use RS256/384/512, PS256/384/512, ES256/384 or EdDSA)",
+                );
                 ok = false;
             }
         }
     }
-    let leeway = r.duration(&format!("{key}.leeway"), iss.leeway.as_deref(), Duration::from_secs(30));
+    let leeway = r.duration(
+        &format!("{key}.leeway"),
+        iss.leeway.as_deref(),
+        Duration::from_secs(30),
+    );
     if leeway > Duration::from_secs(300) {
         r.add(format!("{key}.leeway"), "must be at most 5m");
     }
-    let refresh_interval = r.duration(&format!("{key}.refresh_interval"), iss.refresh_interval.as_deref(), Duration::from_secs(300));
+    let refresh_interval = r.duration(
+        &format!("{key}.refresh_interval"),
+        iss.refresh_interval.as_deref(),
+        Duration::from_secs(300),
+    );
     if refresh_interval < Duration::from_secs(1) {
         r.add(format!("{key}.refresh_interval"), "must be at least 1s");
     }
-    let refetch_cooldown = r.duration(&format!("{key}.refetch_cooldown"), iss.refetch_cooldown.as_deref(), Duration::from_secs(30));
+    let refetch_cooldown = r.duration(
+        &format!("{key}.refetch_cooldown"),
+        iss.refetch_cooldown.as_deref(),
+        Duration::from_secs(30),
+    );
     let keys = keys?;
     ok.then(|| IssuerConfig {
         issuer: iss.issuer.clone(),
@@ -488,39 +659,71 @@ fn validate_team(
     if tf.name != stem {
         r.add("name", format!("must equal the file name ({stem})"));
     }
-    if tf.name.is_empty() || !tf.name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+    if tf.name.is_empty()
+        || !tf
+            .name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
         r.add("name", "use letters, digits, '-' and '_' only");
     }
     if tf.operations.is_empty() {
-        r.add("operations", "lists no operation: the team could call nothing");
+        r.add(
+            "operations",
+            "lists no operation: the team could call nothing",
+        );
     }
     let mut operations = BTreeSet::new();
     for (i, op) in tf.operations.iter().enumerate() {
         if spec.operation(op).is_none() {
             let known: Vec<&str> = spec.operations().iter().map(|o| o.id.as_str()).collect();
-            r.add(format!("operations[{i}]"), format!("unknown operation id {op:?} (the spec has: {})", known.join(", ")));
+            r.add(
+                format!("operations[{i}]"),
+                format!(
+                    "unknown operation id {op:?} (the spec has: {})",
+                    known.join(", ")
+                ),
+            );
         } else if !operations.insert(op.clone()) {
             r.add(format!("operations[{i}]"), format!("{op} is listed twice"));
         }
     }
-    let credential = tf.credential.clone().unwrap_or_else(|| "default".to_string());
+    let credential = tf
+        .credential
+        .clone()
+        .unwrap_or_else(|| "default".to_string());
     if !credentials.contains_key(&credential) {
         let known: Vec<&str> = credentials.keys().map(String::as_str).collect();
-        r.add("credential", format!("no [credentials.{credential}] in gateway.toml (defined: {})", known.join(", ")));
+        r.add(
+            "credential",
+            format!(
+                "no [credentials.{credential}] in gateway.toml (defined: {})",
+                known.join(", ")
+            ),
+        );
     }
     if tf.members.is_empty() {
-        r.add("members", "has no [[members]] table: no caller could ever match");
+        r.add(
+            "members",
+            "has no [[members]] table: no caller could ever match",
+        );
     }
     let mut members = Vec::new();
     for (i, m) in tf.members.iter().enumerate() {
         if m.is_empty() {
-            r.add(format!("members[{i}]"), "is empty and would match every caller; name at least one claim");
+            r.add(
+                format!("members[{i}]"),
+                "is empty and would match every caller; name at least one claim",
+            );
             continue;
         }
         let mut claims = Vec::new();
         for (claim, pattern) in m {
             if pattern.is_empty() || pattern.chars().all(|c| c == '*') {
-                r.add(format!("members[{i}].{claim}"), "must be more specific than a bare '*'");
+                r.add(
+                    format!("members[{i}].{claim}"),
+                    "must be more specific than a bare '*'",
+                );
             }
             claims.push((claim.clone(), Glob::new(pattern.clone())));
         }
@@ -534,7 +737,10 @@ fn validate_team(
     }
     for (i, a) in obo.allowed.iter().enumerate() {
         if !is_valid_email(a) {
-            r.add(format!("on_behalf_of.allowed[{i}]"), "is not a valid email address");
+            r.add(
+                format!("on_behalf_of.allowed[{i}]"),
+                "is not a valid email address",
+            );
         }
     }
     if obo.from_claim.as_deref() == Some("") {
@@ -549,6 +755,10 @@ fn validate_team(
         operations,
         credential,
         members,
-        on_behalf_of: OboPolicy { default: obo.default.clone(), allowed: obo.allowed.clone(), from_claim: obo.from_claim.clone() },
+        on_behalf_of: OboPolicy {
+            default: obo.default.clone(),
+            allowed: obo.allowed.clone(),
+            from_claim: obo.from_claim.clone(),
+        },
     })
 }

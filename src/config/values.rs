@@ -6,20 +6,27 @@ use std::time::Duration;
 /// Parses `"250ms"`, `"30s"`, `"5m"`, `"1h"`, `"2d"`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(|| {
-        format!("\"{s}\" has no unit (use ms, s, m, h or d)")
-    })?;
+    let split = s
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("\"{s}\" has no unit (use ms, s, m, h or d)"))?;
     let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("\"{s}\" does not start with a whole number"))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("\"{s}\" does not start with a whole number"))?;
     let ms = match unit {
         "ms" => Some(n),
         "s" => n.checked_mul(1000),
         "m" => n.checked_mul(60_000),
         "h" => n.checked_mul(3_600_000),
         "d" => n.checked_mul(86_400_000),
-        _ => return Err(format!("\"{s}\" has an unknown unit \"{unit}\" (use ms, s, m, h or d)")),
+        _ => {
+            return Err(format!(
+                "\"{s}\" has an unknown unit \"{unit}\" (use ms, s, m, h or d)"
+            ));
+        }
     };
-    ms.map(Duration::from_millis).ok_or_else(|| format!("\"{s}\" is too large"))
+    ms.map(Duration::from_millis)
+        .ok_or_else(|| format!("\"{s}\" is too large"))
 }
 
 /// A rate: `count` requests per `per`.
@@ -43,8 +50,14 @@ impl fmt::Display for Rate {
 
 /// Parses `"N/s"`, `"N/m"`, `"N/h"` or `"N/10s"`.
 pub fn parse_rate(s: &str) -> Result<Rate, String> {
-    let (n, per) = s.trim().split_once('/').ok_or_else(|| format!("\"{s}\" is not a rate like \"20/s\""))?;
-    let count: u32 = n.trim().parse().map_err(|_| format!("\"{s}\": the count must be a whole number"))?;
+    let (n, per) = s
+        .trim()
+        .split_once('/')
+        .ok_or_else(|| format!("\"{s}\" is not a rate like \"20/s\""))?;
+    let count: u32 = n
+        .trim()
+        .parse()
+        .map_err(|_| format!("\"{s}\": the count must be a whole number"))?;
     if count == 0 {
         return Err(format!("\"{s}\": the count must be at least 1"));
     }
@@ -109,10 +122,28 @@ mod tests {
 
     #[test]
     fn rates_in_every_form_parse() {
-        assert_eq!(parse_rate("20/s"), Ok(Rate { count: 20, per: Duration::from_secs(1) }));
-        assert_eq!(parse_rate("50/10s"), Ok(Rate { count: 50, per: Duration::from_secs(10) }));
-        assert_eq!(parse_rate("100/h").map(|r| r.per), Ok(Duration::from_secs(3600)));
-        assert_eq!(parse_rate("50/10s").map(|r| r.to_string()), Ok("50/10s".to_string()));
+        assert_eq!(
+            parse_rate("20/s"),
+            Ok(Rate {
+                count: 20,
+                per: Duration::from_secs(1)
+            })
+        );
+        assert_eq!(
+            parse_rate("50/10s"),
+            Ok(Rate {
+                count: 50,
+                per: Duration::from_secs(10)
+            })
+        );
+        assert_eq!(
+            parse_rate("100/h").map(|r| r.per),
+            Ok(Duration::from_secs(3600))
+        );
+        assert_eq!(
+            parse_rate("50/10s").map(|r| r.to_string()),
+            Ok("50/10s".to_string())
+        );
     }
 
     #[test]

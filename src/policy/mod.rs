@@ -67,9 +67,17 @@ impl Glob {
         if other.is_literal() {
             return self.matches(&other.0);
         }
-        let prefix = |g: &Glob| g.0.chars().take_while(|c| *c != '*' && *c != '?').collect::<String>();
+        let prefix = |g: &Glob| {
+            g.0.chars()
+                .take_while(|c| *c != '*' && *c != '?')
+                .collect::<String>()
+        };
         let suffix = |g: &Glob| {
-            let s: String = g.0.chars().rev().take_while(|c| *c != '*' && *c != '?').collect();
+            let s: String =
+                g.0.chars()
+                    .rev()
+                    .take_while(|c| *c != '*' && *c != '?')
+                    .collect();
             s.chars().rev().collect::<String>()
         };
         let (pa, pb) = (prefix(self), prefix(other));
@@ -86,22 +94,28 @@ pub struct MemberRule {
 
 impl MemberRule {
     pub fn matches(&self, claims: &Map<String, Value>) -> bool {
-        self.claims.iter().all(|(name, glob)| match claims.get(name) {
-            Some(Value::String(s)) => glob.matches(s),
-            Some(Value::Array(items)) => items.iter().any(|v| match v {
-                Value::String(s) => glob.matches(s),
-                Value::Number(_) | Value::Bool(_) => glob.matches(&v.to_string()),
+        self.claims
+            .iter()
+            .all(|(name, glob)| match claims.get(name) {
+                Some(Value::String(s)) => glob.matches(s),
+                Some(Value::Array(items)) => items.iter().any(|v| match v {
+                    Value::String(s) => glob.matches(s),
+                    Value::Number(_) | Value::Bool(_) => glob.matches(&v.to_string()),
+                    _ => false,
+                }),
+                Some(v @ (Value::Number(_) | Value::Bool(_))) => glob.matches(&v.to_string()),
                 _ => false,
-            }),
-            Some(v @ (Value::Number(_) | Value::Bool(_))) => glob.matches(&v.to_string()),
-            _ => false,
-        })
+            })
     }
 
     /// Whether one token could match both rules (for `check`'s overlap warning).
     pub fn may_overlap(&self, other: &MemberRule) -> bool {
         self.claims.iter().all(|(name, glob)| {
-            other.claims.iter().filter(|(n, _)| n == name).all(|(_, g)| glob.may_overlap(g))
+            other
+                .claims
+                .iter()
+                .filter(|(n, _)| n == name)
+                .all(|(_, g)| glob.may_overlap(g))
         })
     }
 }
@@ -161,7 +175,10 @@ impl Teams {
         let mut out = Vec::new();
         for (i, a) in self.teams.iter().enumerate() {
             for b in &self.teams[i + 1..] {
-                let overlap = a.members.iter().any(|ra| b.members.iter().any(|rb| ra.may_overlap(rb)));
+                let overlap = a
+                    .members
+                    .iter()
+                    .any(|ra| b.members.iter().any(|rb| ra.may_overlap(rb)));
                 if overlap {
                     out.push((a.name.as_str(), b.name.as_str()));
                 }
@@ -192,7 +209,10 @@ mod tests {
             members: rules
                 .iter()
                 .map(|r| MemberRule {
-                    claims: r.iter().map(|(k, v)| (k.to_string(), Glob::new(*v))).collect(),
+                    claims: r
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), Glob::new(*v)))
+                        .collect(),
                 })
                 .collect(),
             on_behalf_of: OboPolicy::default(),
@@ -234,8 +254,13 @@ mod tests {
 
     #[test]
     fn overlapping_teams_resolve_to_first_by_name_whatever_the_file_order() {
-        let teams = Teams::new(vec![team("zeta", &[&[("sub", "svc-*")]]), team("alpha", &[&[("sub", "svc-a*")]])]);
-        let found = teams.find(&claims(json!({"sub":"svc-abc"}))).map(|t| t.name.as_str());
+        let teams = Teams::new(vec![
+            team("zeta", &[&[("sub", "svc-*")]]),
+            team("alpha", &[&[("sub", "svc-a*")]]),
+        ]);
+        let found = teams
+            .find(&claims(json!({"sub":"svc-abc"})))
+            .map(|t| t.name.as_str());
         assert_eq!(found, Some("alpha"));
         assert_eq!(teams.overlaps(), vec![("alpha", "zeta")]);
     }

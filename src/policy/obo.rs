@@ -30,7 +30,9 @@ pub fn is_valid_email(s: &str) -> bool {
         && !local.starts_with('.')
         && !local.ends_with('.')
         && !local.contains("..")
-        && local.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+/=?^_`{|}~.-".contains(&b));
+        && local
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+/=?^_`{|}~.-".contains(&b));
     let labels: Vec<&str> = domain.split('.').collect();
     let domain_ok = labels.len() >= 2
         && labels.iter().all(|l| {
@@ -62,13 +64,17 @@ pub fn decide_on_behalf_of(
             if !is_valid_email(value) {
                 return Err("the On-Behalf-Of header is not a valid email address");
             }
-            return find_allowed(policy, value).ok_or("the team may not act on behalf of the requested user");
+            return find_allowed(policy, value)
+                .ok_or("the team may not act on behalf of the requested user");
         }
         _ => return Err("more than one On-Behalf-Of header"),
     }
     if let Some(claim) = &policy.from_claim {
         let Some(Value::String(value)) = claims.get(claim) else {
-            return policy.default.clone().ok_or("the token has no usable On-Behalf-Of claim");
+            return policy
+                .default
+                .clone()
+                .ok_or("the token has no usable On-Behalf-Of claim");
         };
         if !is_valid_email(value) {
             return Err("the token's On-Behalf-Of claim is not a valid email address");
@@ -76,9 +82,13 @@ pub fn decide_on_behalf_of(
         if policy.allowed.is_empty() {
             return Ok(value.clone());
         }
-        return find_allowed(policy, value).ok_or("the token's user is not one the team may act for");
+        return find_allowed(policy, value)
+            .ok_or("the token's user is not one the team may act for");
     }
-    policy.default.clone().ok_or("no On-Behalf-Of was given and the team has no default")
+    policy
+        .default
+        .clone()
+        .ok_or("no On-Behalf-Of was given and the team has no default")
 }
 
 /// The configured spelling of an allowed address (emails compare case-insensitively). The default
@@ -148,13 +158,19 @@ mod tests {
 
     #[test]
     fn no_header_takes_the_default() {
-        assert_eq!(decide_on_behalf_of(&policy(), &[], &no_claims()), Ok(e("integration(at)example.com")));
+        assert_eq!(
+            decide_on_behalf_of(&policy(), &[], &no_claims()),
+            Ok(e("integration(at)example.com"))
+        );
     }
 
     #[test]
     fn allowed_header_is_used_in_its_configured_spelling() {
         let h = hv("Recruiter.One(at)Example.com");
-        assert_eq!(decide_on_behalf_of(&policy(), &[&h], &no_claims()), Ok(e("recruiter.one(at)example.com")));
+        assert_eq!(
+            decide_on_behalf_of(&policy(), &[&h], &no_claims()),
+            Ok(e("recruiter.one(at)example.com"))
+        );
     }
 
     #[test]
@@ -171,32 +187,52 @@ mod tests {
 
     #[test]
     fn header_with_control_characters_is_refused() {
-        let h = HeaderValue::from_bytes(e("recruiter.one(at)example.com\tx").as_bytes()).unwrap_or(HeaderValue::from_static("x"));
+        let h = HeaderValue::from_bytes(e("recruiter.one(at)example.com\tx").as_bytes())
+            .unwrap_or(HeaderValue::from_static("x"));
         assert!(decide_on_behalf_of(&policy(), &[&h], &no_claims()).is_err());
     }
 
     #[test]
     fn from_claim_is_used_and_checked_against_allowed() {
-        let p = OboPolicy { from_claim: Some("email".into()), ..policy() };
+        let p = OboPolicy {
+            from_claim: Some("email".into()),
+            ..policy()
+        };
         let ok = json!({"email": e("recruiter.one(at)example.com")});
         let bad = json!({"email": e("someone.else(at)example.com")});
         let inj = json!({"email": e("recruiter.one(at)example.com\r\nX-Evil: 1")});
-        assert_eq!(decide_on_behalf_of(&p, &[], &obj(ok)), Ok(e("recruiter.one(at)example.com")));
+        assert_eq!(
+            decide_on_behalf_of(&p, &[], &obj(ok)),
+            Ok(e("recruiter.one(at)example.com"))
+        );
         assert!(decide_on_behalf_of(&p, &[], &obj(bad)).is_err());
         assert!(decide_on_behalf_of(&p, &[], &obj(inj)).is_err());
     }
 
     #[test]
     fn from_claim_missing_falls_back_to_default() {
-        let p = OboPolicy { from_claim: Some("email".into()), ..policy() };
-        assert_eq!(decide_on_behalf_of(&p, &[], &no_claims()), Ok(e("integration(at)example.com")));
+        let p = OboPolicy {
+            from_claim: Some("email".into()),
+            ..policy()
+        };
+        assert_eq!(
+            decide_on_behalf_of(&p, &[], &no_claims()),
+            Ok(e("integration(at)example.com"))
+        );
     }
 
     #[test]
     fn from_claim_without_allowed_list_accepts_any_valid_email() {
-        let p = OboPolicy { default: None, allowed: vec![], from_claim: Some("email".into()) };
+        let p = OboPolicy {
+            default: None,
+            allowed: vec![],
+            from_claim: Some("email".into()),
+        };
         let c = obj(json!({"email": e("anyone(at)example.com")}));
-        assert_eq!(decide_on_behalf_of(&p, &[], &c), Ok(e("anyone(at)example.com")));
+        assert_eq!(
+            decide_on_behalf_of(&p, &[], &c),
+            Ok(e("anyone(at)example.com"))
+        );
     }
 
     #[test]

@@ -73,7 +73,11 @@ pub fn upstream_headers(inbound: &HeaderMap, out: Outbound<'_>) -> Result<Header
     for name in CALLER_ONLY {
         h.remove(name);
     }
-    let forwarded: Vec<HeaderName> = h.keys().filter(|k| k.as_str().starts_with("x-forwarded-")).cloned().collect();
+    let forwarded: Vec<HeaderName> = h
+        .keys()
+        .filter(|k| k.as_str().starts_with("x-forwarded-"))
+        .cloned()
+        .collect();
     for name in forwarded {
         h.remove(name);
     }
@@ -83,7 +87,8 @@ pub fn upstream_headers(inbound: &HeaderMap, out: Outbound<'_>) -> Result<Header
     h.insert(HeaderName::from_static("on-behalf-of"), obo);
     let rid = HeaderValue::from_str(out.request_id).map_err(|_| GatewayError::Internal)?;
     h.insert(HeaderName::from_static("x-request-id"), rid);
-    let xff = HeaderValue::from_str(&out.client_ip.to_string()).map_err(|_| GatewayError::Internal)?;
+    let xff =
+        HeaderValue::from_str(&out.client_ip.to_string()).map_err(|_| GatewayError::Internal)?;
     h.insert(HeaderName::from_static("x-forwarded-for"), xff);
     Ok(h)
 }
@@ -105,7 +110,10 @@ pub fn upstream_uri(base: &Uri, path: &str, query: Option<&str>) -> Result<Uri, 
     let mut parts = http::uri::Parts::default();
     parts.scheme = base.scheme().cloned();
     parts.authority = base.authority().cloned();
-    parts.path_and_query = Some(pq.parse().map_err(|_| GatewayError::BadRequest("the request target is not valid"))?);
+    parts.path_and_query = Some(
+        pq.parse()
+            .map_err(|_| GatewayError::BadRequest("the request target is not valid"))?,
+    );
     Uri::from_parts(parts).map_err(|_| GatewayError::Internal)
 }
 
@@ -173,7 +181,15 @@ mod tests {
         names.sort();
         assert_eq!(
             names,
-            ["accept", "authorization", "host", "on-behalf-of", "user-agent", "x-forwarded-for", "x-request-id"]
+            [
+                "accept",
+                "authorization",
+                "host",
+                "on-behalf-of",
+                "user-agent",
+                "x-forwarded-for",
+                "x-request-id"
+            ]
         );
         assert_eq!(h["authorization"], "Bearer upstream");
         assert_eq!(h.get_all("on-behalf-of").iter().count(), 1);
@@ -185,8 +201,14 @@ mod tests {
 
     #[test]
     fn upstream_uri_keeps_path_and_query_and_takes_scheme_and_authority_from_base() {
-        let base: Uri = "https://api.greenhouse.io/v1/partner".parse().unwrap_or_default();
-        let u = upstream_uri(&base, "/v1/partner/candidates", Some("candidate_ids=1,2")).map(|u| u.to_string());
-        assert_eq!(u, Ok("https://api.greenhouse.io/v1/partner/candidates?candidate_ids=1,2".to_string()));
+        let base: Uri = "https://api.greenhouse.io/v1/partner"
+            .parse()
+            .unwrap_or_default();
+        let u = upstream_uri(&base, "/v1/partner/candidates", Some("candidate_ids=1,2"))
+            .map(|u| u.to_string());
+        assert_eq!(
+            u,
+            Ok("https://api.greenhouse.io/v1/partner/candidates?candidate_ids=1,2".to_string())
+        );
     }
 }

@@ -28,7 +28,10 @@ use crate::pipeline::{self, Gateway};
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("cannot bind {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("TLS: {0}")]
     Tls(String),
     #[error("upstream client: {0}")]
@@ -66,20 +69,48 @@ impl Running {
 /// they are there, requests that need them get 503 with the matching code.
 pub async fn start(config: Config) -> Result<Running, StartError> {
     let config = Arc::new(config);
-    let client = build_client(config.upstream.ca_file.as_deref(), config.upstream.connect_timeout)?;
+    let client = build_client(
+        config.upstream.ca_file.as_deref(),
+        config.upstream.connect_timeout,
+    )?;
     let metrics = Metrics::new();
     let verifier = Verifier::new(config.issuers.clone(), client.clone());
-    let credentials = UpstreamCredentials::new(&config.credentials, client.clone(), metrics.clone());
-    let gateway = Arc::new(Gateway::new(config.clone(), verifier.clone(), credentials.clone(), client, metrics));
+    let credentials =
+        UpstreamCredentials::new(&config.credentials, client.clone(), metrics.clone());
+    let gateway = Arc::new(Gateway::new(
+        config.clone(),
+        verifier.clone(),
+        credentials.clone(),
+        client,
+        metrics,
+    ));
 
     let tls = match &config.listen.tls {
         Some(t) => Some(tls::acceptor(t).map_err(StartError::Tls)?),
         None => None,
     };
-    let listener = TcpListener::bind(config.listen.addr).await.map_err(|source| StartError::Bind { addr: config.listen.addr, source })?;
-    let admin_listener = TcpListener::bind(config.admin.addr).await.map_err(|source| StartError::Bind { addr: config.admin.addr, source })?;
-    let addr = listener.local_addr().map_err(|source| StartError::Bind { addr: config.listen.addr, source })?;
-    let admin_addr = admin_listener.local_addr().map_err(|source| StartError::Bind { addr: config.admin.addr, source })?;
+    let listener = TcpListener::bind(config.listen.addr)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: config.listen.addr,
+            source,
+        })?;
+    let admin_listener = TcpListener::bind(config.admin.addr)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: config.admin.addr,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| StartError::Bind {
+        addr: config.listen.addr,
+        source,
+    })?;
+    let admin_addr = admin_listener
+        .local_addr()
+        .map_err(|source| StartError::Bind {
+            addr: config.admin.addr,
+            source,
+        })?;
 
     tokio::spawn(async move { verifier.start().await });
     tokio::spawn(async move { credentials.start().await });
@@ -87,13 +118,29 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let (stop, stop_rx) = watch::channel(false);
     let gw = gateway.clone();
     let listen = config.listen.clone();
-    let main_task = tokio::spawn(serve(listener, tls, listen.clone(), stop_rx.clone(), move |req, peer| {
-        pipeline::handle(gw.clone(), req, peer)
-    }));
+    let main_task = tokio::spawn(serve(
+        listener,
+        tls,
+        listen.clone(),
+        stop_rx.clone(),
+        move |req, peer| pipeline::handle(gw.clone(), req, peer),
+    ));
     let gw = gateway.clone();
-    let admin_task = tokio::spawn(serve(admin_listener, None, listen, stop_rx, move |req, _peer| admin::handle(gw.clone(), req)));
+    let admin_task = tokio::spawn(serve(
+        admin_listener,
+        None,
+        listen,
+        stop_rx,
+        move |req, _peer| admin::handle(gw.clone(), req),
+    ));
     tracing::info!(%addr, %admin_addr, tls = config.listen.tls.is_some(), "gateway listening");
-    Ok(Running { addr, admin_addr, gateway, stop, tasks: vec![main_task, admin_task] })
+    Ok(Running {
+        addr,
+        admin_addr,
+        gateway,
+        stop,
+        tasks: vec![main_task, admin_task],
+    })
 }
 
 /// The accept loop shared by both listeners.
@@ -147,7 +194,9 @@ async fn serve<F, Fut, B>(
         let builder = builder.clone();
         match &tls {
             None => {
-                let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+                let conn = builder
+                    .serve_connection(TokioIo::new(stream), service)
+                    .into_owned();
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {
                     let _ = conn.await;
@@ -158,17 +207,24 @@ async fn serve<F, Fut, B>(
                 let timeout = cfg.header_read_timeout;
                 let watcher = graceful.watcher();
                 tokio::spawn(async move {
-                    let Ok(Ok(tls_stream)) = tokio::time::timeout(timeout, acceptor.accept(stream)).await else {
+                    let Ok(Ok(tls_stream)) =
+                        tokio::time::timeout(timeout, acceptor.accept(stream)).await
+                    else {
                         return;
                     };
-                    let conn = builder.serve_connection(TokioIo::new(tls_stream), service).into_owned();
+                    let conn = builder
+                        .serve_connection(TokioIo::new(tls_stream), service)
+                        .into_owned();
                     let _ = watcher.watch(conn).await;
                 });
             }
         }
     }
     drop(listener);
-    if tokio::time::timeout(cfg.shutdown_grace, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(cfg.shutdown_grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!("shutdown grace period over; closing remaining connections");
     }
 }

@@ -15,7 +15,8 @@ pub fn acceptor(cfg: &Tls) -> Result<tokio_rustls::TlsAcceptor, String> {
     if certs.is_empty() {
         return Err(format!("no certificate in {}", cfg.cert.display()));
     }
-    let key = PrivateKeyDer::from_pem_file(&cfg.key).map_err(|e| format!("cannot read key {}: {e}", cfg.key.display()))?;
+    let key = PrivateKeyDer::from_pem_file(&cfg.key)
+        .map_err(|e| format!("cannot read key {}: {e}", cfg.key.display()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -24,17 +25,26 @@ pub fn acceptor(cfg: &Tls) -> Result<tokio_rustls::TlsAcceptor, String> {
         None => builder.with_no_client_auth(),
         Some(ca) => {
             let mut roots = rustls::RootCertStore::empty();
-            for cert in CertificateDer::pem_file_iter(ca).map_err(|e| format!("cannot read client CA {}: {e}", ca.display()))? {
+            for cert in CertificateDer::pem_file_iter(ca)
+                .map_err(|e| format!("cannot read client CA {}: {e}", ca.display()))?
+            {
                 let cert = cert.map_err(|e| format!("bad client CA in {}: {e}", ca.display()))?;
-                roots.add(cert).map_err(|e| format!("unusable client CA in {}: {e}", ca.display()))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("unusable client CA in {}: {e}", ca.display()))?;
             }
-            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-                .build()
-                .map_err(|e| format!("client CA: {e}"))?;
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .map_err(|e| format!("client CA: {e}"))?;
             builder.with_client_cert_verifier(verifier)
         }
     };
-    let mut config = builder.with_single_cert(certs, key).map_err(|e| format!("certificate and key do not fit: {e}"))?;
+    let mut config = builder
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("certificate and key do not fit: {e}"))?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }

@@ -10,7 +10,9 @@ use serde_json::Value;
 /// The seed spec, built into the binary as the default.
 pub const BUILTIN_SPEC: &str = include_str!("../../policies/greenhouse-partner.openapi.yml");
 
-const METHODS: [&str; 8] = ["get", "put", "post", "delete", "options", "head", "patch", "trace"];
+const METHODS: [&str; 8] = [
+    "get", "put", "post", "delete", "options", "head", "patch", "trace",
+];
 const MAX_REF_DEPTH: usize = 32;
 
 /// Where a parameter lives.
@@ -54,7 +56,9 @@ pub struct Operation {
 
 impl Operation {
     pub fn query_params(&self) -> impl Iterator<Item = &Parameter> {
-        self.parameters.iter().filter(|p| p.location == ParamIn::Query)
+        self.parameters
+            .iter()
+            .filter(|p| p.location == ParamIn::Query)
     }
 
     pub fn declares_query(&self, name: &str) -> bool {
@@ -87,7 +91,8 @@ pub struct Spec {
 impl Spec {
     /// Parses and compiles an OpenAPI 3.x document (YAML or JSON). Reports every problem found.
     pub fn from_text(text: &str) -> Result<Spec, Vec<String>> {
-        let doc: Value = serde_yaml::from_str(text).map_err(|e| vec![format!("not valid YAML or JSON: {e}")])?;
+        let doc: Value =
+            serde_yaml::from_str(text).map_err(|e| vec![format!("not valid YAML or JSON: {e}")])?;
         Spec::from_value(&doc)
     }
 
@@ -101,8 +106,16 @@ impl Spec {
             Some(v) if v.starts_with("3.") => {}
             _ => problems.push("`openapi` must be a 3.x version string".to_string()),
         }
-        let title = doc.pointer("/info/title").and_then(Value::as_str).unwrap_or("").to_string();
-        let version = doc.pointer("/info/version").and_then(Value::as_str).unwrap_or("").to_string();
+        let title = doc
+            .pointer("/info/title")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        let version = doc
+            .pointer("/info/version")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
         let Some(paths) = doc.get("paths").and_then(Value::as_object) else {
             problems.push("`paths` is missing or not a mapping".to_string());
             return Err(problems);
@@ -121,7 +134,10 @@ impl Spec {
                     continue;
                 }
             };
-            let shared = item.get("parameters").cloned().unwrap_or(Value::Array(vec![]));
+            let shared = item
+                .get("parameters")
+                .cloned()
+                .unwrap_or(Value::Array(vec![]));
             for m in METHODS {
                 let Some(op) = item.get(m) else { continue };
                 let at = format!("{at}.{m}");
@@ -134,14 +150,21 @@ impl Spec {
         let mut seen = BTreeMap::new();
         for op in &operations {
             if let Some(prev) = seen.insert(op.id.clone(), op.path.clone()) {
-                problems.push(format!("operationId {} is used twice ({} and {})", op.id, prev, op.path));
+                problems.push(format!(
+                    "operationId {} is used twice ({} and {})",
+                    op.id, prev, op.path
+                ));
             }
         }
         if operations.is_empty() {
             problems.push("the spec has no operations".to_string());
         }
         if problems.is_empty() {
-            Ok(Spec { title, version, operations })
+            Ok(Spec {
+                title,
+                version,
+                operations,
+            })
         } else {
             Err(problems)
         }
@@ -185,7 +208,13 @@ impl Spec {
     }
 }
 
-fn compile_operation(doc: &Value, path: &str, method: &str, op: &Value, shared: &Value) -> Result<Operation, Vec<String>> {
+fn compile_operation(
+    doc: &Value,
+    path: &str,
+    method: &str,
+    op: &Value,
+    shared: &Value,
+) -> Result<Operation, Vec<String>> {
     let mut problems = Vec::new();
     let id = match op.get("operationId").and_then(Value::as_str) {
         Some(id) if !id.is_empty() => id.to_string(),
@@ -194,14 +223,24 @@ fn compile_operation(doc: &Value, path: &str, method: &str, op: &Value, shared: 
             String::new()
         }
     };
-    let method_parsed = Method::from_bytes(method.to_ascii_uppercase().as_bytes()).unwrap_or(Method::GET);
+    let method_parsed =
+        Method::from_bytes(method.to_ascii_uppercase().as_bytes()).unwrap_or(Method::GET);
     let segments = path
         .trim_start_matches('/')
         .split('/')
-        .map(|s| if s.starts_with('{') && s.ends_with('}') { Segment::Param } else { Segment::Literal(s.to_string()) })
+        .map(|s| {
+            if s.starts_with('{') && s.ends_with('}') {
+                Segment::Param
+            } else {
+                Segment::Literal(s.to_string())
+            }
+        })
         .collect();
     let mut parameters: Vec<Parameter> = Vec::new();
-    let own = op.get("parameters").cloned().unwrap_or(Value::Array(vec![]));
+    let own = op
+        .get("parameters")
+        .cloned()
+        .unwrap_or(Value::Array(vec![]));
     for list in [shared, &own] {
         let Some(items) = list.as_array() else {
             problems.push("parameters must be a list".to_string());
@@ -236,7 +275,10 @@ fn compile_operation(doc: &Value, path: &str, method: &str, op: &Value, shared: 
                         }
                     }
                 }
-                Some(RequestBody { required: rb.get("required").and_then(Value::as_bool).unwrap_or(false), content })
+                Some(RequestBody {
+                    required: rb.get("required").and_then(Value::as_bool).unwrap_or(false),
+                    content,
+                })
             }
             Err(e) => {
                 problems.push(format!("requestBody: {e}"));
@@ -263,7 +305,15 @@ fn compile_operation(doc: &Value, path: &str, method: &str, op: &Value, shared: 
         }
     }
     if problems.is_empty() {
-        Ok(Operation { id, method: method_parsed, path: path.to_string(), segments, parameters, request_body, responses })
+        Ok(Operation {
+            id,
+            method: method_parsed,
+            path: path.to_string(),
+            segments,
+            parameters,
+            request_body,
+            responses,
+        })
     } else {
         Err(problems)
     }
@@ -271,7 +321,11 @@ fn compile_operation(doc: &Value, path: &str, method: &str, op: &Value, shared: 
 
 fn compile_parameter(doc: &Value, p: &Value) -> Result<Parameter, String> {
     let p = resolve(doc, p, 0)?;
-    let name = p.get("name").and_then(Value::as_str).ok_or("a parameter has no name")?.to_string();
+    let name = p
+        .get("name")
+        .and_then(Value::as_str)
+        .ok_or("a parameter has no name")?
+        .to_string();
     let location = match p.get("in").and_then(Value::as_str) {
         Some("query") => ParamIn::Query,
         Some("header") => ParamIn::Header,
@@ -286,7 +340,10 @@ fn compile_parameter(doc: &Value, p: &Value) -> Result<Parameter, String> {
     Ok(Parameter {
         name,
         location,
-        required: p.get("required").and_then(Value::as_bool).unwrap_or(location == ParamIn::Path),
+        required: p
+            .get("required")
+            .and_then(Value::as_bool)
+            .unwrap_or(location == ParamIn::Path),
         style: p.get("style").and_then(Value::as_str).map(str::to_string),
         explode: p.get("explode").and_then(Value::as_bool),
         schema,
@@ -302,7 +359,11 @@ fn resolve<'a>(doc: &'a Value, v: &'a Value, depth: usize) -> Result<&'a Value, 
             let target = r
                 .strip_prefix('#')
                 .and_then(|p| doc.pointer(p))
-                .ok_or_else(|| format!("$ref {r} does not resolve (only local '#/...' references are supported)"))?;
+                .ok_or_else(|| {
+                    format!(
+                        "$ref {r} does not resolve (only local '#/...' references are supported)"
+                    )
+                })?;
             resolve(doc, target, depth + 1)
         }
     }
@@ -325,7 +386,11 @@ fn resolve_deep(doc: &Value, v: &Value, depth: usize) -> Result<Value, String> {
             }
             Ok(Value::Object(out))
         }
-        Value::Array(a) => a.iter().map(|x| resolve_deep(doc, x, depth + 1)).collect::<Result<Vec<_>, _>>().map(Value::Array),
+        Value::Array(a) => a
+            .iter()
+            .map(|x| resolve_deep(doc, x, depth + 1))
+            .collect::<Result<Vec<_>, _>>()
+            .map(Value::Array),
         other => Ok(other.clone()),
     }
 }
@@ -362,29 +427,55 @@ mod tests {
     #[test]
     fn refs_are_resolved_in_parameters_and_bodies() {
         let spec = seed();
-        let create = spec.operation("createPartnerCandidate").map(|o| o.clone());
-        let Some(create) = create else { panic!("missing op") };
-        let body = create.request_body.as_ref().and_then(|b| b.content.get("application/json"));
-        assert_eq!(body.and_then(|s| s.pointer("/required/0")).and_then(Value::as_str), Some("external_id"));
-        assert!(create.parameters.iter().any(|p| p.name == "On-Behalf-Of" && p.location == ParamIn::Header));
+        let create = spec.operation("createPartnerCandidate").cloned();
+        let Some(create) = create else {
+            panic!("missing op")
+        };
+        let body = create
+            .request_body
+            .as_ref()
+            .and_then(|b| b.content.get("application/json"));
+        assert_eq!(
+            body.and_then(|s| s.pointer("/required/0"))
+                .and_then(Value::as_str),
+            Some("external_id")
+        );
+        assert!(
+            create
+                .parameters
+                .iter()
+                .any(|p| p.name == "On-Behalf-Of" && p.location == ParamIn::Header)
+        );
     }
 
     #[test]
     fn route_finds_operation_405_lists_allowed_and_404_for_unknown() {
         let spec = seed();
-        assert!(matches!(spec.route(&Method::POST, "/candidates"), RouteMatch::Found(o) if o.id == "createPartnerCandidate"));
+        assert!(
+            matches!(spec.route(&Method::POST, "/candidates"), RouteMatch::Found(o) if o.id == "createPartnerCandidate")
+        );
         match spec.route(&Method::DELETE, "/candidates") {
-            RouteMatch::MethodNotAllowed(allow) => assert_eq!(allow, vec![Method::GET, Method::POST]),
+            RouteMatch::MethodNotAllowed(allow) => {
+                assert_eq!(allow, vec![Method::GET, Method::POST])
+            }
             other => panic!("{other:?}"),
         }
-        assert!(matches!(spec.route(&Method::GET, "/candidates/extra"), RouteMatch::NotFound));
-        assert!(matches!(spec.route(&Method::GET, "/nope"), RouteMatch::NotFound));
+        assert!(matches!(
+            spec.route(&Method::GET, "/candidates/extra"),
+            RouteMatch::NotFound
+        ));
+        assert!(matches!(
+            spec.route(&Method::GET, "/nope"),
+            RouteMatch::NotFound
+        ));
     }
 
     #[test]
     fn query_parameters_declared_per_operation() {
         let spec = seed();
-        let Some(list) = spec.operation("listPartnerCandidates") else { panic!("missing op") };
+        let Some(list) = spec.operation("listPartnerCandidates") else {
+            panic!("missing op")
+        };
         assert!(list.declares_query("external_ids") && list.declares_query("candidate_ids"));
         assert!(!list.declares_query("page"));
     }

@@ -98,7 +98,10 @@ impl Default for Setup {
             listen_extra: String::new(),
             upstream: None,
             upstream_timeout: "5s",
-            sandbox: SandboxOptions { rate_limit: 10_000, ..SandboxOptions::default() },
+            sandbox: SandboxOptions {
+                rate_limit: 10_000,
+                ..SandboxOptions::default()
+            },
         }
     }
 }
@@ -117,14 +120,23 @@ impl Harness {
     }
 
     pub async fn start_with(setup: Setup) -> Harness {
-        let sandbox = Sandbox::start_local(setup.sandbox.clone()).await.expect("sandbox starts");
+        let sandbox = Sandbox::start_local(setup.sandbox.clone())
+            .await
+            .expect("sandbox starts");
         let dir = tempfile::tempdir().expect("temp dir");
         write_config(dir.path(), &sandbox, &setup);
         let config = greenhouse_gateway::config::load(&dir.path().join("gateway.toml"))
             .unwrap_or_else(|p| panic!("test config invalid: {p:#?}"));
         let gateway = server::start(config).await.expect("gateway starts");
-        tokio::time::timeout(Duration::from_secs(10), gateway.wait_ready()).await.expect("gateway ready");
-        Harness { sandbox, gateway, dir, client: TestClient::new() }
+        tokio::time::timeout(Duration::from_secs(10), gateway.wait_ready())
+            .await
+            .expect("gateway ready");
+        Harness {
+            sandbox,
+            gateway,
+            dir,
+            client: TestClient::new(),
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -152,14 +164,31 @@ impl Harness {
 
     /// GET through the gateway with a bearer token.
     pub async fn get(&self, path: &str, token: &str) -> Reply {
-        self.client.send(Method::GET, &self.url(path), &[("authorization", &format!("Bearer {token}"))], Bytes::new()).await
+        self.client
+            .send(
+                Method::GET,
+                &self.url(path),
+                &[("authorization", &format!("Bearer {token}"))],
+                Bytes::new(),
+            )
+            .await
     }
 
     /// POST JSON through the gateway with a bearer token.
     pub async fn post_json(&self, path: &str, token: &str, body: &Value) -> Reply {
         let auth = format!("Bearer {token}");
-        let headers = [("authorization", auth.as_str()), ("content-type", "application/json")];
-        self.client.send(Method::POST, &self.url(path), &headers, Bytes::from(body.to_string())).await
+        let headers = [
+            ("authorization", auth.as_str()),
+            ("content-type", "application/json"),
+        ];
+        self.client
+            .send(
+                Method::POST,
+                &self.url(path),
+                &headers,
+                Bytes::from(body.to_string()),
+            )
+            .await
     }
 }
 
@@ -167,7 +196,11 @@ pub fn write_config(dir: &Path, sandbox: &Sandbox, setup: &Setup) {
     let teams = dir.join("teams");
     std::fs::create_dir_all(&teams).expect("teams dir");
     for (name, text) in &setup.teams {
-        std::fs::write(teams.join(format!("{name}.toml")), text.replace("ISSUER", &sandbox.issuer())).expect("team file");
+        std::fs::write(
+            teams.join(format!("{name}.toml")),
+            text.replace("ISSUER", &sandbox.issuer()),
+        )
+        .expect("team file");
     }
     let upstream = setup.upstream.clone().unwrap_or_else(|| sandbox.base_url());
     let gateway = format!(
@@ -253,14 +286,26 @@ impl Default for TestClient {
 
 impl TestClient {
     pub fn new() -> Self {
-        TestClient { inner: Client::builder(TokioExecutor::new()).build(HttpConnector::new()) }
+        TestClient {
+            inner: Client::builder(TokioExecutor::new()).build(HttpConnector::new()),
+        }
     }
 
     pub fn http2_only() -> Self {
-        TestClient { inner: Client::builder(TokioExecutor::new()).http2_only(true).build(HttpConnector::new()) }
+        TestClient {
+            inner: Client::builder(TokioExecutor::new())
+                .http2_only(true)
+                .build(HttpConnector::new()),
+        }
     }
 
-    pub async fn send(&self, method: Method, url: &str, headers: &[(&str, &str)], body: Bytes) -> Reply {
+    pub async fn send(
+        &self,
+        method: Method,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: Bytes,
+    ) -> Reply {
         let mut req = Request::builder().method(method).uri(url);
         for (k, v) in headers {
             req = req.header(*k, *v);
@@ -276,8 +321,17 @@ impl TestClient {
 
 pub async fn collect(resp: Response<Incoming>) -> Reply {
     let (parts, body) = resp.into_parts();
-    let body = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
-    Reply { status: parts.status, headers: parts.headers, body, version: parts.version }
+    let body = body
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+        version: parts.version,
+    }
 }
 
 /// Sends raw bytes on a fresh TCP connection and returns what came back: everything until the
@@ -291,7 +345,11 @@ pub async fn raw_exchange(addr: SocketAddr, bytes: &[u8], wait: Duration) -> Str
     let mut buf = [0u8; 16 * 1024];
     loop {
         let head_done = out.windows(4).any(|w| w == b"\r\n\r\n");
-        let until = if head_done { deadline.min(tokio::time::Instant::now() + Duration::from_millis(200)) } else { deadline };
+        let until = if head_done {
+            deadline.min(tokio::time::Instant::now() + Duration::from_millis(200))
+        } else {
+            deadline
+        };
         match tokio::time::timeout_at(until, s.read(&mut buf)).await {
             Ok(Ok(n)) if n > 0 => out.extend_from_slice(&buf[..n]),
             _ => break,
@@ -319,21 +377,29 @@ pub struct Stub {
 
 impl Stub {
     pub async fn start() -> Stub {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind stub");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind stub");
         let addr = listener.local_addr().expect("addr");
         let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
         let reply = Arc::new(Mutex::new((200u16, "[]".to_string(), Duration::ZERO)));
         let (s2, r2) = (seen.clone(), reply.clone());
         let task = tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
                 let (seen, reply) = (s2.clone(), r2.clone());
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                         let (seen, reply) = (seen.clone(), reply.clone());
                         async move {
                             let (parts, body) = req.into_parts();
-                            let body = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+                            let body = body
+                                .collect()
+                                .await
+                                .map(|c| c.to_bytes())
+                                .unwrap_or_default();
                             seen.lock().expect("lock").push(Seen {
                                 method: parts.method.to_string(),
                                 uri: parts.uri.to_string(),
@@ -346,9 +412,12 @@ impl Stub {
                             }
                             let mut resp = Response::new(Full::new(Bytes::from(text)));
                             *resp.status_mut() = StatusCode::from_u16(status).expect("status");
-                            resp.headers_mut().insert("content-type", "application/json".parse().expect("hv"));
-                            resp.headers_mut().insert("connection", "x-upstream-hop".parse().expect("hv"));
-                            resp.headers_mut().insert("x-upstream-hop", "1".parse().expect("hv"));
+                            resp.headers_mut()
+                                .insert("content-type", "application/json".parse().expect("hv"));
+                            resp.headers_mut()
+                                .insert("connection", "x-upstream-hop".parse().expect("hv"));
+                            resp.headers_mut()
+                                .insert("x-upstream-hop", "1".parse().expect("hv"));
                             Ok::<_, Infallible>(resp)
                         }
                     });
@@ -358,7 +427,12 @@ impl Stub {
                 });
             }
         });
-        Stub { addr, seen, reply, task }
+        Stub {
+            addr,
+            seen,
+            reply,
+            task,
+        }
     }
 
     pub fn base_url(&self) -> String {
