@@ -64,7 +64,7 @@ pub fn load(path: &Path) -> Result<Config, Vec<Problem>> {
     };
     let text = std::fs::read_to_string(path)
         .map_err(|e| vec![problem(path, format!("cannot read: {e}"))])?;
-    let gw: GatewayFile = toml::from_str(&text).map_err(|e| vec![toml_problem(path, &e)])?;
+    let gw: GatewayFile = toml::from_str(&text).map_err(|e| vec![toml_problem(path, &text, &e)])?;
 
     let mut problems = Vec::new();
     let (spec_path, spec_text) = match &gw.spec {
@@ -115,16 +115,14 @@ pub fn load(path: &Path) -> Result<Config, Vec<Problem>> {
                     Err(e) => problems.push(problem(&p, format!("cannot read: {e}"))),
                     Ok(t) => match toml::from_str::<TeamFile>(&t) {
                         Ok(tf) => team_files.push((p, tf)),
-                        Err(e) => problems.push(toml_problem(&p, &e)),
+                        Err(e) => problems.push(toml_problem(&p, &t, &e)),
                     },
                 }
             }
         }
     }
 
-    let Some(spec) = spec else {
-        return Err(problems);
-    };
+    // A broken spec still lets every other file be checked, so one run shows every problem.
     match validate(path, &gw, spec, &team_files, &RealSecrets) {
         Ok(cfg) if problems.is_empty() => Ok(cfg),
         Ok(_) => Err(problems),
@@ -135,17 +133,78 @@ pub fn load(path: &Path) -> Result<Config, Vec<Problem>> {
     }
 }
 
-fn toml_problem(file: &Path, e: &toml::de::Error) -> Problem {
-    let msg = e.message().to_string();
-    let key = match e.span() {
-        Some(span) => format!("at byte {}", span.start),
-        None => String::new(),
+fn toml_problem(file: &Path, text: &str, e: &toml::de::Error) -> Problem {
+    let (key, line) = match e.span() {
+        Some(span) => key_at(text, span.start),
+        None => (String::new(), None),
     };
+    let mut message = redact_quoted(e.message());
+    if let Some(line) = line {
+        message.push_str(&format!(" (line {line})"));
+    }
     Problem {
         file: file.to_path_buf(),
         key,
-        message: msg,
+        message,
     }
+}
+
+/// The dotted key path and line number of a byte offset in a TOML text: the key on that line,
+/// under the last `[table]` or `[[array]]` header above it.
+fn key_at(text: &str, offset: usize) -> (String, Option<usize>) {
+    let offset = offset.min(text.len());
+    let before = text.get(..offset).unwrap_or("");
+    let line_no = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next().unwrap_or("").trim();
+    let mut table = String::new();
+    for l in before[..line_start].lines().rev() {
+        let l = l.trim();
+        if let Some(h) = l.strip_prefix("[[").and_then(|r| r.split("]]").next()) {
+            table = format!("{}[]", h.trim());
+            break;
+        }
+        if let Some(h) = l.strip_prefix('[').and_then(|r| r.split(']').next()) {
+            table = h.trim().to_string();
+            break;
+        }
+    }
+    let key = if line.starts_with('[') {
+        line.trim_matches(|c| c == '[' || c == ']')
+            .trim()
+            .to_string()
+    } else {
+        let k = line
+            .split('=')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .trim_matches('"');
+        match (table.is_empty(), k.is_empty()) {
+            (_, true) => table,
+            (true, false) => k.to_string(),
+            (false, false) => format!("{table}.{k}"),
+        }
+    };
+    (key, Some(line_no))
+}
+
+/// Parse errors may quote the offending value (`invalid type: string "..."`); a misplaced secret
+/// must not be printed, so every quoted value is replaced.
+fn redact_quoted(msg: &str) -> String {
+    let mut out = String::with_capacity(msg.len());
+    let mut parts = msg.split('"');
+    if let Some(first) = parts.next() {
+        out.push_str(first);
+    }
+    for (i, part) in parts.enumerate() {
+        if i % 2 == 0 {
+            out.push_str("\"<value>\"");
+        } else {
+            out.push_str(part);
+        }
+    }
+    out
 }
 
 /// Collects problems for one file.
@@ -282,7 +341,7 @@ fn socket_addr(r: &mut Report<'_>, key: &str, s: &str) -> Option<SocketAddr> {
 pub fn validate(
     gateway_path: &Path,
     gw: &GatewayFile,
-    spec: Spec,
+    spec: Option<Spec>,
     team_files: &[(PathBuf, TeamFile)],
     secrets: &dyn SecretSource,
 ) -> Result<Config, Vec<Problem>> {
@@ -495,7 +554,7 @@ pub fn validate(
             file: path,
             problems: r.problems,
         };
-        if let Some(t) = validate_team(&mut tr, path, tf, &spec, &gw.credentials) {
+        if let Some(t) = validate_team(&mut tr, path, tf, spec.as_ref(), &gw.credentials) {
             teams.push(t);
         }
     }
@@ -519,12 +578,11 @@ pub fn validate(
     if !problems.is_empty() {
         return Err(problems);
     }
-    let (Some(addr), Some(admin_addr), Some(base_url)) = (listen_addr, admin_addr, base_url) else {
-        return Err(vec![Problem {
-            file: gateway_path.to_path_buf(),
-            key: String::new(),
-            message: "incomplete configuration".into(),
-        }]);
+    let (Some(spec), Some(addr), Some(admin_addr), Some(base_url)) =
+        (spec, listen_addr, admin_addr, base_url)
+    else {
+        // Each missing piece has a problem recorded already (a broken spec in the caller).
+        return Err(problems);
     };
     let prefix = base_url.path().trim_end_matches('/').to_string();
     Ok(Config {
@@ -651,7 +709,7 @@ fn validate_team(
     r: &mut Report<'_>,
     path: &Path,
     tf: &TeamFile,
-    spec: &Spec,
+    spec: Option<&Spec>,
     credentials: &BTreeMap<String, CredentialFile>,
 ) -> Option<Team> {
     let before = r.problems.len();
@@ -675,6 +733,12 @@ fn validate_team(
     }
     let mut operations = BTreeSet::new();
     for (i, op) in tf.operations.iter().enumerate() {
+        // Without a usable spec the operation ids cannot be checked; the spec's own problems
+        // are reported instead.
+        let Some(spec) = spec else {
+            operations.insert(op.clone());
+            continue;
+        };
         if spec.operation(op).is_none() {
             let known: Vec<&str> = spec.operations().iter().map(|o| o.id.as_str()).collect();
             r.add(

@@ -156,7 +156,7 @@ impl Spec {
                 ));
             }
         }
-        if operations.is_empty() {
+        if operations.is_empty() && problems.is_empty() {
             problems.push("the spec has no operations".to_string());
         }
         if problems.is_empty() {

@@ -1,0 +1,676 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! `greenhouse-gateway check`: configuration validation run through the real binary (and, where
+//! the loaded model is the point, through `greenhouse_gateway::config::load`).
+//!
+//! Configs are written into temporary folders, except the many-mistakes config, which lives in
+//! `tests/fixtures/broken/` so each planted mistake can be read next to its comment.
+
+mod support;
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use greenhouse_gateway::config::{self, Credential};
+use tempfile::TempDir;
+
+/// The unset variable the broken fixture names (it must stay unset for `check`).
+const FIXTURE_UNSET_VAR: &str = "GHGW_CHECK_BROKEN_FIXTURE_UNSET_9D41";
+
+fn manifest_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// What one `check` run printed and how it exited.
+struct Run {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn all(&self) -> String {
+        format!("{}{}", self.stdout, self.stderr)
+    }
+
+    fn problem_lines(&self) -> Vec<&str> {
+        self.stdout
+            .lines()
+            .filter(|l| l.starts_with("  /"))
+            .collect()
+    }
+}
+
+fn check_with(config: &Path, prepare: impl FnOnce(&mut Command)) -> Run {
+    let mut cmd = Command::new(support::binary());
+    cmd.arg("check")
+        .arg("--config")
+        .arg(config)
+        .env_remove(FIXTURE_UNSET_VAR);
+    prepare(&mut cmd);
+    let out = cmd.output().expect("run greenhouse-gateway check");
+    Run {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn check(config: &Path) -> Run {
+    check_with(config, |_| {})
+}
+
+/// Asserts that one printed problem names `file` (a path suffix), `key` and contains `fragment`.
+fn assert_problem(run: &Run, file: &str, key: &str, fragment: &str) {
+    let head = if key.is_empty() {
+        format!("/{file}: ")
+    } else {
+        format!("/{file}: {key}: ")
+    };
+    assert!(
+        run.stdout
+            .lines()
+            .any(|l| l.contains(&head) && l.contains(fragment)),
+        "no problem for {file} {key:?} containing {fragment:?} in:\n{}",
+        run.all()
+    );
+}
+
+/// A valid gateway.toml whose upstream, token endpoint, issuer and JWKS all live at `origin`.
+fn gateway(origin: &str) -> String {
+    format!(
+        r#"[listen]
+addr = "127.0.0.1:18080"
+
+[admin]
+addr = "127.0.0.1:19090"
+
+[upstream]
+base_url = "{origin}/v1/partner"
+
+[credentials.default]
+kind = "oauth2_client_credentials"
+token_url = "{origin}/oauth/token"
+client_id = "gateway-test"
+client_secret = {{ value = "test-client-secret" }}
+
+[credentials.partner_key]
+kind = "basic"
+api_key = {{ value = "test-partner-key" }}
+
+[[issuers]]
+issuer = "{origin}"
+audiences = ["greenhouse-gateway"]
+jwks_url = "{origin}/.well-known/jwks.json"
+algorithms = ["ES256"]
+"#
+    )
+}
+
+const ORIGIN: &str = "http://127.0.0.1:18089";
+
+/// A valid team file (On-Behalf-Of comes from the caller's `email` claim).
+fn team(name: &str, operations: &[&str], sub: &str) -> String {
+    let ops: Vec<String> = operations.iter().map(|o| format!("{o:?}")).collect();
+    format!(
+        r#"name = "{name}"
+operations = [{}]
+credential = "default"
+
+[[members]]
+iss = "{ORIGIN}"
+sub = "{sub}"
+
+[on_behalf_of]
+from_claim = "email"
+"#,
+        ops.join(", ")
+    )
+}
+
+/// Writes `gateway.toml`, `teams/NAME.toml` for each team and any extra files into a new folder.
+fn scenario(gateway_toml: &str, teams: &[(&str, String)], files: &[(&str, &str)]) -> TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir(dir.path().join("teams")).expect("teams dir");
+    std::fs::write(dir.path().join("gateway.toml"), gateway_toml).expect("write gateway.toml");
+    for (name, text) in teams {
+        std::fs::write(dir.path().join("teams").join(format!("{name}.toml")), text)
+            .expect("write team");
+    }
+    for (rel, text) in files {
+        let path = dir.path().join(rel);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).expect("mkdir");
+        }
+        std::fs::write(path, text).expect("write file");
+    }
+    dir
+}
+
+fn one_team() -> Vec<(&'static str, String)> {
+    vec![(
+        "sourcing",
+        team("sourcing", &["listPartnerJobs"], "svc-sourcing-*"),
+    )]
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. The shipped configuration
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn shipped_config_passes_and_summary_lists_every_team_credential_and_operation() {
+    let policies = manifest_dir().join("policies");
+    let run = check(&policies.join("gateway.toml"));
+    assert_eq!(run.code, Some(0), "{}", run.all());
+    assert!(
+        run.stdout.starts_with("configuration OK: "),
+        "{}",
+        run.stdout
+    );
+    assert!(run.stdout.contains(", 3 team(s), "), "{}", run.stdout);
+    assert!(
+        run.stdout
+            .contains("credential default: oauth2_client_credentials"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout.contains("credential partner_key: basic"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        !run.stdout.contains("warning:"),
+        "the shipped teams must not overlap:\n{}",
+        run.stdout
+    );
+
+    // Each team's row: name, credential, ..., its operations (sorted), as its file says.
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(policies.join("teams")).expect("teams dir") {
+        let path = entry.expect("entry").path();
+        let text = std::fs::read_to_string(&path).expect("read team");
+        let file: toml::Table = toml::from_str(&text).expect("team toml");
+        let name = file["name"].as_str().expect("name").to_string();
+        let credential = file
+            .get("credential")
+            .and_then(|c| c.as_str())
+            .unwrap_or("default");
+        let mut ops: Vec<&str> = file["operations"]
+            .as_array()
+            .expect("ops")
+            .iter()
+            .filter_map(|o| o.as_str())
+            .collect();
+        ops.sort_unstable();
+        let row = run
+            .stdout
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(name.as_str()))
+            .unwrap_or_else(|| panic!("no summary row for team {name}:\n{}", run.stdout));
+        assert_eq!(row.split_whitespace().nth(1), Some(credential), "{row}");
+        assert!(
+            row.trim_end().ends_with(&ops.join(", ")),
+            "row {row:?} should end with {ops:?}"
+        );
+        names.push(name);
+    }
+    names.sort();
+    assert_eq!(names, ["agency", "reporting", "sourcing"]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Every problem at once, each with its file and key
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn broken_config_reports_every_problem_with_file_and_key_in_one_run() {
+    let run = check(&manifest_dir().join("tests/fixtures/broken/gateway.toml"));
+    assert_eq!(run.code, Some(1), "{}", run.all());
+
+    let gw = "broken/gateway.toml";
+    assert_problem(
+        &run,
+        gw,
+        "admin.token",
+        "required when admin.addr is not a loopback address",
+    );
+    assert_problem(&run, gw, "upstream.base_url", "must be https://");
+    assert_problem(&run, gw, "upstream.timeout", "\"30\" has no unit");
+    assert_problem(
+        &run,
+        gw,
+        "credentials.default.client_secret",
+        "exactly one of env, file or value",
+    );
+    assert_problem(
+        &run,
+        gw,
+        "credentials.default.client_auth",
+        "must be \"basic\" or \"post\"",
+    );
+    assert_problem(
+        &run,
+        gw,
+        "credentials.partner_key.api_key",
+        &format!("environment variable {FIXTURE_UNSET_VAR} is not set"),
+    );
+    assert_problem(
+        &run,
+        gw,
+        "issuers[0].algorithms[0]",
+        "HMAC algorithms are refused",
+    );
+    assert_problem(&run, gw, "issuers[1].algorithms[0]", "unknown algorithm");
+    assert_problem(
+        &run,
+        gw,
+        "issuers[1]",
+        "needs exactly one of jwks_url or jwks_file",
+    );
+
+    let teams = "broken/teams";
+    assert_problem(
+        &run,
+        &format!("{teams}/misnamed.toml"),
+        "name",
+        "must equal the file name (misnamed)",
+    );
+    assert_problem(
+        &run,
+        &format!("{teams}/unknown-op.toml"),
+        "operations[1]",
+        "unknown operation id \"deletePartnerEverything\"",
+    );
+    for known in [
+        "listPartnerJobs",
+        "createPartnerCandidate",
+        "listPartnerCandidates",
+        "createTrackingLink",
+    ] {
+        assert_problem(
+            &run,
+            &format!("{teams}/unknown-op.toml"),
+            "operations[1]",
+            known,
+        );
+    }
+    assert_problem(
+        &run,
+        &format!("{teams}/no-credential.toml"),
+        "credential",
+        "no [credentials.missing]",
+    );
+    assert_problem(
+        &run,
+        &format!("{teams}/no-members.toml"),
+        "members",
+        "no [[members]] table",
+    );
+    assert_problem(
+        &run,
+        &format!("{teams}/empty-member.toml"),
+        "members[0]",
+        "would match every caller",
+    );
+    assert_problem(
+        &run,
+        &format!("{teams}/star-member.toml"),
+        "members[0].sub",
+        "more specific than a bare '*'",
+    );
+    assert_problem(
+        &run,
+        &format!("{teams}/bad-email.toml"),
+        "on_behalf_of.default",
+        "not a valid email address",
+    );
+    assert_problem(
+        &run,
+        &format!("{teams}/no-obo.toml"),
+        "on_behalf_of",
+        "needs a default, allowed users or from_claim",
+    );
+    // A team file that does not parse is reported alongside every other file's problems.
+    assert_problem(
+        &run,
+        &format!("{teams}/typo.toml"),
+        "",
+        "unknown field `defualt`",
+    );
+
+    // Exactly the planted mistakes: nothing missing, nothing invented.
+    assert!(
+        run.stdout.starts_with("18 problems found:\n"),
+        "{}",
+        run.stdout
+    );
+    assert_eq!(run.problem_lines().len(), 18, "{}", run.stdout);
+}
+
+#[test]
+fn unknown_key_in_gateway_toml_is_refused_naming_file_and_key() {
+    let text = gateway(ORIGIN).replace(
+        "addr = \"127.0.0.1:18080\"",
+        "addr = \"127.0.0.1:18080\"\nadress = \"127.0.0.1:8081\"",
+    );
+    let dir = scenario(&text, &one_team(), &[]);
+    let run = check(&dir.path().join("gateway.toml"));
+    assert_eq!(run.code, Some(1), "{}", run.all());
+    assert_problem(&run, "gateway.toml", "", "unknown field `adress`");
+    assert!(
+        run.stdout.starts_with("1 problem found:\n"),
+        "{}",
+        run.stdout
+    );
+}
+
+#[test]
+
+fn unknown_key_problem_names_its_key_path() {
+    let text = gateway(ORIGIN).replace(
+        "addr = \"127.0.0.1:18080\"",
+        "addr = \"127.0.0.1:18080\"\nadress = \"127.0.0.1:8081\"",
+    );
+    let dir = scenario(&text, &one_team(), &[]);
+    let run = check(&dir.path().join("gateway.toml"));
+    assert_eq!(run.code, Some(1), "{}", run.all());
+    assert_problem(&run, "gateway.toml", "listen.adress", "unknown field");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. No network
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn check_touches_no_network_even_when_every_url_points_at_a_waiting_listener() {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let origin = format!("http://{}", listener.local_addr().expect("addr"));
+    // A second issuer on an unresolvable https host: fetching anything would fail the run.
+    let text = format!(
+        "{}\n[[issuers]]\nissuer = \"https://idp.invalid\"\naudiences = [\"gw\"]\njwks_url = \"https://idp.invalid/jwks.json\"\nalgorithms = [\"RS256\"]\n",
+        gateway(&origin)
+    );
+    let dir = scenario(&text, &one_team(), &[]);
+
+    let run = check(&dir.path().join("gateway.toml"));
+    assert_eq!(run.code, Some(0), "{}", run.all());
+    assert!(run.stdout.contains("2 issuer(s)"), "{}", run.stdout);
+    match listener.accept() {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        Ok((_, peer)) => {
+            panic!("check connected to the upstream/token/JWKS listener (from {peer})")
+        }
+        Err(e) => panic!("accept: {e}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. A custom spec
+// ---------------------------------------------------------------------------------------------
+
+const TINY_SPEC: &str = r##"openapi: 3.0.3
+info: {title: Tiny Widgets, version: "0.1"}
+paths:
+  /widgets:
+    get:
+      operationId: listWidgets
+      responses:
+        "200":
+          description: ok
+          content:
+            application/json:
+              schema: {$ref: '#/components/schemas/Widgets'}
+components:
+  schemas:
+    Widgets: {type: array, items: {type: string}}
+"##;
+
+fn with_spec(spec_file: &str) -> String {
+    format!("spec = \"specs/{spec_file}\"\n{}", gateway(ORIGIN))
+}
+
+#[test]
+fn custom_spec_is_used_instead_of_the_seed_spec() {
+    let teams = [("widgets", team("widgets", &["listWidgets"], "svc-widgets"))];
+    let dir = scenario(
+        &with_spec("tiny.yml"),
+        &teams,
+        &[("specs/tiny.yml", TINY_SPEC)],
+    );
+    let run = check(&dir.path().join("gateway.toml"));
+    assert_eq!(run.code, Some(0), "{}", run.all());
+    assert!(
+        run.stdout
+            .contains("(1 operations from \"Tiny Widgets\" 0.1)"),
+        "{}",
+        run.stdout
+    );
+    let row = run
+        .stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("widgets "))
+        .expect("widgets row");
+    assert!(row.trim_end().ends_with("listWidgets"), "{row}");
+}
+
+#[test]
+fn custom_spec_refuses_a_team_naming_an_operation_only_in_the_seed_spec() {
+    let teams = [(
+        "widgets",
+        team(
+            "widgets",
+            &["listWidgets", "listPartnerJobs"],
+            "svc-widgets",
+        ),
+    )];
+    let dir = scenario(
+        &with_spec("tiny.yml"),
+        &teams,
+        &[("specs/tiny.yml", TINY_SPEC)],
+    );
+    let run = check(&dir.path().join("gateway.toml"));
+    assert_eq!(run.code, Some(1), "{}", run.all());
+    assert_problem(
+        &run,
+        "teams/widgets.toml",
+        "operations[1]",
+        "unknown operation id \"listPartnerJobs\" (the spec has: listWidgets)",
+    );
+    assert_eq!(run.problem_lines().len(), 1, "{}", run.stdout);
+}
+
+#[test]
+fn spec_with_dangling_ref_is_a_problem_naming_the_spec_file() {
+    let broken = TINY_SPEC.replace("schemas/Widgets'", "schemas/Nope'");
+    let teams = [("widgets", team("widgets", &["listWidgets"], "svc-widgets"))];
+    let dir = scenario(
+        &with_spec("dangling.yml"),
+        &teams,
+        &[("specs/dangling.yml", &broken)],
+    );
+    let run = check(&dir.path().join("gateway.toml"));
+    assert_eq!(run.code, Some(1), "{}", run.all());
+    assert_problem(
+        &run,
+        "specs/dangling.yml",
+        "",
+        "$ref #/components/schemas/Nope does not resolve",
+    );
+}
+
+#[test]
+fn missing_spec_file_is_a_problem_on_the_spec_key() {
+    let dir = scenario(&with_spec("absent.yml"), &one_team(), &[]);
+    let run = check(&dir.path().join("gateway.toml"));
+    assert_eq!(run.code, Some(1), "{}", run.all());
+    assert_problem(&run, "gateway.toml", "spec", "absent.yml");
+}
+
+#[test]
+
+fn broken_spec_still_reports_the_other_files_problems() {
+    let broken = TINY_SPEC.replace("schemas/Widgets'", "schemas/Nope'");
+    let text = with_spec("dangling.yml").replace("[upstream]\n", "[upstream]\ntimeout = \"30\"\n");
+    let teams = [("widgets", team("widgets", &["listWidgets"], "*"))];
+    let dir = scenario(&text, &teams, &[("specs/dangling.yml", &broken)]);
+    let run = check(&dir.path().join("gateway.toml"));
+    assert_eq!(run.code, Some(1), "{}", run.all());
+    assert_problem(&run, "specs/dangling.yml", "", "does not resolve");
+    assert_problem(&run, "gateway.toml", "upstream.timeout", "has no unit");
+    assert_problem(&run, "teams/widgets.toml", "members[0].sub", "bare '*'");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Overlapping teams
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn overlapping_teams_pass_with_a_warning_naming_both_and_the_alphabetical_winner() {
+    let teams = [
+        ("zeta", team("zeta", &["listPartnerJobs"], "svc-*")),
+        ("alpha", team("alpha", &["listPartnerJobs"], "svc-a*")),
+        (
+            "reporting",
+            team("reporting", &["listPartnerJobs"], "job-reporting"),
+        ),
+    ];
+    let dir = scenario(&gateway(ORIGIN), &teams, &[]);
+    let run = check(&dir.path().join("gateway.toml"));
+    assert_eq!(run.code, Some(0), "{}", run.all());
+    let warnings: Vec<&str> = run
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("warning:"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{}", run.stdout);
+    assert!(warnings[0].contains("alpha, zeta"), "{}", warnings[0]);
+    assert!(warnings[0].contains("alpha wins"), "{}", warnings[0]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. Secrets
+// ---------------------------------------------------------------------------------------------
+
+const CANARY: &str = "CANARY-5f0c2e-secret";
+
+#[test]
+fn secret_file_is_read_relative_to_the_config_folder_and_never_printed() {
+    let text = gateway(ORIGIN).replace(
+        "{ value = \"test-client-secret\" }",
+        "{ file = \"secrets/client-secret.txt\" }",
+    );
+    let secret = format!("{CANARY}-file\n");
+    let dir = scenario(
+        &text,
+        &one_team(),
+        &[("secrets/client-secret.txt", &secret)],
+    );
+    let config_path = dir.path().join("gateway.toml");
+
+    let cfg = config::load(&config_path).unwrap_or_else(|p| panic!("{p:?}"));
+    match cfg.credentials.get("default") {
+        Some(Credential::OAuth2(o)) => {
+            assert_eq!(o.client_secret.expose(), format!("{CANARY}-file"))
+        }
+        other => panic!("unexpected credential {other:?}"),
+    }
+
+    // Run from an unrelated working directory: the path resolves against the config's folder.
+    let elsewhere = tempfile::tempdir().expect("tempdir");
+    let run = check_with(&config_path, |c| {
+        c.current_dir(elsewhere.path());
+    });
+    assert_eq!(run.code, Some(0), "{}", run.all());
+    assert!(
+        !run.all().contains(CANARY),
+        "secret printed:\n{}",
+        run.all()
+    );
+}
+
+#[test]
+fn missing_secret_file_is_a_problem_naming_the_key() {
+    let text = gateway(ORIGIN).replace(
+        "{ value = \"test-partner-key\" }",
+        "{ file = \"secrets/absent.txt\" }",
+    );
+    let dir = scenario(&text, &one_team(), &[]);
+    let run = check(&dir.path().join("gateway.toml"));
+    assert_eq!(run.code, Some(1), "{}", run.all());
+    assert_problem(
+        &run,
+        "gateway.toml",
+        "credentials.partner_key.api_key",
+        "cannot read secret file secrets/absent.txt",
+    );
+}
+
+#[test]
+fn secret_values_never_appear_in_check_output_even_beside_errors() {
+    let env_var = "GHGW_CHECK_TEST_CANARY_SECRET_41B7";
+    let bad_env_var = "GHGW_CHECK_TEST_CANARY_CONTROL_41B7";
+    let text = gateway(ORIGIN)
+        .replace(
+            "addr = \"127.0.0.1:19090\"",
+            &format!("addr = \"0.0.0.0:19090\"\ntoken = {{ env = \"{bad_env_var}\" }}"),
+        )
+        .replace(
+            "{ value = \"test-client-secret\" }",
+            "{ file = \"client-secret.txt\" }",
+        )
+        .replace(
+            "{ value = \"test-partner-key\" }",
+            &format!("{{ env = \"{env_var}\" }}"),
+        )
+        .replace("[upstream]\n", "[upstream]\ntimeout = \"soon\"\n")
+        + &format!(
+            "\n[credentials.dev]\nkind = \"basic\"\napi_key = {{ value = \"{CANARY}-value\\u0007\" }}\n\
+             \n[credentials.both]\nkind = \"basic\"\napi_key = {{ env = \"{env_var}\", value = \"{CANARY}-both\" }}\n"
+        );
+    let file_secret = format!("{CANARY}-file\n");
+    let dir = scenario(&text, &one_team(), &[("client-secret.txt", &file_secret)]);
+    let run = check_with(&dir.path().join("gateway.toml"), |c| {
+        c.env(env_var, format!("{CANARY}-env"))
+            .env(bad_env_var, format!("{CANARY}-admin\nmore"));
+    });
+    assert_eq!(run.code, Some(1), "{}", run.all());
+    assert_problem(&run, "gateway.toml", "upstream.timeout", "soon");
+    assert_problem(&run, "gateway.toml", "admin.token", "control characters");
+    assert_problem(
+        &run,
+        "gateway.toml",
+        "credentials.dev.api_key",
+        "control characters",
+    );
+    assert_problem(
+        &run,
+        "gateway.toml",
+        "credentials.both.api_key",
+        "exactly one of env, file or value",
+    );
+    assert!(
+        !run.all().contains(CANARY),
+        "secret printed:\n{}",
+        run.all()
+    );
+}
+
+#[test]
+fn secret_written_as_a_bare_string_is_refused_without_echoing_it() {
+    let text = gateway(ORIGIN).replace(
+        "{ value = \"test-client-secret\" }",
+        &format!("\"{CANARY}-bare\""),
+    );
+    let dir = scenario(&text, &one_team(), &[]);
+    let run = check(&dir.path().join("gateway.toml"));
+    assert_eq!(run.code, Some(1), "{}", run.all());
+    assert_problem(&run, "gateway.toml", "", "");
+    assert!(
+        !run.all().contains(CANARY),
+        "secret printed:\n{}",
+        run.all()
+    );
+}
