@@ -275,9 +275,7 @@ async fn authenticate(
             ));
         }
     };
-    let token = bearer_token(value).ok_or(GatewayError::InvalidToken(
-        "the Authorization header must be `Bearer <token>`",
-    ))?;
+    let token = bearer_token(value)?;
     gw.verifier.verify(token).await.map_err(|e| match e {
         AuthError::JwksUnavailable => GatewayError::JwksUnavailable,
         AuthError::Invalid(reason) => {
@@ -288,15 +286,22 @@ async fn authenticate(
     })
 }
 
-/// `Bearer <token>`, the scheme matched case-insensitively (RFC 6750 section 2.1).
-fn bearer_token(v: &HeaderValue) -> Option<&str> {
-    let s = v.to_str().ok()?;
-    let (scheme, rest) = s.split_once(' ')?;
+/// `Bearer <token>`, the scheme matched case-insensitively (RFC 6750 section 2.1). Another
+/// scheme, or none, means the request carries no bearer token at all: RFC 6750 section 3.1 asks
+/// for the bare challenge then, without an error code. A Bearer header with a malformed token is
+/// an invalid token.
+fn bearer_token(v: &HeaderValue) -> Result<&str, GatewayError> {
+    let malformed = GatewayError::InvalidToken("the Authorization header must be `Bearer <token>`");
+    let s = v.to_str().map_err(|_| malformed.clone())?;
+    let (scheme, rest) = s.split_once(' ').unwrap_or((s, ""));
     if !scheme.eq_ignore_ascii_case("bearer") {
-        return None;
+        return Err(GatewayError::MissingToken);
     }
     let token = rest.trim_matches(' ');
-    (!token.is_empty() && !token.contains(' ')).then_some(token)
+    if token.is_empty() || token.contains(' ') {
+        return Err(malformed);
+    }
+    Ok(token)
 }
 
 fn reason_text(r: crate::auth::jwt::RejectReason) -> &'static str {
@@ -383,17 +388,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn bearer_scheme_is_case_insensitive_and_needs_a_token() {
+    fn bearer_scheme_is_case_insensitive_and_other_schemes_carry_no_token() {
         for (v, want) in [
-            ("Bearer abc", Some("abc")),
-            ("bearer abc", Some("abc")),
-            ("BEARER abc", Some("abc")),
-            ("Basic abc", None),
-            ("Bearer", None),
-            ("Bearer ", None),
-            ("Bearer a b", None),
+            ("Bearer abc", Ok("abc")),
+            ("bearer abc", Ok("abc")),
+            ("BEARER abc", Ok("abc")),
+            ("Basic abc", Err("missing_token")),
+            ("abc", Err("missing_token")),
+            ("Bearer:abc", Err("missing_token")),
+            ("Bearer", Err("invalid_token")),
+            ("Bearer ", Err("invalid_token")),
+            ("Bearer a b", Err("invalid_token")),
         ] {
-            assert_eq!(bearer_token(&HeaderValue::from_static(v)), want, "{v}");
+            let hv = HeaderValue::from_static(v);
+            let got = bearer_token(&hv).map_err(|e| e.code());
+            assert_eq!(got, want, "{v}");
         }
     }
 

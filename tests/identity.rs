@@ -187,34 +187,50 @@ fn raw_body(out: &str) -> &str {
 // ---------------------------------------------------------------------------------------------
 // 1. Hostile tokens
 
-/// The hostile corpus: (case name, token). `jku` is a URL nobody may ever fetch.
-fn hostile_tokens(h: &Harness, jku: &str) -> Vec<(String, String)> {
+/// One hostile token: its name, the `RejectReason` the verifier should give, and the token.
+struct Hostile {
+    name: String,
+    reason: &'static str,
+    token: String,
+}
+
+/// The hostile corpus. `jku` is a URL nobody may ever fetch.
+fn hostile_tokens(h: &Harness, jku: &str) -> Vec<Hostile> {
     let real = h.sourcing_token();
     let sandbox_kid = h.sandbox.current_kid();
     let claims = good_claims(h, "svc-sourcing-bot");
     let seg = segments(&real);
-    let mut cases: Vec<(String, String)> = Vec::new();
-    let mut add = |name: &str, token: String| cases.push((name.to_string(), token));
+    let mut cases: Vec<Hostile> = Vec::new();
+    let mut add = |name: &str, reason: &'static str, token: String| {
+        cases.push(Hostile {
+            name: name.to_string(),
+            reason,
+            token,
+        })
+    };
 
     // alg none, every spelling, empty signature (and once with the real signature kept).
     for spelling in ["none", "None", "NONE", "nOnE"] {
         let header = json!({"alg": spelling, "typ": "JWT"});
         add(
             &format!("alg {spelling} with empty signature"),
+            "malformed",
             format!("{}.{}.", b64_json(&header), seg[1]),
         );
         let with_kid = json!({"alg": spelling, "typ": "JWT", "kid": sandbox_kid});
         add(
             &format!("alg {spelling} with kid and empty signature"),
+            "malformed",
             format!("{}.{}.", b64_json(&with_kid), seg[1]),
         );
+        add(
+            &format!("alg {spelling} keeping the real signature"),
+            "algorithm",
+            edit_header(&real, |hd| {
+                hd.insert("alg".into(), json!(spelling));
+            }),
+        );
     }
-    add(
-        "alg none keeping the real signature",
-        edit_header(&real, |hd| {
-            hd.insert("alg".into(), json!("none"));
-        }),
-    );
 
     // HS256/HS512 keyed with the issuer's own public key, in several encodings.
     let jwks = h.sandbox.jwks();
@@ -246,18 +262,21 @@ fn hostile_tokens(h: &Harness, jku: &str) -> Vec<(String, String)> {
     for (what, secret) in &secrets {
         for alg in [Algorithm::HS256, Algorithm::HS512] {
             let header = json!({"alg": format!("{alg:?}"), "typ": "JWT", "kid": sandbox_kid});
+            let token = sign_raw(&header, &claims, &EncodingKey::from_secret(secret), alg);
             add(
                 &format!("{alg:?} keyed with the issuer public key as {what}"),
-                sign_raw(&header, &claims, &EncodingKey::from_secret(secret), alg),
+                "algorithm",
+                token,
             );
         }
     }
-    // Algorithms outside the issuer's list (ES256 only), and a case variant of the right one.
+    // Algorithms outside the issuer's list (ES256 only), and near-miss spellings of the right one.
     for alg in [
-        "RS256", "ES384", "EdDSA", "PS256", "es256", "ES256 ", "ES 256",
+        "RS256", "ES384", "EdDSA", "PS256", "HS384", "es256", "ES256 ", "ES 256", "",
     ] {
         add(
             &format!("alg {alg:?} on a real token"),
+            "algorithm",
             edit_header(&real, |hd| {
                 hd.insert("alg".into(), json!(alg));
             }),
@@ -265,18 +284,20 @@ fn hostile_tokens(h: &Harness, jku: &str) -> Vec<(String, String)> {
     }
     add(
         "alg missing",
+        "algorithm",
         edit_header(&real, |hd| {
             hd.remove("alg");
         }),
     );
     add(
         "alg not a string",
+        "algorithm",
         edit_header(&real, |hd| {
             hd.insert("alg".into(), json!(["ES256"]));
         }),
     );
 
-    // Keys carried or pointed at by the token itself.
+    // Keys carried by, or pointed at from, the token itself.
     let attacker = own_key("attacker-key-1");
     let own_header = |extra: Value| {
         let mut hd = json!({"alg": "ES256", "typ": "JWT", "kid": "attacker-key-1"});
@@ -285,64 +306,49 @@ fn hostile_tokens(h: &Harness, jku: &str) -> Vec<(String, String)> {
         }
         hd
     };
+    let own = |extra: Value| sign_raw(&own_header(extra), &claims, &attacker.enc, Algorithm::ES256);
     add(
         "embedded jwk with its own kid",
-        sign_raw(
-            &own_header(json!({"jwk": attacker.jwk})),
-            &claims,
-            &attacker.enc,
-            Algorithm::ES256,
-        ),
+        "embedded_key",
+        own(json!({"jwk": attacker.jwk})),
     );
     add(
         "embedded jwk under the issuer's kid",
-        sign_raw(
-            &own_header(json!({"jwk": attacker.jwk, "kid": sandbox_kid})),
-            &claims,
-            &attacker.enc,
-            Algorithm::ES256,
-        ),
+        "embedded_key",
+        own(json!({"jwk": attacker.jwk, "kid": sandbox_kid})),
     );
     add(
         "embedded x5c",
-        sign_raw(
-            &own_header(json!({"x5c": [STANDARD.encode(&spki)]})),
-            &claims,
-            &attacker.enc,
-            Algorithm::ES256,
-        ),
+        "embedded_key",
+        own(json!({"x5c": [STANDARD.encode(&spki)]})),
     );
     add(
         "jku to a local listener",
-        sign_raw(
-            &own_header(json!({"jku": jku})),
-            &claims,
-            &attacker.enc,
-            Algorithm::ES256,
-        ),
+        "embedded_key",
+        own(json!({"jku": jku})),
     );
     add(
         "jku to a local listener under the issuer's kid",
-        sign_raw(
-            &own_header(json!({"jku": jku, "kid": sandbox_kid})),
-            &claims,
-            &attacker.enc,
-            Algorithm::ES256,
-        ),
+        "embedded_key",
+        own(json!({"jku": jku, "kid": sandbox_kid})),
     );
     add(
         "x5u to a local listener",
-        sign_raw(
-            &own_header(json!({"x5u": jku})),
-            &claims,
-            &attacker.enc,
-            Algorithm::ES256,
-        ),
+        "embedded_key",
+        own(json!({"x5u": jku})),
     );
     add(
         "jku added to a real token",
+        "embedded_key",
         edit_header(&real, |hd| {
             hd.insert("jku".into(), json!(jku));
+        }),
+    );
+    add(
+        "null jwk member",
+        "embedded_key",
+        edit_header(&real, |hd| {
+            hd.insert("jwk".into(), Value::Null);
         }),
     );
 
@@ -351,38 +357,36 @@ fn hostile_tokens(h: &Harness, jku: &str) -> Vec<(String, String)> {
     sig[7] ^= 0x01;
     add(
         "flipped signature byte",
+        "signature",
         format!("{}.{}.{}", seg[0], seg[1], b64(&sig)),
     );
     let mut sig = URL_SAFE_NO_PAD.decode(&seg[2]).unwrap();
     sig.truncate(63);
     add(
         "signature one byte short",
+        "signature",
         format!("{}.{}.{}", seg[0], seg[1], b64(&sig)),
     );
     add(
         "signature of another token",
+        "signature",
         format!("{}.{}.{}", seg[0], seg[1], segments(&h.sourcing_token())[2]),
     );
     add(
-        "issuer's kid, foreign key",
-        sign_raw(
-            &own_header(json!({"kid": sandbox_kid})),
-            &claims,
-            &attacker.enc,
-            Algorithm::ES256,
-        ),
+        "changed payload under the real signature",
+        "signature",
+        edit_payload(&real, |p| {
+            p.insert("sub".into(), json!("svc-sourcing-admin"));
+        }),
     );
     add(
-        "unknown kid",
-        sign_raw(
-            &own_header(json!({"kid": format!("no-such-kid-{}", random_hex())})),
-            &claims,
-            &attacker.enc,
-            Algorithm::ES256,
-        ),
+        "issuer's kid, foreign key",
+        "signature",
+        own(json!({"kid": sandbox_kid})),
     );
     add(
         "no kid, foreign key",
+        "signature",
         sign_raw(
             &json!({"alg": "ES256", "typ": "JWT"}),
             &claims,
@@ -391,13 +395,14 @@ fn hostile_tokens(h: &Harness, jku: &str) -> Vec<(String, String)> {
         ),
     );
     add(
+        "unknown kid",
+        "unknown_key",
+        own(json!({"kid": format!("no-such-kid-{}", random_hex())})),
+    );
+    add(
         "path-like kid",
-        sign_raw(
-            &own_header(json!({"kid": "../../../etc/passwd"})),
-            &claims,
-            &attacker.enc,
-            Algorithm::ES256,
-        ),
+        "unknown_key",
+        own(json!({"kid": "../../../etc/passwd"})),
     );
     for (name, kid) in [
         (
@@ -405,24 +410,17 @@ fn hostile_tokens(h: &Harness, jku: &str) -> Vec<(String, String)> {
             json!(format!("K{}", "q".repeat(299))),
         ),
         ("kid with a control character", json!("kid\u{1}ctl-7a1")),
-        ("kid with a newline", json!("kid\r\nX-Evil: 1")),
+        ("kid with CRLF", json!("kid\r\nX-Evil: 1")),
         ("kid with DEL", json!("kid\u{7f}del-7a1")),
         ("kid with non-ASCII", json!("k\u{e9}y-\u{1F511}")),
         ("kid empty", json!("")),
         ("kid a number", json!(42)),
         ("kid an object", json!({"kid": "x"})),
     ] {
-        add(
-            name,
-            sign_raw(
-                &own_header(json!({"kid": kid})),
-                &claims,
-                &attacker.enc,
-                Algorithm::ES256,
-            ),
-        );
+        add(name, "malformed", own(json!({"kid": kid})));
         add(
             &format!("{name} on a real token"),
+            "malformed",
             edit_header(&real, |hd| {
                 hd.insert("kid".into(), kid.clone());
             }),
@@ -430,63 +428,100 @@ fn hostile_tokens(h: &Harness, jku: &str) -> Vec<(String, String)> {
     }
     add(
         "unknown crit",
+        "crit",
         edit_header(&real, |hd| {
             hd.insert("crit".into(), json!(["x-gateway-ext"]));
             hd.insert("x-gateway-ext".into(), json!(true));
         }),
     );
     add(
-        "crit b64",
-        sign_raw(
-            &own_header(json!({"crit": ["b64"], "b64": false})),
-            &claims,
-            &attacker.enc,
-            Algorithm::ES256,
-        ),
+        "empty crit",
+        "crit",
+        edit_header(&real, |hd| {
+            hd.insert("crit".into(), json!([]));
+        }),
     );
-    add("duplicate alg member", {
+    add(
+        "crit b64",
+        "crit",
+        own(json!({"crit": ["b64"], "b64": false})),
+    );
+    add("duplicate alg member", "malformed", {
         let header = format!(r#"{{"alg":"ES256","kid":"{sandbox_kid}","alg":"none"}}"#);
         format!("{}.{}.{}", b64(header.as_bytes()), seg[1], seg[2])
     });
+    add("duplicate exp member", "malformed", {
+        let p = String::from_utf8(URL_SAFE_NO_PAD.decode(&seg[1]).unwrap()).unwrap();
+        let p = format!("{},\"exp\":99999999999}}", p.trim_end_matches('}'));
+        format!("{}.{}.{}", seg[0], b64(p.as_bytes()), seg[2])
+    });
 
-    // Claims, with the issuer's real signature where the sandbox can mint them.
+    // Claims, with the issuer's real signature wherever the sandbox can mint them.
     let t = now();
     let mint = |extra: Value| h.token("svc-sourcing-bot", extra);
     add(
+        "expired",
         "expired",
         mint(json!({"exp": t - 120, "iat": t - 900, "nbf": t - 900})),
     );
     add(
         "expired just past the leeway",
+        "expired",
         mint(json!({"exp": t - 30, "iat": t - 900, "nbf": t - 900})),
     );
-    add("nbf in the future", mint(json!({"nbf": t + 600})));
-    add("iat in the future", mint(json!({"iat": t + 600})));
-    add("exp not a number", mint(json!({"exp": "tomorrow"})));
-    add("exp null", mint(json!({"exp": null})));
-    add("wrong issuer", mint(json!({"iss": "https://evil.example"})));
+    add(
+        "nbf in the future",
+        "not_yet_valid",
+        mint(json!({"nbf": t + 600})),
+    );
+    add(
+        "iat in the future",
+        "issued_in_future",
+        mint(json!({"iat": t + 600})),
+    );
+    add(
+        "exp not a number",
+        "malformed",
+        mint(json!({"exp": "tomorrow"})),
+    );
+    add("exp null", "malformed", mint(json!({"exp": null})));
+    add("exp negative", "malformed", mint(json!({"exp": -1})));
+    add(
+        "wrong issuer",
+        "unknown_issuer",
+        mint(json!({"iss": "https://evil.example"})),
+    );
     add(
         "issuer with a trailing slash",
+        "unknown_issuer",
         mint(json!({"iss": format!("{}/", h.sandbox.issuer())})),
     );
-    add("issuer not a string", mint(json!({"iss": 7})));
-    add("wrong audience", mint(json!({"aud": "another-service"})));
+    add("issuer not a string", "malformed", mint(json!({"iss": 7})));
+    add(
+        "wrong audience",
+        "audience",
+        mint(json!({"aud": "another-service"})),
+    );
     add(
         "audience list without us",
+        "audience",
         mint(json!({"aud": ["another-service", "third"]})),
     );
     add(
         "audience in other case",
+        "audience",
         mint(json!({"aud": "Greenhouse-Gateway"})),
     );
-    add("audience empty list", mint(json!({"aud": []})));
+    add("audience empty list", "audience", mint(json!({"aud": []})));
     add(
         "sub not a string",
+        "malformed",
         mint(json!({"sub": ["svc-sourcing-bot"]})),
     );
     for claim in ["exp", "iss", "aud"] {
         add(
             &format!("missing {claim}"),
+            "missing_claim",
             edit_payload(&real, |p| {
                 p.remove(claim);
             }),
@@ -494,46 +529,76 @@ fn hostile_tokens(h: &Harness, jku: &str) -> Vec<(String, String)> {
     }
     add(
         "oversized (over 8 KiB)",
+        "too_large",
         mint(json!({"pad": "x".repeat(9 * 1024)})),
     );
 
     // Shape.
-    add("two segments", format!("{}.{}", seg[0], seg[1]));
-    add("four segments", format!("{real}.{}", seg[2]));
+    add(
+        "two segments",
+        "malformed",
+        format!("{}.{}", seg[0], seg[1]),
+    );
+    add("four segments", "malformed", format!("{real}.{}", seg[2]));
     add(
         "five segments (JWE shape)",
+        "malformed",
         format!("{}.{}.{}.{}.{}", seg[0], seg[1], seg[2], seg[2], seg[2]),
     );
-    add("empty header segment", format!(".{}.{}", seg[1], seg[2]));
-    add("empty payload segment", format!("{}..{}", seg[0], seg[2]));
-    add("non-base64 header", format!("eyJ!!!.{}.{}", seg[1], seg[2]));
     add(
-        "standard base64 with padding",
+        "empty header segment",
+        "malformed",
+        format!(".{}.{}", seg[1], seg[2]),
+    );
+    add(
+        "empty payload segment",
+        "malformed",
+        format!("{}..{}", seg[0], seg[2]),
+    );
+    add(
+        "non-base64 header",
+        "malformed",
+        format!("eyJ!!!.{}.{}", seg[1], seg[2]),
+    );
+    add(
+        "base64 padding",
+        "malformed",
         format!("{}.{}.{}==", seg[0], seg[1], seg[2]),
     );
     add(
         "standard base64 alphabet",
-        format!(
-            "{}.{}.{}",
-            seg[0],
-            seg[1],
-            seg[2].replace('-', "+").replace('_', "/") + "+/"
-        ),
+        "malformed",
+        format!("{}.{}.{}+/", seg[0], seg[1], seg[2]),
     );
     add(
         "header not JSON",
+        "malformed",
         format!("{}.{}.{}", b64(b"not json"), seg[1], seg[2]),
     );
     add(
         "header a JSON array",
+        "malformed",
         format!("{}.{}.{}", b64(b"[\"ES256\"]"), seg[1], seg[2]),
     );
     add(
         "payload not JSON",
+        "malformed",
         format!("{}.{}.{}", seg[0], b64(b"\x00\x01garbage"), seg[2]),
     );
-    add("dots only", "..".to_string());
+    add("dots only", "malformed", "..".to_string());
     cases
+}
+
+/// Counts of `gateway_jwt_rejections_total` by reason.
+fn rejections(h: &Harness) -> std::collections::BTreeMap<String, u64> {
+    let text = h.gateway.gateway.metrics.render();
+    text.lines()
+        .filter_map(|l| l.strip_prefix("gateway_jwt_rejections_total{reason=\""))
+        .filter_map(|l| {
+            let (reason, rest) = l.split_once("\"}")?;
+            Some((reason.to_string(), rest.trim().parse().ok()?))
+        })
+        .collect()
 }
 
 #[tokio::test]
@@ -554,11 +619,16 @@ async fn hostile_token_corpus_is_401_invalid_token_without_echo_fetch_or_upstrea
 
     let cases = hostile_tokens(&h, &jku);
     assert!(
-        cases.len() > 80,
+        cases.len() > 90,
         "corpus unexpectedly small: {}",
         cases.len()
     );
-    for (name, token) in &cases {
+    for Hostile {
+        name,
+        reason,
+        token,
+    } in &cases
+    {
         let mut secrets = vec![token.clone()];
         if let Some(sig) = token.split('.').nth(2).filter(|s| s.len() >= 16) {
             secrets.push(sig.to_string());
@@ -566,8 +636,16 @@ async fn hostile_token_corpus_is_401_invalid_token_without_echo_fetch_or_upstrea
         if let Some(kid) = kid_of(token) {
             secrets.push(kid);
         }
+        let before = rejections(&h);
         let r = h.get("/v1/partner/jobs", token).await;
         assert_invalid_token(name, &r, &secrets);
+        let after = rejections(&h);
+        let grew: Vec<&String> = after
+            .iter()
+            .filter(|(k, v)| before.get(*k) != Some(*v))
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(grew, [reason], "{name}: rejected for the wrong reason");
         assert_upstream_untouched(&h, name);
     }
     // Nothing ever followed jku / x5u.
@@ -585,7 +663,7 @@ async fn hostile_token_on_an_unknown_path_is_still_401_not_404() {
         hd.insert("alg".into(), json!("none"));
     });
     let r = h.get("/v1/partner/no-such-route", &token).await;
-    assert_invalid_token("unknown path", &r, &[token.clone()]);
+    assert_invalid_token("unknown path", &r, std::slice::from_ref(&token));
     let r = h
         .client
         .send(Method::GET, &h.url("/somewhere/else"), &[], Bytes::new())
@@ -679,10 +757,28 @@ async fn authorization_header_forms_bearer_any_case_accepted_others_refused() {
         ),
         ("token without scheme", vec![("authorization", t.clone())]),
     ];
+    // Another scheme, or none, carries no bearer token: the bare challenge (RFC 6750 section 3.1).
+    let no_bearer = [
+        "Basic scheme carrying the JWT",
+        "Basic scheme with user:password",
+        "Token scheme",
+        "Bearer glued to the token",
+        "token without scheme",
+    ];
     for (name, headers) in refused {
         let hs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let r = send_with(&h, Method::GET, "/v1/partner/jobs", &hs).await;
-        assert_invalid_token(name, &r, &[t.clone(), t2.clone()]);
+        if no_bearer.contains(&name) {
+            assert_refused(name, &r, StatusCode::UNAUTHORIZED, "missing_token");
+            let www = www_authenticate(&r);
+            assert!(
+                www.starts_with("Bearer") && !www.contains("error="),
+                "{name}: {www:?}"
+            );
+            assert!(!r.text().contains(t.as_str()), "{name}: token echoed");
+        } else {
+            assert_invalid_token(name, &r, &[t.clone(), t2.clone()]);
+        }
     }
     assert_upstream_untouched(&h, "refused Authorization forms");
 }
@@ -739,6 +835,7 @@ async fn rotated_key_is_fetched_once_and_old_key_works_until_withdrawn() {
     tokio::time::sleep(PAST_COOLDOWN).await;
     h.sandbox.rotate_signing_key(false);
     let third = h.sourcing_token();
+    let refetched_at = std::time::Instant::now();
     let r = h.get("/v1/partner/jobs", &third).await;
     assert_eq!(r.status, StatusCode::OK, "third-kid token: {}", r.text());
     assert_eq!(
@@ -770,11 +867,15 @@ async fn rotated_key_is_fetched_once_and_old_key_works_until_withdrawn() {
         forwarded,
         "refused tokens reached the upstream"
     );
-    assert_eq!(
-        h.sandbox.jwks_requests(),
-        before + 2,
-        "withdrawn kids inside the cooldown cause no fetch"
-    );
+    // Inside the cooldown the withdrawn kids cause no fetch (checked only when the machine was
+    // quick enough for both requests to land inside it).
+    if refetched_at.elapsed() < Duration::from_millis(900) {
+        assert_eq!(
+            h.sandbox.jwks_requests(),
+            before + 2,
+            "withdrawn kids inside the cooldown cause no fetch"
+        );
+    }
 }
 
 #[tokio::test]
@@ -837,7 +938,11 @@ async fn jwks_outage_with_cached_keys_keeps_valid_tokens_working_and_unknown_kid
         Algorithm::ES256,
     );
     let r = h.get("/v1/partner/jobs", &token).await;
-    assert_invalid_token("unknown kid during outage", &r, &[token.clone()]);
+    assert_invalid_token(
+        "unknown kid during outage",
+        &r,
+        std::slice::from_ref(&token),
+    );
     assert_eq!(
         h.sandbox.jwks_requests(),
         before + 1,
@@ -900,10 +1005,18 @@ async fn issuer_that_never_had_keys_gives_503_jwks_unavailable_and_readyz_names_
         hd.insert("alg".into(), json!("HS256"));
     });
     let r = h.get("/v1/partner/jobs", &bad).await;
-    assert_invalid_token("HS256 while keys are missing", &r, &[bad.clone()]);
+    assert_invalid_token(
+        "HS256 while keys are missing",
+        &r,
+        std::slice::from_ref(&bad),
+    );
     let expired = h.token("svc-sourcing-bot", json!({"exp": now() - 120}));
     let r = h.get("/v1/partner/jobs", &expired).await;
-    assert_invalid_token("expired while keys are missing", &r, &[expired.clone()]);
+    assert_invalid_token(
+        "expired while keys are missing",
+        &r,
+        std::slice::from_ref(&expired),
+    );
 
     let admin = TestClient::new();
     let ready = admin
@@ -1141,6 +1254,18 @@ async fn on_behalf_of_default_injected_and_allowed_header_forwarded_in_configure
             "{given}: configured spelling forwarded"
         );
     }
+    // A claim the team does not configure as `from_claim` changes nothing.
+    let with_claim = h.token(
+        "svc-sourcing-bot",
+        json!({"act_as": email("recruiter.one(at)example.com")}),
+    );
+    let r = h.get("/v1/partner/jobs", &with_claim).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(
+        last_obo(&h),
+        email("sourcing.bot(at)example.com"),
+        "sourcing has no from_claim"
+    );
     // Naming the default explicitly is allowed too.
     let v = email("Sourcing.Bot(at)example.com");
     let r = send_with(
@@ -1152,7 +1277,7 @@ async fn on_behalf_of_default_injected_and_allowed_header_forwarded_in_configure
     .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     assert_eq!(last_obo(&h), email("sourcing.bot(at)example.com"));
-    assert_eq!(h.sandbox.received().len(), 5);
+    assert_eq!(h.sandbox.received().len(), 6);
 }
 
 #[tokio::test]
@@ -1426,7 +1551,7 @@ async fn inbound_jwt_never_reaches_the_upstream_in_any_header_or_body() {
     let body = json!({"external_id": "ext-leak-1", "first_name": "Ada", "last_name": "Example"});
 
     let one = email("recruiter.one(at)example.com");
-    let replies = vec![
+    let replies = [
         h.get("/v1/partner/jobs", &sourcing).await,
         h.post_json("/v1/partner/candidates", &sourcing, &body)
             .await,

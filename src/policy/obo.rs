@@ -70,11 +70,15 @@ pub fn decide_on_behalf_of(
         _ => return Err("more than one On-Behalf-Of header"),
     }
     if let Some(claim) = &policy.from_claim {
-        let Some(Value::String(value)) = claims.get(claim) else {
-            return policy
-                .default
-                .clone()
-                .ok_or("the token has no usable On-Behalf-Of claim");
+        let value = match claims.get(claim) {
+            None | Some(Value::Null) => {
+                return policy
+                    .default
+                    .clone()
+                    .ok_or("the token has no On-Behalf-Of claim and the team has no default");
+            }
+            Some(Value::String(v)) => v,
+            Some(_) => return Err("the token's On-Behalf-Of claim is not a single email address"),
         };
         if !is_valid_email(value) {
             return Err("the token's On-Behalf-Of claim is not a valid email address");
@@ -219,6 +223,16 @@ mod tests {
             decide_on_behalf_of(&p, &[], &no_claims()),
             Ok(e("integration(at)example.com"))
         );
+    }
+
+    #[test]
+    fn from_claim_that_is_not_a_string_is_refused_not_defaulted() {
+        let p = OboPolicy {
+            from_claim: Some("email".into()),
+            ..policy()
+        };
+        let c = obj(json!({"email": [e("recruiter.one(at)example.com")]}));
+        assert!(decide_on_behalf_of(&p, &[], &c).is_err());
     }
 
     #[test]
