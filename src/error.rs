@@ -35,8 +35,6 @@ pub enum GatewayError {
     /// Undeclared query parameters; the names come from the request but are reduced to a safe
     /// alphabet and length before they are ever shown.
     UndeclaredQuery(Vec<String>),
-    UriTooLong,
-    HeadersTooLarge,
     InvalidJson(&'static str),
     MissingToken,
     InvalidToken(&'static str),
@@ -60,7 +58,6 @@ pub enum GatewayError {
         retry_after_secs: u64,
     },
     JwksUnavailable,
-    NotReady(&'static str),
     Internal,
 }
 
@@ -69,8 +66,6 @@ impl GatewayError {
         use GatewayError::*;
         match self {
             BadRequest(_) | UndeclaredQuery(_) | InvalidJson(_) => StatusCode::BAD_REQUEST,
-            UriTooLong => StatusCode::URI_TOO_LONG,
-            HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             MissingToken | InvalidToken(_) => StatusCode::UNAUTHORIZED,
             UnknownTeam | OperationNotAllowed | OnBehalfOfNotAllowed(_) => StatusCode::FORBIDDEN,
             RouteNotFound => StatusCode::NOT_FOUND,
@@ -80,10 +75,9 @@ impl GatewayError {
             ValidationFailed(_) => StatusCode::UNPROCESSABLE_ENTITY,
             UpstreamError | UpstreamRejectedCredentials => StatusCode::BAD_GATEWAY,
             UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
-            UpstreamCredentialsUnavailable
-            | UpstreamRateLimited { .. }
-            | JwksUnavailable
-            | NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
+            UpstreamCredentialsUnavailable | UpstreamRateLimited { .. } | JwksUnavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -92,7 +86,7 @@ impl GatewayError {
     pub fn code(&self) -> &'static str {
         use GatewayError::*;
         match self {
-            BadRequest(_) | UndeclaredQuery(_) | UriTooLong | HeadersTooLarge => "bad_request",
+            BadRequest(_) | UndeclaredQuery(_) => "bad_request",
             InvalidJson(_) => "invalid_json",
             MissingToken => "missing_token",
             InvalidToken(_) => "invalid_token",
@@ -110,7 +104,6 @@ impl GatewayError {
             UpstreamRejectedCredentials => "upstream_rejected_credentials",
             UpstreamRateLimited { .. } => "upstream_rate_limited",
             JwksUnavailable => "jwks_unavailable",
-            NotReady(_) => "internal_error",
             Internal => "internal_error",
         }
     }
@@ -122,13 +115,9 @@ impl GatewayError {
             | UpstreamTimeout
             | UpstreamRejectedCredentials
             | UpstreamRateLimited { .. } => Fault::Upstream,
-            UpstreamCredentialsUnavailable | JwksUnavailable | NotReady(_) | Internal => {
-                Fault::Gateway
-            }
+            UpstreamCredentialsUnavailable | JwksUnavailable | Internal => Fault::Gateway,
             BadRequest(_)
             | UndeclaredQuery(_)
-            | UriTooLong
-            | HeadersTooLarge
             | InvalidJson(_)
             | MissingToken
             | InvalidToken(_)
@@ -147,8 +136,6 @@ impl GatewayError {
         use GatewayError::*;
         match self {
             BadRequest(_) | UndeclaredQuery(_) => "Bad request",
-            UriTooLong => "Request target too long",
-            HeadersTooLarge => "Request headers too large",
             InvalidJson(_) => "Request body is not valid JSON",
             MissingToken => "A bearer token is required",
             InvalidToken(_) => "The bearer token is not valid",
@@ -166,7 +153,6 @@ impl GatewayError {
             UpstreamRejectedCredentials => "Greenhouse rejected the gateway's credential",
             UpstreamRateLimited { .. } => "Greenhouse's shared rate limit is exhausted",
             JwksUnavailable => "The identity provider's keys are unavailable",
-            NotReady(_) => "The gateway is not ready",
             Internal => "Internal error",
         }
     }
@@ -174,11 +160,9 @@ impl GatewayError {
     fn detail(&self) -> Option<String> {
         use GatewayError::*;
         match self {
-            BadRequest(d)
-            | InvalidJson(d)
-            | InvalidToken(d)
-            | OnBehalfOfNotAllowed(d)
-            | NotReady(d) => Some((*d).to_string()),
+            BadRequest(d) | InvalidJson(d) | InvalidToken(d) | OnBehalfOfNotAllowed(d) => {
+                Some((*d).to_string())
+            }
             UndeclaredQuery(names) => {
                 Some(format!("undeclared query parameters: {}", names.join(", ")))
             }
