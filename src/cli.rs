@@ -323,13 +323,18 @@ async fn dev(cfg: Config) -> i32 {
             crate::admin::not_ready(&running.gateway)
         );
     }
+    let scheme = if running.gateway.config.listen.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     let base = format!(
-        "http://{}{}",
+        "{scheme}://{}{}",
         running.addr, running.gateway.config.upstream.prefix
     );
     println!("greenhouse-gateway dev playground");
     println!(
-        "  gateway  http://{}   (admin http://{}/metrics)",
+        "  gateway  {scheme}://{}   (admin http://{}/metrics)",
         running.addr, running.admin_addr
     );
     println!(
