@@ -184,6 +184,10 @@ impl GatewayError {
                 Some(format!("retry after {retry_after_secs} s"))
             }
             UnsupportedMediaType => Some("the body must be application/json in UTF-8".into()),
+            UpstreamRejectedCredentials => Some(
+                "Greenhouse answered 401 to a freshly obtained credential; it also does so when it does not know the On-Behalf-Of user"
+                    .into(),
+            ),
             _ => None,
         }
     }

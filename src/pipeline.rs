@@ -14,12 +14,12 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
-use http::{Request, Response, Version};
+use http::{Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 
 use crate::auth::jwt::{AuthError, VerifiedToken, Verifier};
-use crate::auth::upstream::UpstreamCredentials;
+use crate::auth::upstream::{UpstreamCredentials, ceil_secs, retry_after};
 use crate::config::Config;
 use crate::error::GatewayError;
 use crate::http_client::HttpClient;
@@ -155,31 +155,39 @@ async fn decide_and_forward(
     let (parts, body) = req.into_parts();
     let body = read_body(body, cfg.limits.max_body_bytes).await?;
 
-    // 6. Forward with the team's credential.
-    let authorization = gw.credentials.authorization(&team.credential).await?;
-    let headers = proxy::upstream_headers(
-        &parts.headers,
-        Outbound {
-            upstream_host: &gw.upstream_host,
-            authorization,
-            on_behalf_of: &on_behalf_of,
-            request_id,
-            client_ip: peer.ip(),
-        },
-    )?;
-    let uri = proxy::upstream_uri(&cfg.upstream.base_url, parts.uri.path(), parts.uri.query())?;
-    let sent = Instant::now();
-    let upstream = proxy::send(
-        &gw.client,
-        parts.method,
-        uri,
-        headers,
+    // 6. Forward with the team's credential; one replay with a fresh token after a 401.
+    let upstream = Upstream {
+        gw,
+        parts: &parts,
         body,
-        cfg.upstream.timeout,
-    )
-    .await;
-    gw.metrics.upstream(&op.id, sent.elapsed().as_secs_f64());
-    let (mut head, body) = upstream?.into_parts();
+        on_behalf_of: &on_behalf_of,
+        request_id,
+        peer,
+    };
+    let authorization = gw.credentials.authorization(&team.credential).await?;
+    let mut resp = upstream.send(&op.id, authorization.clone()).await?;
+    if resp.status() == StatusCode::UNAUTHORIZED {
+        drop(resp);
+        let fresh = gw
+            .credentials
+            .after_unauthorized(&team.credential, &authorization)
+            .await?;
+        resp = upstream.send(&op.id, fresh).await?;
+        if resp.status() == StatusCode::UNAUTHORIZED {
+            tracing::error!(request_id, credential = %team.credential, "Greenhouse refused a fresh token (or the On-Behalf-Of user)");
+            return Err(GatewayError::UpstreamRejectedCredentials);
+        }
+    }
+    if resp.status() == StatusCode::TOO_MANY_REQUESTS {
+        // The budget is shared by every team: not this caller's fault, and nobody should call
+        // Greenhouse with this credential until it says so.
+        let wait = retry_after(resp.headers(), std::time::SystemTime::now());
+        gw.credentials.pause(&team.credential, wait);
+        return Err(GatewayError::UpstreamRateLimited {
+            retry_after_secs: ceil_secs(wait),
+        });
+    }
+    let (mut head, body) = resp.into_parts();
     proxy::downstream_headers(&mut head.headers);
     head.version = Version::HTTP_11;
     Ok(Response::from_parts(
@@ -187,6 +195,55 @@ async fn decide_and_forward(
         body.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
             .boxed(),
     ))
+}
+
+/// One request's upstream call, repeatable with another credential.
+struct Upstream<'a> {
+    gw: &'a Gateway,
+    parts: &'a http::request::Parts,
+    body: Bytes,
+    on_behalf_of: &'a str,
+    request_id: &'a str,
+    peer: SocketAddr,
+}
+
+impl Upstream<'_> {
+    async fn send(
+        &self,
+        operation: &str,
+        authorization: HeaderValue,
+    ) -> Result<Response<Incoming>, GatewayError> {
+        let cfg = &self.gw.config;
+        let headers = proxy::upstream_headers(
+            &self.parts.headers,
+            Outbound {
+                upstream_host: &self.gw.upstream_host,
+                authorization,
+                on_behalf_of: self.on_behalf_of,
+                request_id: self.request_id,
+                client_ip: self.peer.ip(),
+            },
+        )?;
+        let uri = proxy::upstream_uri(
+            &cfg.upstream.base_url,
+            self.parts.uri.path(),
+            self.parts.uri.query(),
+        )?;
+        let sent = Instant::now();
+        let result = proxy::send(
+            &self.gw.client,
+            self.parts.method.clone(),
+            uri,
+            headers,
+            self.body.clone(),
+            cfg.upstream.timeout,
+        )
+        .await;
+        self.gw
+            .metrics
+            .upstream(operation, sent.elapsed().as_secs_f64());
+        result
+    }
 }
 
 /// A caller's `X-Request-Id` is kept when it is 1 to 128 characters of `A-Z a-z 0-9 . _ -`.

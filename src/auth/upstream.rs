@@ -1,39 +1,58 @@
 //! Upstream credentials: the partner API key (HTTP Basic, key as user name, empty password) and
 //! OAuth2 client-credentials tokens (RFC 6749 section 4.4), cached per credential.
 //!
-//! The token cache: callers read the cached token without waiting; a token inside its
-//! `refresh_before` window is refreshed in the background while it keeps being used; a missing or
-//! expired token is fetched by exactly one request while the others wait for that same fetch
-//! (single flight, bounded by the credential's timeout). An expired token is never returned.
+//! The token cache, per credential:
+//! - callers read the cached token without waiting; a background refresher renews it
+//!   `refresh_before` its expiry (with jitter), so callers do not wait in steady state;
+//! - a missing or expired token is fetched by exactly one request while the others wait for that
+//!   same fetch (single flight, bounded by the credential's timeout); an expired token is never
+//!   returned;
+//! - a failed fetch (error status, timeout, garbage, an empty 200) backs off exponentially with
+//!   jitter; meanwhile a still-valid token keeps being used, and without one callers get 503
+//!   `upstream_credentials_unavailable` at once instead of piling onto the token endpoint;
+//! - after an upstream 401 the token that was rejected is evicted and one fresh token is fetched,
+//!   shared by every request that saw the same rejection;
+//! - after an upstream 429 the credential is paused until `Retry-After`, and callers get 503
+//!   `upstream_rate_limited` without calling the upstream.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use http::{HeaderValue, Method, Request, header};
+use http::{HeaderMap, HeaderValue, Method, Request, header};
+use rand::Rng;
 use serde_json::Value;
 
 use crate::config::{ClientAuth, Credential, OAuth2Credential};
 use crate::error::GatewayError;
-use crate::http_client::{HttpClient, error_chain, fetch, full_body};
+use crate::http_client::{FetchError, HttpClient, error_chain, fetch, full_body};
 use crate::metrics::Metrics;
 
 /// Lifetime assumed when the token endpoint states none, or an absurd one.
 const DEFAULT_LIFETIME: Duration = Duration::from_secs(300);
 const MAX_LIFETIME: Duration = Duration::from_secs(86_400);
 const MAX_TOKEN_RESPONSE: usize = 64 * 1024;
+const MIN_BACKOFF: Duration = Duration::from_millis(500);
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// Pause after an upstream 429 that names no time.
+const DEFAULT_PAUSE: Duration = Duration::from_secs(10);
+const MAX_PAUSE: Duration = Duration::from_secs(3600);
 
 /// All configured credentials, by name.
 #[derive(Clone)]
 pub struct UpstreamCredentials {
-    sources: Arc<BTreeMap<String, Source>>,
+    sources: Arc<BTreeMap<String, Arc<Source>>>,
 }
 
-#[derive(Clone)]
-enum Source {
+struct Source {
+    kind: Kind,
+    /// Set after an upstream 429: no call with this credential until then.
+    paused_until: Mutex<Option<Instant>>,
+}
+
+enum Kind {
     Basic(HeaderValue),
     OAuth2(Arc<TokenSource>),
 }
@@ -43,10 +62,17 @@ struct TokenSource {
     cfg: OAuth2Credential,
     client: HttpClient,
     metrics: Metrics,
-    current: Mutex<Option<Token>>,
+    state: Mutex<TokenState>,
+    /// Held while a token request is in flight: the single flight.
     fetch_lock: tokio::sync::Mutex<()>,
-    refreshing: AtomicBool,
-    last_error: Mutex<Option<String>>,
+}
+
+#[derive(Default)]
+struct TokenState {
+    token: Option<Token>,
+    failures: u32,
+    next_attempt: Option<Instant>,
+    last_error: Option<String>,
 }
 
 #[derive(Clone)]
@@ -65,26 +91,30 @@ impl UpstreamCredentials {
         let sources = credentials
             .iter()
             .map(|(name, c)| {
-                let src = match c {
+                let kind = match c {
                     Credential::Basic { api_key } => {
                         let encoded = STANDARD.encode(format!("{}:", api_key.expose()));
                         let mut v = HeaderValue::from_str(&format!("Basic {encoded}"))
                             .unwrap_or_else(|_| HeaderValue::from_static("Basic"));
                         v.set_sensitive(true);
-                        Source::Basic(v)
+                        Kind::Basic(v)
                     }
-                    Credential::OAuth2(cfg) => Source::OAuth2(Arc::new(TokenSource {
+                    Credential::OAuth2(cfg) => Kind::OAuth2(Arc::new(TokenSource {
                         name: name.clone(),
                         cfg: cfg.clone(),
                         client: client.clone(),
                         metrics: metrics.clone(),
-                        current: Mutex::new(None),
+                        state: Mutex::new(TokenState::default()),
                         fetch_lock: tokio::sync::Mutex::new(()),
-                        refreshing: AtomicBool::new(false),
-                        last_error: Mutex::new(None),
                     })),
                 };
-                (name.clone(), src)
+                (
+                    name.clone(),
+                    Arc::new(Source {
+                        kind,
+                        paused_until: Mutex::new(None),
+                    }),
+                )
             })
             .collect();
         UpstreamCredentials {
@@ -92,26 +122,32 @@ impl UpstreamCredentials {
         }
     }
 
-    /// Fetches every OAuth2 token once, so the first callers do not wait.
+    /// Fetches every OAuth2 token once and starts the background refreshers.
     pub async fn start(&self) {
-        let warmups = self.sources.values().filter_map(|s| match s {
-            Source::OAuth2(t) => Some(t.clone()),
-            Source::Basic(_) => None,
-        });
-        futures_util::future::join_all(warmups.map(|t| async move { t.get().await.ok() })).await;
+        let tokens: Vec<Arc<TokenSource>> = self
+            .sources
+            .values()
+            .filter_map(|s| match &s.kind {
+                Kind::OAuth2(t) => Some(t.clone()),
+                Kind::Basic(_) => None,
+            })
+            .collect();
+        futures_util::future::join_all(tokens.iter().map(|t| async move { t.get().await.ok() }))
+            .await;
+        for t in tokens {
+            tokio::spawn(t.refresher());
+        }
     }
 
     /// Readiness findings: credentials that cannot currently produce a valid token.
     pub fn not_ready(&self) -> Vec<String> {
         self.sources
             .values()
-            .filter_map(|s| match s {
-                Source::OAuth2(t) if t.valid_token().is_none() => {
+            .filter_map(|s| match &s.kind {
+                Kind::OAuth2(t) if t.valid_token().is_none() => {
                     let why = t
-                        .last_error
-                        .lock()
-                        .ok()
-                        .and_then(|e| e.clone())
+                        .with_state(|st| st.last_error.clone())
+                        .flatten()
                         .unwrap_or_else(|| "no token yet".into());
                     Some(format!("credential {}: {why}", t.name))
                 }
@@ -120,14 +156,101 @@ impl UpstreamCredentials {
             .collect()
     }
 
-    /// The `Authorization` value to send upstream for this credential.
+    fn source(&self, name: &str) -> Result<&Arc<Source>, GatewayError> {
+        self.sources.get(name).ok_or(GatewayError::Internal)
+    }
+
+    /// The `Authorization` value to send upstream for this credential; 503 while the credential
+    /// is paused after an upstream 429 or has no valid token.
     pub async fn authorization(&self, name: &str) -> Result<HeaderValue, GatewayError> {
-        match self.sources.get(name) {
-            Some(Source::Basic(v)) => Ok(v.clone()),
-            Some(Source::OAuth2(t)) => t.get().await,
-            None => Err(GatewayError::Internal),
+        let src = self.source(name)?;
+        if let Some(left) = src.paused_for() {
+            return Err(GatewayError::UpstreamRateLimited {
+                retry_after_secs: ceil_secs(left),
+            });
+        }
+        match &src.kind {
+            Kind::Basic(v) => Ok(v.clone()),
+            Kind::OAuth2(t) => t.get().await,
         }
     }
+
+    /// After the upstream answered 401 to `rejected`: evicts that token and returns a fresh one
+    /// (one fetch shared by every request that saw the same rejection). A partner key cannot be
+    /// renewed, so it is `upstream_rejected_credentials` at once.
+    pub async fn after_unauthorized(
+        &self,
+        name: &str,
+        rejected: &HeaderValue,
+    ) -> Result<HeaderValue, GatewayError> {
+        match &self.source(name)?.kind {
+            Kind::Basic(_) => Err(GatewayError::UpstreamRejectedCredentials),
+            Kind::OAuth2(t) => t.replace(rejected).await,
+        }
+    }
+
+    /// After an upstream 429: no call with this credential for `retry_after`.
+    pub fn pause(&self, name: &str, retry_after: Duration) {
+        if let Ok(src) = self.source(name)
+            && let Ok(mut p) = src.paused_until.lock()
+        {
+            let until = Instant::now() + retry_after.min(MAX_PAUSE);
+            if p.is_none_or(|cur| cur < until) {
+                *p = Some(until);
+            }
+            tracing::warn!(
+                credential = name,
+                retry_after_s = retry_after.as_secs(),
+                "Greenhouse rate-limited the credential; pausing it"
+            );
+        }
+    }
+}
+
+impl Source {
+    fn paused_for(&self) -> Option<Duration> {
+        let until = (*self.paused_until.lock().ok()?)?;
+        until
+            .checked_duration_since(Instant::now())
+            .filter(|d| !d.is_zero())
+    }
+}
+
+/// Reads an upstream 429's wait: `Retry-After` as seconds, an epoch time (a value above 10^9, as
+/// Greenhouse documented for a while) or an HTTP date; else `X-RateLimit-Reset` (epoch); else a
+/// default.
+pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Duration {
+    let epoch_now = now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+    let from_epoch = |e: u64| Duration::from_secs(e.saturating_sub(epoch_now));
+    if let Some(v) = headers
+        .get(header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+    {
+        if let Ok(n) = v.parse::<u64>() {
+            return if n > 1_000_000_000 {
+                from_epoch(n)
+            } else {
+                Duration::from_secs(n)
+            };
+        }
+        if let Ok(at) = httpdate::parse_http_date(v) {
+            return at.duration_since(now).unwrap_or_default();
+        }
+    }
+    if let Some(n) = headers
+        .get("x-ratelimit-reset")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+    {
+        return from_epoch(n);
+    }
+    DEFAULT_PAUSE
+}
+
+/// Whole seconds, rounded up, at least 1 (for `Retry-After`).
+pub fn ceil_secs(d: Duration) -> u64 {
+    (d.as_secs() + u64::from(d.subsec_nanos() > 0)).max(1)
 }
 
 fn now() -> SystemTime {
@@ -135,76 +258,165 @@ fn now() -> SystemTime {
 }
 
 impl TokenSource {
-    fn valid_token(&self) -> Option<Token> {
-        let cur = self.current.lock().ok()?.clone()?;
-        (cur.expires_at > now()).then_some(cur)
+    fn with_state<R>(&self, f: impl FnOnce(&mut TokenState) -> R) -> Option<R> {
+        self.state.lock().ok().map(|mut st| f(&mut st))
     }
 
-    async fn get(self: &Arc<Self>) -> Result<HeaderValue, GatewayError> {
+    fn valid_token(&self) -> Option<Token> {
+        self.with_state(|st| st.token.clone())
+            .flatten()
+            .filter(|t| t.expires_at > now())
+    }
+
+    fn backing_off(&self) -> bool {
+        self.with_state(|st| st.next_attempt)
+            .flatten()
+            .is_some_and(|at| at > Instant::now())
+    }
+
+    async fn get(&self) -> Result<HeaderValue, GatewayError> {
         if let Some(tok) = self.valid_token() {
-            if tok.refresh_at <= now() && !self.refreshing.swap(true, Ordering::AcqRel) {
-                let me = self.clone();
-                tokio::spawn(async move {
-                    let _guard = me.fetch_lock.lock().await;
-                    if me.valid_token().is_none_or(|t| t.refresh_at <= now()) {
-                        let _ = me.fetch().await;
-                    }
-                    me.refreshing.store(false, Ordering::Release);
-                });
-            }
             return Ok(tok.header);
         }
-        let _guard = self.fetch_lock.lock().await;
+        if self.backing_off() {
+            return Err(GatewayError::UpstreamCredentialsUnavailable);
+        }
+        // Waiters never wait longer than one token request.
+        let wait = self.cfg.timeout + Duration::from_secs(1);
+        let Ok(_guard) = tokio::time::timeout(wait, self.fetch_lock.lock()).await else {
+            return Err(GatewayError::UpstreamCredentialsUnavailable);
+        };
         if let Some(tok) = self.valid_token() {
             return Ok(tok.header);
+        }
+        if self.backing_off() {
+            return Err(GatewayError::UpstreamCredentialsUnavailable);
         }
         self.fetch().await.map(|t| t.header)
+    }
+
+    async fn replace(&self, rejected: &HeaderValue) -> Result<HeaderValue, GatewayError> {
+        let wait = self.cfg.timeout + Duration::from_secs(1);
+        let Ok(_guard) = tokio::time::timeout(wait, self.fetch_lock.lock()).await else {
+            return Err(GatewayError::UpstreamCredentialsUnavailable);
+        };
+        // Someone who saw the same 401 may have replaced the token already.
+        if let Some(tok) = self.valid_token()
+            && tok.header != rejected
+        {
+            return Ok(tok.header);
+        }
+        self.with_state(|st| {
+            if st.token.as_ref().is_some_and(|t| t.header == rejected) {
+                st.token = None;
+            }
+        });
+        tracing::info!(credential = %self.name, "upstream rejected the token; fetching a new one");
+        self.fetch().await.map(|t| t.header)
+    }
+
+    /// Renews the token ahead of expiry, and retries after failures, without any caller waiting.
+    async fn refresher(self: Arc<Self>) {
+        loop {
+            let wait = self
+                .with_state(|st| {
+                    let by_backoff = st
+                        .next_attempt
+                        .map(|at| at.saturating_duration_since(Instant::now()));
+                    let by_refresh = st
+                        .token
+                        .as_ref()
+                        .map(|t| t.refresh_at.duration_since(now()).unwrap_or_default());
+                    match (by_backoff, by_refresh) {
+                        (Some(b), Some(r)) => b.max(r),
+                        (Some(b), None) => b,
+                        (None, Some(r)) => r,
+                        (None, None) => Duration::ZERO,
+                    }
+                })
+                .unwrap_or(MAX_BACKOFF);
+            tokio::time::sleep(wait.max(Duration::from_millis(50))).await;
+            let _guard = self.fetch_lock.lock().await;
+            let due = self
+                .with_state(|st| st.token.as_ref().is_none_or(|t| t.refresh_at <= now()))
+                .unwrap_or(false);
+            if due && !self.backing_off() {
+                let _ = self.fetch().await;
+            }
+        }
     }
 
     async fn fetch(&self) -> Result<Token, GatewayError> {
         let result = self.request_token().await;
         let label = match &result {
             Ok(_) => "success",
-            Err(_) => "error",
+            Err(TokenError::Timeout) => "timeout",
+            Err(TokenError::Rejected(_)) => "rejected",
+            Err(TokenError::Invalid(_)) => "invalid_response",
+            Err(TokenError::Failed(_)) => "error",
         };
         self.metrics.token_fetch(&self.name, label);
         match result {
             Ok(tok) => {
-                if let Ok(mut cur) = self.current.lock() {
-                    *cur = Some(tok.clone());
-                }
-                if let Ok(mut e) = self.last_error.lock() {
-                    *e = None;
-                }
+                self.with_state(|st| {
+                    st.token = Some(tok.clone());
+                    st.failures = 0;
+                    st.next_attempt = None;
+                    st.last_error = None;
+                });
                 Ok(tok)
             }
-            Err(why) => {
-                tracing::error!(credential = %self.name, reason = %why, "upstream token request failed");
-                if let Ok(mut e) = self.last_error.lock() {
-                    *e = Some(why);
+            Err(e) => {
+                let why = e.to_string();
+                let backoff = self
+                    .with_state(|st| {
+                        st.failures = st.failures.saturating_add(1);
+                        let base = MIN_BACKOFF
+                            .saturating_mul(1u32 << st.failures.min(8).saturating_sub(1))
+                            .min(MAX_BACKOFF);
+                        let jittered = base.mul_f64(rand::thread_rng().gen_range(0.5..=1.0));
+                        st.next_attempt = Some(Instant::now() + jittered);
+                        st.last_error = Some(why.clone());
+                        jittered
+                    })
+                    .unwrap_or(MAX_BACKOFF);
+                let still_valid = self.valid_token().is_some();
+                if matches!(e, TokenError::Rejected(_)) {
+                    // A rejected client is a configuration problem someone must fix: say so loudly.
+                    tracing::error!(credential = %self.name, reason = %why, retry_in_ms = backoff.as_millis() as u64, still_valid, "the token endpoint rejected the gateway's client credentials");
+                } else {
+                    tracing::warn!(credential = %self.name, reason = %why, retry_in_ms = backoff.as_millis() as u64, still_valid, "upstream token request failed");
                 }
                 Err(GatewayError::UpstreamCredentialsUnavailable)
             }
         }
     }
 
-    /// One token request. The error text names what went wrong without any secret.
-    async fn request_token(&self) -> Result<Token, String> {
+    /// One token request.
+    async fn request_token(&self) -> Result<Token, TokenError> {
         let cfg = &self.cfg;
-        let req = self.token_request()?;
+        let req = self.token_request().map_err(TokenError::Failed)?;
         let (status, _headers, body) = fetch(&self.client, req, MAX_TOKEN_RESPONSE, cfg.timeout)
             .await
-            .map_err(|e| format!("token endpoint: {}", error_chain(&e)))?;
+            .map_err(|e| match e {
+                FetchError::Timeout => TokenError::Timeout,
+                other => TokenError::Failed(format!("token endpoint: {}", error_chain(&other))),
+            })?;
         if !status.is_success() {
             let code = serde_json::from_slice::<Value>(&body)
                 .ok()
                 .and_then(|v| v.get("error").and_then(Value::as_str).map(sanitize_code));
-            return Err(match code {
+            let text = match code {
                 Some(c) => format!("token endpoint answered {status} with error {c}"),
                 None => format!("token endpoint answered {status}"),
+            };
+            return Err(if status.is_client_error() {
+                TokenError::Rejected(text)
+            } else {
+                TokenError::Failed(text)
             });
         }
-        parse_token_response(&body, now(), cfg.refresh_before)
+        parse_token_response(&body, now(), cfg.refresh_before).map_err(TokenError::Invalid)
     }
 
     /// The RFC 6749 section 4.4.2 request, with the client authenticated as configured.
@@ -249,6 +461,19 @@ impl TokenSource {
     }
 }
 
+/// Why a token request failed (texts never contain a secret or a token).
+#[derive(Debug, thiserror::Error)]
+enum TokenError {
+    #[error("token endpoint timed out")]
+    Timeout,
+    #[error("{0}")]
+    Rejected(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Failed(String),
+}
+
 /// Keeps an error code from a token endpoint printable and short (it is logged).
 fn sanitize_code(s: &str) -> String {
     s.chars()
@@ -282,6 +507,8 @@ fn parse_token_response(
     // Refresh `refresh_before` ahead of expiry, but never earlier than half-way through a short
     // lifetime, so a short-lived token is not refreshed continuously.
     let margin = refresh_before.min(lifetime / 2);
+    // Up to a tenth more, so replicas started together do not refresh together.
+    let margin = margin + margin.mul_f64(rand::thread_rng().gen_range(0.0..0.1));
     Ok(Token {
         header,
         expires_at,
@@ -372,12 +599,43 @@ mod tests {
     }
 
     #[test]
+    fn retry_after_in_seconds_epoch_http_date_and_reset_header() {
+        let mut h = HeaderMap::new();
+        h.insert("retry-after", HeaderValue::from_static("7"));
+        assert_eq!(retry_after(&h, at()), Duration::from_secs(7));
+        h.insert("retry-after", HeaderValue::from_static("1800000030"));
+        assert_eq!(retry_after(&h, at()), Duration::from_secs(30));
+        h.insert(
+            "retry-after",
+            HeaderValue::from_static("Fri, 15 Jan 2027 08:01:00 GMT"),
+        );
+        assert_eq!(retry_after(&h, at()), Duration::from_secs(60));
+        h.remove("retry-after");
+        h.insert("x-ratelimit-reset", HeaderValue::from_static("1800000005"));
+        assert_eq!(retry_after(&h, at()), Duration::from_secs(5));
+        assert_eq!(retry_after(&HeaderMap::new(), at()), DEFAULT_PAUSE);
+    }
+
+    #[test]
+    fn retry_after_seconds_round_up() {
+        assert_eq!(ceil_secs(Duration::from_millis(1500)), 2);
+        assert_eq!(ceil_secs(Duration::from_millis(0)), 1);
+        assert_eq!(ceil_secs(Duration::from_secs(3)), 3);
+    }
+
+    #[test]
     fn token_refreshes_before_it_expires() {
         let t =
             parse_token_response(br#"{"access_token":"abc","expires_in":3600}"#, at(), S60).ok();
         let Some(t) = t else { panic!("parse failed") };
         assert_eq!(t.expires_at, at() + Duration::from_secs(3600));
-        assert_eq!(t.refresh_at, at() + Duration::from_secs(3540));
+        let early = (at() + Duration::from_secs(3600))
+            .duration_since(t.refresh_at)
+            .unwrap_or_default();
+        assert!(
+            early >= Duration::from_secs(60) && early <= Duration::from_secs(66),
+            "{early:?}"
+        );
         assert!(t.header.is_sensitive());
     }
 }

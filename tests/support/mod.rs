@@ -88,6 +88,10 @@ pub struct Setup {
     pub upstream: Option<String>,
     pub upstream_timeout: &'static str,
     pub sandbox: SandboxOptions,
+    /// Token endpoint of the `default` credential; the sandbox's when `None`.
+    pub token_url: Option<String>,
+    /// Wait for `/readyz` before returning (off for tests of a gateway that cannot get ready).
+    pub wait_ready: bool,
 }
 
 impl Default for Setup {
@@ -102,6 +106,8 @@ impl Default for Setup {
                 rate_limit: 10_000,
                 ..SandboxOptions::default()
             },
+            token_url: None,
+            wait_ready: true,
         }
     }
 }
@@ -128,9 +134,11 @@ impl Harness {
         let config = greenhouse_gateway::config::load(&dir.path().join("gateway.toml"))
             .unwrap_or_else(|p| panic!("test config invalid: {p:#?}"));
         let gateway = server::start(config).await.expect("gateway starts");
-        tokio::time::timeout(Duration::from_secs(10), gateway.wait_ready())
-            .await
-            .expect("gateway ready");
+        if setup.wait_ready {
+            tokio::time::timeout(Duration::from_secs(10), gateway.wait_ready())
+                .await
+                .expect("gateway ready");
+        }
         Harness {
             sandbox,
             gateway,
@@ -240,7 +248,10 @@ refetch_cooldown = "1s"
 "#,
         listen_extra = setup.listen_extra,
         timeout = setup.upstream_timeout,
-        token_url = sandbox.token_url(),
+        token_url = setup
+            .token_url
+            .clone()
+            .unwrap_or_else(|| sandbox.token_url()),
         issuer = sandbox.issuer(),
         jwks = sandbox.jwks_url(),
         extra = setup.extra,
@@ -372,6 +383,7 @@ pub struct Stub {
     pub addr: SocketAddr,
     pub seen: Arc<Mutex<Vec<Seen>>>,
     pub reply: Arc<Mutex<(u16, String, Duration)>>,
+    pub reply_headers: Arc<Mutex<Vec<(String, String)>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -383,16 +395,17 @@ impl Stub {
         let addr = listener.local_addr().expect("addr");
         let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
         let reply = Arc::new(Mutex::new((200u16, "[]".to_string(), Duration::ZERO)));
-        let (s2, r2) = (seen.clone(), reply.clone());
+        let reply_headers: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
+        let (s2, r2, h2) = (seen.clone(), reply.clone(), reply_headers.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
-                let (seen, reply) = (s2.clone(), r2.clone());
+                let (seen, reply, extra) = (s2.clone(), r2.clone(), h2.clone());
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                        let (seen, reply) = (seen.clone(), reply.clone());
+                        let (seen, reply, extra) = (seen.clone(), reply.clone(), extra.clone());
                         async move {
                             let (parts, body) = req.into_parts();
                             let body = body
@@ -418,6 +431,12 @@ impl Stub {
                                 .insert("connection", "x-upstream-hop".parse().expect("hv"));
                             resp.headers_mut()
                                 .insert("x-upstream-hop", "1".parse().expect("hv"));
+                            for (k, v) in extra.lock().expect("lock").iter() {
+                                resp.headers_mut().insert(
+                                    http::HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                                    v.parse().expect("hv"),
+                                );
+                            }
                             Ok::<_, Infallible>(resp)
                         }
                     });
@@ -431,6 +450,7 @@ impl Stub {
             addr,
             seen,
             reply,
+            reply_headers,
             task,
         }
     }
@@ -441,6 +461,13 @@ impl Stub {
 
     pub fn seen(&self) -> Vec<Seen> {
         self.seen.lock().expect("lock").clone()
+    }
+
+    pub fn set_reply_headers(&self, headers: &[(&str, &str)]) {
+        *self.reply_headers.lock().expect("lock") = headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
     }
 
     pub fn set_reply(&self, status: u16, body: &str, delay: Duration) {

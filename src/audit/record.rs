@@ -1,0 +1,158 @@
+//! The record and the value rules that keep every record one well-formed line.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use time::format_description::BorrowedFormatItem;
+use time::format_description::well_known::Rfc3339;
+use time::macros::format_description;
+
+/// Whether the request was sent upstream.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Decision {
+    /// Sent upstream, whatever came back (502/504 after sending included).
+    Forwarded,
+    /// Answered by the gateway without forwarding.
+    #[default]
+    Denied,
+}
+
+impl Decision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Forwarded => "forwarded",
+            Decision::Denied => "denied",
+        }
+    }
+}
+
+impl fmt::Display for Decision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Decision {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "forwarded" => Ok(Decision::Forwarded),
+            "denied" => Ok(Decision::Denied),
+            other => Err(format!(
+                "\"{}\" is not a decision (use forwarded or denied)",
+                other.escape_debug()
+            )),
+        }
+    }
+}
+
+/// One request, whatever its outcome (DESIGN 1.5). The field order here is the canonical order
+/// of the hash chain: do not reorder. `ts`, `seq`, `prev_hash` and `hash` are filled in by the
+/// writer (`ts` only when empty).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+pub struct AuditRecord {
+    /// RFC 3339 UTC with milliseconds; see [`format_ts`].
+    pub ts: String,
+    pub seq: u64,
+    pub request_id: String,
+    pub team: Option<String>,
+    /// The caller token's `sub`, when a token was verified.
+    pub subject: Option<String>,
+    pub issuer: Option<String>,
+    pub client_addr: Option<String>,
+    pub method: String,
+    /// The spec's operation id, when a route matched.
+    pub operation: Option<String>,
+    /// The request path as received, through [`AuditRecord::sanitize_path`].
+    pub path: String,
+    pub on_behalf_of: Option<String>,
+    /// The name of the upstream credential used.
+    pub credential: Option<String>,
+    pub decision: Decision,
+    /// The problem `code` when the gateway answered with an error.
+    pub code: Option<String>,
+    /// The status sent to the client.
+    pub status: u16,
+    pub upstream_status: Option<u16>,
+    pub duration_ms: f64,
+    pub upstream_duration_ms: Option<f64>,
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+    /// Hex SHA-256 of the request body, when there was one.
+    pub body_sha256: Option<String>,
+    pub external_ids: Vec<String>,
+    pub candidate_ids: Vec<i64>,
+    /// `[{"pointer": "...", "keyword": "..."}]`: never the submitted values.
+    pub validation: Option<serde_json::Value>,
+    pub quota: Option<serde_json::Value>,
+    pub prev_hash: String,
+    pub hash: String,
+}
+
+/// The longest `path` kept, in bytes, marker included.
+pub const MAX_PATH_BYTES: usize = 512;
+/// Ends a truncated `path`.
+pub const PATH_TRUNCATED_MARKER: &str = "...[truncated]";
+
+impl AuditRecord {
+    /// Makes a raw request target safe and bounded: bytes that are controls, space, DEL, `"`, `\`
+    /// or non-ASCII become `%XX` (uppercase hex of each byte); the result is cut to at most
+    /// [`MAX_PATH_BYTES`] bytes ending in [`PATH_TRUNCATED_MARKER`] (never inside a `%XX`).
+    /// Idempotent, so the writer can apply it again.
+    pub fn sanitize_path(raw: &str) -> String {
+        const HEX: &[u8; 16] = b"0123456789ABCDEF";
+        let mut out = String::with_capacity(raw.len().min(MAX_PATH_BYTES + 3));
+        for &b in raw.as_bytes() {
+            if needs_escape(b) {
+                out.push('%');
+                out.push(char::from(HEX[usize::from(b >> 4)]));
+                out.push(char::from(HEX[usize::from(b & 0x0f)]));
+            } else {
+                out.push(char::from(b));
+            }
+            if out.len() > MAX_PATH_BYTES {
+                break;
+            }
+        }
+        if out.len() > MAX_PATH_BYTES {
+            let mut cut = MAX_PATH_BYTES - PATH_TRUNCATED_MARKER.len();
+            let bytes = out.as_bytes();
+            if bytes[cut - 1] == b'%' {
+                cut -= 1;
+            } else if bytes[cut - 2] == b'%' {
+                cut -= 2;
+            }
+            out.truncate(cut);
+            out.push_str(PATH_TRUNCATED_MARKER);
+        }
+        out
+    }
+
+    pub(crate) fn path_is_sanitized(path: &str) -> bool {
+        path.len() <= MAX_PATH_BYTES && !path.bytes().any(needs_escape)
+    }
+}
+
+fn needs_escape(b: u8) -> bool {
+    b <= b' ' || b >= 0x7f || b == b'"' || b == b'\\'
+}
+
+const TS_FORMAT: &[BorrowedFormatItem<'static>] = format_description!(
+    "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+);
+
+/// `2026-05-01T12:00:00.123Z`: the form of `ts` (UTC, milliseconds).
+pub fn format_ts(t: OffsetDateTime) -> String {
+    let utc = t.to_offset(time::UtcOffset::UTC);
+    utc.format(TS_FORMAT)
+        .or_else(|_| utc.format(&Rfc3339))
+        .unwrap_or_default()
+}
+
+/// Parses an RFC 3339 timestamp (any offset).
+pub fn parse_ts(s: &str) -> Option<OffsetDateTime> {
+    OffsetDateTime::parse(s, &Rfc3339).ok()
+}
