@@ -50,6 +50,11 @@ pub enum GatewayError {
     },
     UnsupportedMediaType,
     ValidationFailed(Vec<FieldProblem>),
+    RateLimited { retry_after_secs: u64 },
+    DailyQuotaExhausted { retry_after_secs: u64 },
+    ConcurrencyLimited { retry_after_secs: u64 },
+    QuotaBackendUnavailable,
+    AuditUnavailable,
     UpstreamError,
     UpstreamTimeout,
     UpstreamCredentialsUnavailable,
@@ -73,6 +78,10 @@ impl GatewayError {
             PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ValidationFailed(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            RateLimited { .. } | DailyQuotaExhausted { .. } | ConcurrencyLimited { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
+            QuotaBackendUnavailable | AuditUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             UpstreamError | UpstreamRejectedCredentials => StatusCode::BAD_GATEWAY,
             UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             UpstreamCredentialsUnavailable | UpstreamRateLimited { .. } | JwksUnavailable => {
@@ -98,6 +107,11 @@ impl GatewayError {
             PayloadTooLarge { .. } => "payload_too_large",
             UnsupportedMediaType => "unsupported_media_type",
             ValidationFailed(_) => "validation_failed",
+            RateLimited { .. } => "rate_limited",
+            DailyQuotaExhausted { .. } => "daily_quota_exhausted",
+            ConcurrencyLimited { .. } => "concurrency_limited",
+            QuotaBackendUnavailable => "quota_backend_unavailable",
+            AuditUnavailable => "audit_unavailable",
             UpstreamError => "upstream_error",
             UpstreamTimeout => "upstream_timeout",
             UpstreamCredentialsUnavailable => "upstream_credentials_unavailable",
@@ -115,7 +129,11 @@ impl GatewayError {
             | UpstreamTimeout
             | UpstreamRejectedCredentials
             | UpstreamRateLimited { .. } => Fault::Upstream,
-            UpstreamCredentialsUnavailable | JwksUnavailable | Internal => Fault::Gateway,
+            UpstreamCredentialsUnavailable
+            | JwksUnavailable
+            | QuotaBackendUnavailable
+            | AuditUnavailable
+            | Internal => Fault::Gateway,
             BadRequest(_)
             | UndeclaredQuery(_)
             | InvalidJson(_)
@@ -128,7 +146,10 @@ impl GatewayError {
             | MethodNotAllowed { .. }
             | PayloadTooLarge { .. }
             | UnsupportedMediaType
-            | ValidationFailed(_) => Fault::Client,
+            | ValidationFailed(_)
+            | RateLimited { .. }
+            | DailyQuotaExhausted { .. }
+            | ConcurrencyLimited { .. } => Fault::Client,
         }
     }
 
@@ -147,6 +168,11 @@ impl GatewayError {
             PayloadTooLarge { .. } => "Request body too large",
             UnsupportedMediaType => "Unsupported media type",
             ValidationFailed(_) => "Request does not match the schema",
+            RateLimited { .. } => "The team's rate limit is exhausted",
+            DailyQuotaExhausted { .. } => "The team's daily quota for this operation is exhausted",
+            ConcurrencyLimited { .. } => "The team has too many requests in flight",
+            QuotaBackendUnavailable => "The quota backend is unavailable",
+            AuditUnavailable => "The audit trail cannot be written",
             UpstreamError => "Greenhouse could not be reached",
             UpstreamTimeout => "Greenhouse did not answer in time",
             UpstreamCredentialsUnavailable => "No Greenhouse credential is available",
@@ -180,7 +206,10 @@ impl GatewayError {
                     .collect::<Vec<_>>()
                     .join(", ")
             )),
-            UpstreamRateLimited { retry_after_secs } => {
+            RateLimited { retry_after_secs }
+            | DailyQuotaExhausted { retry_after_secs }
+            | ConcurrencyLimited { retry_after_secs }
+            | UpstreamRateLimited { retry_after_secs } => {
                 Some(format!("retry after {retry_after_secs} s"))
             }
             UnsupportedMediaType => Some("the body must be application/json in UTF-8".into()),
@@ -255,7 +284,10 @@ impl GatewayError {
                     h.insert(header::ALLOW, v);
                 }
             }
-            GatewayError::UpstreamRateLimited { retry_after_secs } => {
+            GatewayError::RateLimited { retry_after_secs }
+            | GatewayError::DailyQuotaExhausted { retry_after_secs }
+            | GatewayError::ConcurrencyLimited { retry_after_secs }
+            | GatewayError::UpstreamRateLimited { retry_after_secs } => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
             }
             _ => {}

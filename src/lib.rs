@@ -11,6 +11,7 @@
 //! Every error a client can see is a [`error::GatewayError`], rendered in one place.
 
 pub mod admin;
+pub mod audit;
 pub mod auth;
 pub mod cli;
 pub mod config;
@@ -21,6 +22,8 @@ pub mod metrics;
 pub mod pipeline;
 pub mod policy;
 pub mod proxy;
+pub mod quota;
 pub mod sandbox;
 pub mod server;
 pub mod spec;
+pub mod validate;

@@ -40,6 +40,25 @@ struct TokenFetchLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct QuotaLabels {
+    team: String,
+    operation: String,
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ValidationLabels {
+    team: String,
+    operation: String,
+    mode: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TeamLabels {
+    team: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: String,
 }
@@ -57,6 +76,13 @@ struct Inner {
     upstream_duration: Family<OpLabels, Histogram, fn() -> Histogram>,
     jwt_rejections: Family<ReasonLabels, Counter>,
     token_fetches: Family<TokenFetchLabels, Counter>,
+    quota_rejections: Family<QuotaLabels, Counter>,
+    quota_backend_allowed: Counter,
+    validation_failures: Family<ValidationLabels, Counter>,
+    spec_drift: Family<OpLabels, Counter>,
+    inflight: Family<TeamLabels, Gauge>,
+    audit_records: Counter,
+    audit_errors: Counter,
 }
 
 /// Cheap to clone; shared by every request.
@@ -83,6 +109,24 @@ impl Metrics {
         let jwt_rejections = Family::<ReasonLabels, Counter>::default();
         let token_fetches = Family::<TokenFetchLabels, Counter>::default();
         let build_info = Family::<BuildLabels, Gauge>::default();
+        let quota_rejections = Family::<QuotaLabels, Counter>::default();
+        let quota_backend_allowed = Counter::default();
+        let validation_failures = Family::<ValidationLabels, Counter>::default();
+        let spec_drift = Family::<OpLabels, Counter>::default();
+        let inflight = Family::<TeamLabels, Gauge>::default();
+        let audit_records = Counter::default();
+        let audit_errors = Counter::default();
+        registry.register("gateway_quota_rejections", "Requests refused by a quota, by team, operation and kind", quota_rejections.clone());
+        registry.register(
+            "gateway_quota_backend_allowed",
+            "Requests admitted without a quota decision because the backend failed (on_backend_error = allow)",
+            quota_backend_allowed.clone(),
+        );
+        registry.register("gateway_validation_failures", "Requests that did not match the spec, by team, operation and mode", validation_failures.clone());
+        registry.register("gateway_spec_drift", "Upstream responses that did not match the spec, by operation", spec_drift.clone());
+        registry.register("gateway_inflight_requests", "Requests admitted and not finished, by team", inflight.clone());
+        registry.register("gateway_audit_records", "Audit records written", audit_records.clone());
+        registry.register("gateway_audit_errors", "Audit records that could not be written", audit_errors.clone());
         build_info
             .get_or_create(&BuildLabels {
                 version: env!("CARGO_PKG_VERSION").to_string(),
@@ -115,6 +159,13 @@ impl Metrics {
         );
         registry.register("gateway_build_info", "Build information", build_info);
         Metrics(Arc::new(Inner {
+            quota_rejections,
+            quota_backend_allowed,
+            validation_failures,
+            spec_drift,
+            inflight,
+            audit_records,
+            audit_errors,
             registry,
             requests,
             duration,
@@ -171,6 +222,48 @@ impl Metrics {
             .inc();
     }
 
+    pub fn quota_rejection(&self, team: &str, operation: &str, kind: &str) {
+        self.0
+            .quota_rejections
+            .get_or_create(&QuotaLabels { team: team.into(), operation: operation.into(), kind: kind.into() })
+            .inc();
+    }
+
+    /// Sets the count of requests admitted by `on_backend_error = "allow"` (kept by the limiter).
+    pub fn set_quota_backend_allowed(&self, total: u64) {
+        let c = &self.0.quota_backend_allowed;
+        let now = c.get();
+        if total > now {
+            c.inc_by(total - now);
+        }
+    }
+
+    pub fn validation_failure(&self, team: &str, operation: &str, mode: &str) {
+        self.0
+            .validation_failures
+            .get_or_create(&ValidationLabels { team: team.into(), operation: operation.into(), mode: mode.into() })
+            .inc();
+    }
+
+    pub fn spec_drift(&self, operation: &str) {
+        self.0.spec_drift.get_or_create(&OpLabels { operation: operation.into() }).inc();
+    }
+
+    /// One more request of `team` in flight until the returned guard is dropped.
+    pub fn inflight(&self, team: &str) -> InflightGuard {
+        let g = self.0.inflight.get_or_create(&TeamLabels { team: team.into() }).clone();
+        g.inc();
+        InflightGuard(g)
+    }
+
+    pub fn audit_written(&self) {
+        self.0.audit_records.inc();
+    }
+
+    pub fn audit_error(&self) {
+        self.0.audit_errors.inc();
+    }
+
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -178,6 +271,15 @@ impl Metrics {
             out.clear();
         }
         out
+    }
+}
+
+/// Decrements `gateway_inflight_requests` when dropped.
+pub struct InflightGuard(Gauge);
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

@@ -1,114 +1,244 @@
-//! The decision path, in order. Each step either lets the request through or answers with a
-//! [`GatewayError`]; errors become responses only in [`GatewayError::to_response`].
+//! The decision path, in order, on one screen ([`decide_and_forward`]). Each step either lets
+//! the request through or answers with a [`GatewayError`]; errors become responses only in
+//! [`GatewayError::to_response`]. Every request, whatever its outcome, ends in one audit record.
 //!
 //! 1. framing and target sanity, declared body size (before authentication)
 //! 2. the caller's bearer JWT, whatever the path
 //! 3. the route, from the spec
 //! 4. team membership, the operation allow-list, `On-Behalf-Of`
-//! 5. query parameters the spec declares; the body, read within the limit
-//! 6. forward with the upstream credential; the response streams back
+//! 5. the team's quotas
+//! 6. query and body against the spec (refused, or recorded in report mode)
+//! 7. forward with the upstream credential (within the shared Greenhouse budget); one replay
+//!    with a fresh token after a 401; a 429 pauses the credential
+//! 8. the response streams back; its audit record is written before its last bytes are released
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
-use http::header::{self, HeaderValue};
+use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
 
+use crate::audit::{AuditLog, AuditRecord, Decision, OnError as AuditOnError};
 use crate::auth::jwt::{AuthError, VerifiedToken, Verifier};
 use crate::auth::upstream::{UpstreamCredentials, ceil_secs, retry_after};
 use crate::config::Config;
-use crate::error::GatewayError;
+use crate::error::{FieldProblem, GatewayError};
 use crate::http_client::HttpClient;
 use crate::metrics::Metrics;
-use crate::policy::{Team, decide_on_behalf_of};
+use crate::policy::{Team, ValidationMode, decide_on_behalf_of};
+use crate::proxy::body::{Finished, ObservedBody, OnFinish};
 use crate::proxy::{self, Outbound};
+use crate::quota::{Quotas, Refusal};
 use crate::spec::{Operation, RouteMatch};
+use crate::validate::{BodyError, QueryError, Validators};
 
 /// The response body type of the gateway listener.
 pub type RespBody =
-    http_body_util::combinators::BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+    http_body_util::combinators::UnsyncBoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+/// The largest upstream response kept in memory for spec-drift checks and candidate ids; larger
+/// responses still stream through, unchecked.
+const RESPONSE_COPY_LIMIT: usize = 4 * 1024 * 1024;
 
 /// Everything a request needs, built once at start.
 pub struct Gateway {
     pub config: Arc<Config>,
     pub verifier: Verifier,
     pub credentials: UpstreamCredentials,
+    pub quotas: Quotas,
+    pub validators: Arc<Validators>,
+    pub audit: AuditLog,
     pub client: HttpClient,
     pub metrics: Metrics,
     upstream_host: HeaderValue,
 }
 
+/// The parts a [`Gateway`] is made of.
+pub struct Parts {
+    pub verifier: Verifier,
+    pub credentials: UpstreamCredentials,
+    pub quotas: Quotas,
+    pub audit: AuditLog,
+    pub client: HttpClient,
+    pub metrics: Metrics,
+}
+
 impl Gateway {
-    pub fn new(
-        config: Arc<Config>,
-        verifier: Verifier,
-        credentials: UpstreamCredentials,
-        client: HttpClient,
-        metrics: Metrics,
-    ) -> Self {
-        let host = config
-            .upstream
-            .base_url
-            .authority()
-            .map(|a| a.as_str().to_string())
-            .unwrap_or_default();
-        let upstream_host =
-            HeaderValue::from_str(&host).unwrap_or_else(|_| HeaderValue::from_static("localhost"));
+    pub fn new(config: Arc<Config>, p: Parts) -> Self {
+        let host = config.upstream.base_url.authority().map(|a| a.as_str().to_string()).unwrap_or_default();
+        let upstream_host = HeaderValue::from_str(&host).unwrap_or_else(|_| HeaderValue::from_static("localhost"));
         Gateway {
+            validators: config.validators.clone(),
             config,
-            verifier,
-            credentials,
-            client,
-            metrics,
+            verifier: p.verifier,
+            credentials: p.credentials,
+            quotas: p.quotas,
+            audit: p.audit,
+            client: p.client,
+            metrics: p.metrics,
             upstream_host,
         }
     }
 }
 
-/// What the pipeline learned about a request, for metrics and logs.
-#[derive(Default)]
+/// What the pipeline learned about a request: the audit record's fields, metrics labels and the
+/// rate-limit headers every response to a team carries.
+#[derive(Default, Clone)]
 struct Context {
-    team: Option<String>,
-    operation: Option<String>,
+    record: AuditRecord,
+    ratelimit: Vec<(&'static str, String)>,
+    validation: Vec<Value>,
+}
+
+impl Context {
+    fn team(&self) -> &str {
+        self.record.team.as_deref().unwrap_or("none")
+    }
+    fn operation(&self) -> &str {
+        self.record.operation.as_deref().unwrap_or("none")
+    }
+    /// Pointers and keywords only: never the values, never the messages.
+    fn note_problems(&mut self, where_: &str, problems: &[FieldProblem]) {
+        for p in problems {
+            self.validation.push(json!({"in": where_, "pointer": p.pointer, "keyword": p.keyword}));
+        }
+    }
+}
+
+/// A forwarded response, before its body is wrapped.
+struct Forwarded {
+    response: Response<Incoming>,
+    op: Operation,
+    /// Held until the response body is finished: the concurrency lease and the in-flight gauge.
+    guard: Box<dyn std::any::Any + Send>,
 }
 
 /// Handles one request on the gateway listener. Never fails: every outcome is a response.
-pub async fn handle(
-    gw: Arc<Gateway>,
-    req: Request<Incoming>,
-    peer: SocketAddr,
-) -> Response<RespBody> {
+pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, peer: SocketAddr) -> Response<RespBody> {
     let started = Instant::now();
     let request_id = request_id(req.headers());
     let mut ctx = Context::default();
-    let (mut resp, code) = match decide_and_forward(&gw, req, peer, &request_id, &mut ctx).await {
-        Ok(resp) => (resp, "forwarded"),
-        Err(e) => {
-            if e.fault() != crate::error::Fault::Client {
-                tracing::warn!(request_id = %request_id, code = e.code(), "request failed");
-            }
-            (
-                e.to_response(&request_id)
-                    .map(|b| Full::new(b).map_err(|never| match never {}).boxed()),
-                e.code(),
-            )
-        }
-    };
-    if let Ok(v) = HeaderValue::from_str(&request_id) {
-        resp.headers_mut().insert("x-request-id", v);
+    ctx.record.request_id = request_id.clone();
+    ctx.record.method = req.method().to_string();
+    ctx.record.path = AuditRecord::sanitize_path(req.uri().path_and_query().map_or("", |pq| pq.as_str()));
+    ctx.record.client_addr = Some(client_addr(&gw.config, peer.ip(), req.headers()).to_string());
+    match decide_and_forward(&gw, req, peer, &request_id, &mut ctx).await {
+        Ok(fwd) => respond_forwarded(gw, ctx, fwd, started),
+        Err(e) => respond_error(&gw, ctx, e, started).await,
     }
-    gw.metrics.request(
-        ctx.team.as_deref().unwrap_or("none"),
-        ctx.operation.as_deref().unwrap_or("none"),
-        code,
-        started.elapsed().as_secs_f64(),
-    );
-    tracing::debug!(request_id = %request_id, status = resp.status().as_u16(), code, "answered");
+}
+
+/// The gateway's own answer: written to the audit trail before it is sent.
+async fn respond_error(gw: &Gateway, mut ctx: Context, e: GatewayError, started: Instant) -> Response<RespBody> {
+    if e.fault() != crate::error::Fault::Client {
+        tracing::warn!(request_id = %ctx.record.request_id, code = e.code(), "request failed");
+    }
+    let mut resp = e.to_response(&ctx.record.request_id).map(|b| Full::new(b).map_err(|never| match never {}).boxed_unsync());
+    set_headers(resp.headers_mut(), &ctx);
+    ctx.record.code = Some(e.code().to_string());
+    ctx.record.status = resp.status().as_u16();
+    ctx.record.response_bytes = http_body::Body::size_hint(resp.body()).exact().unwrap_or(0);
+    finish_record(gw, ctx, started).await;
     resp
+}
+
+/// Greenhouse's answer, streamed back; the audit record is written when its body ends.
+fn respond_forwarded(gw: Arc<Gateway>, mut ctx: Context, fwd: Forwarded, started: Instant) -> Response<RespBody> {
+    let (mut head, body) = fwd.response.into_parts();
+    proxy::downstream_headers(&mut head.headers);
+    head.version = Version::HTTP_11;
+    ctx.record.status = head.status.as_u16();
+    if let Some(remaining) = head.headers.get("x-ratelimit-remaining").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()) {
+        gw.quotas.upstream_feedback(Some(remaining), None);
+    }
+    let status = head.status.as_u16();
+    set_headers(&mut head.headers, &ctx);
+    let op = fwd.op;
+    let on_finish: OnFinish = Box::new(move |f: Finished| {
+        Box::pin(async move {
+            ctx.record.response_bytes = f.bytes;
+            if let Some(copy) = f.copy.filter(|_| f.complete) {
+                let drift = gw.validators.check_response(&op, status, &copy);
+                if !drift.is_empty() {
+                    gw.metrics.spec_drift(&op.id);
+                    sample_drift(&op.id, &drift);
+                }
+                if (200..300).contains(&status) {
+                    merge_candidate_ids(&mut ctx.record.candidate_ids, &copy);
+                }
+            }
+            if !f.complete {
+                ctx.record.code = Some("client_disconnected_or_upstream_broke".into());
+            }
+            finish_record(&gw, ctx, started).await;
+        })
+    });
+    let body = body.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>).boxed();
+    Response::from_parts(head, ObservedBody::new(body, RESPONSE_COPY_LIMIT, on_finish, Some(fwd.guard)).boxed_unsync())
+}
+
+/// Writes the audit record and the request metrics. With `fsync = "always"` this resolves only
+/// once the record is on disk.
+async fn finish_record(gw: &Gateway, mut ctx: Context, started: Instant) {
+    ctx.record.duration_ms = started.elapsed().as_secs_f64() * 1000.0;
+    if !ctx.validation.is_empty() {
+        ctx.record.validation = Some(Value::Array(std::mem::take(&mut ctx.validation)));
+    }
+    let code = ctx.record.code.clone().unwrap_or_else(|| "forwarded".to_string());
+    gw.metrics.request(ctx.team(), ctx.operation(), &code, started.elapsed().as_secs_f64());
+    match gw.audit.write(ctx.record).await {
+        Ok(()) => gw.metrics.audit_written(),
+        Err(e) => {
+            gw.metrics.audit_error();
+            tracing::error!(error = %e, "audit record could not be written");
+        }
+    }
+}
+
+/// `X-Request-Id` and the team's rate-limit headers, on every response.
+fn set_headers(h: &mut http::HeaderMap, ctx: &Context) {
+    if let Ok(v) = HeaderValue::from_str(&ctx.record.request_id) {
+        h.insert("x-request-id", v);
+    }
+    for (name, value) in &ctx.ratelimit {
+        if let Ok(v) = HeaderValue::from_str(value) {
+            h.insert(HeaderName::from_static(name), v);
+        }
+    }
+}
+
+/// Logs where a response differed from the spec: pointers and keywords, at most one line per
+/// second per process (sampled), never values.
+fn sample_drift(operation: &str, problems: &[FieldProblem]) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
+    if LAST.swap(now, Ordering::Relaxed) != now {
+        let at: Vec<String> = problems.iter().take(10).map(|p| format!("{} ({})", p.pointer, p.keyword)).collect();
+        tracing::warn!(operation, problems = problems.len(), at = %at.join(", "), "upstream response differs from the spec");
+    }
+}
+
+/// Candidate ids from a successful response: `id` of the object or of each array element.
+fn merge_candidate_ids(ids: &mut Vec<i64>, body: &[u8]) {
+    let Ok(v) = serde_json::from_slice::<Value>(body) else { return };
+    let items: Vec<&Value> = match &v {
+        Value::Array(a) => a.iter().collect(),
+        other => vec![other],
+    };
+    for item in items.into_iter().take(1000) {
+        if let Some(id) = item.get("id").and_then(Value::as_i64)
+            && !ids.contains(&id)
+        {
+            ids.push(id);
+        }
+    }
 }
 
 async fn decide_and_forward(
@@ -117,7 +247,7 @@ async fn decide_and_forward(
     peer: SocketAddr,
     request_id: &str,
     ctx: &mut Context,
-) -> Result<Response<RespBody>, GatewayError> {
+) -> Result<Forwarded, GatewayError> {
     let cfg = &gw.config;
     // 1. Framing and target sanity; a declared body over the limit is refused before anything
     //    else, without reading it.
@@ -125,54 +255,52 @@ async fn decide_and_forward(
     if let Some(len) = declared_length(&req)?
         && len > cfg.limits.max_body_bytes
     {
-        return Err(GatewayError::PayloadTooLarge {
-            limit: cfg.limits.max_body_bytes,
-        });
+        return Err(GatewayError::PayloadTooLarge { limit: cfg.limits.max_body_bytes });
     }
 
     // 2. Who is calling.
     let token = authenticate(gw, &req).await?;
+    ctx.record.subject = token.subject.clone();
+    ctx.record.issuer = Some(token.issuer.clone());
 
     // 3. Which operation.
     let op = route(cfg, &req)?;
-    ctx.operation = Some(op.id.clone());
+    ctx.record.operation = Some(op.id.clone());
 
     // 4. Which team, may it call this, on whose behalf.
-    let team: &Team = cfg
-        .teams
-        .find(&token.claims)
-        .ok_or(GatewayError::UnknownTeam)?;
-    ctx.team = Some(team.name.clone());
+    let team: &Team = cfg.teams.find(&token.claims).ok_or(GatewayError::UnknownTeam)?;
+    ctx.record.team = Some(team.name.clone());
+    ctx.record.credential = Some(team.credential.clone());
     if !team.may_call(&op.id) {
         return Err(GatewayError::OperationNotAllowed);
     }
     let obo_headers: Vec<&HeaderValue> = req.headers().get_all("on-behalf-of").iter().collect();
     let on_behalf_of = decide_on_behalf_of(&team.on_behalf_of, &obo_headers, &token.claims)
         .map_err(GatewayError::OnBehalfOfNotAllowed)?;
+    ctx.record.on_behalf_of = Some(on_behalf_of.clone());
 
-    // 5. Only what the spec declares; the body within the limit.
-    check_query(op, req.uri().query())?;
+    // 5. The team's quotas: all checks at once; a refusal spends nothing.
+    let admission = admit(gw, team, op, ctx).await?;
+    let inflight = gw.metrics.inflight(&team.name);
+
+    // 6. Query and body against the spec.
+    let query = check_query(gw, team, op, req.uri().query(), ctx)?;
     let (parts, body) = req.into_parts();
     let body = read_body(body, cfg.limits.max_body_bytes).await?;
+    check_body(gw, team, op, &parts, &body, ctx)?;
+    ctx.record.candidate_ids = query_candidate_ids(query.as_deref());
 
-    // 6. Forward with the team's credential; one replay with a fresh token after a 401.
-    let upstream = Upstream {
-        gw,
-        parts: &parts,
-        body,
-        on_behalf_of: &on_behalf_of,
-        request_id,
-        peer,
-    };
+    // 7. Forward, unless the audit trail cannot record it.
+    if gw.audit.on_error() == AuditOnError::Reject && !gw.audit.healthy() {
+        return Err(GatewayError::AuditUnavailable);
+    }
+    let upstream = Upstream { gw, parts: &parts, query: query.as_deref(), body, on_behalf_of: &on_behalf_of, request_id, peer };
     let authorization = gw.credentials.authorization(&team.credential).await?;
-    let mut resp = upstream.send(&op.id, authorization.clone()).await?;
+    let mut resp = upstream.send(op, authorization.clone(), ctx).await?;
     if resp.status() == StatusCode::UNAUTHORIZED {
         drop(resp);
-        let fresh = gw
-            .credentials
-            .after_unauthorized(&team.credential, &authorization)
-            .await?;
-        resp = upstream.send(&op.id, fresh).await?;
+        let fresh = gw.credentials.after_unauthorized(&team.credential, &authorization).await?;
+        resp = upstream.send(op, fresh, ctx).await?;
         if resp.status() == StatusCode::UNAUTHORIZED {
             tracing::error!(request_id, credential = %team.credential, "Greenhouse refused a fresh token (or the On-Behalf-Of user)");
             return Err(GatewayError::UpstreamRejectedCredentials);
@@ -181,26 +309,149 @@ async fn decide_and_forward(
     if resp.status() == StatusCode::TOO_MANY_REQUESTS {
         // The budget is shared by every team: not this caller's fault, and nobody should call
         // Greenhouse with this credential until it says so.
-        let wait = retry_after(resp.headers(), std::time::SystemTime::now());
+        let wait = retry_after(resp.headers(), SystemTime::now());
         gw.credentials.pause(&team.credential, wait);
-        return Err(GatewayError::UpstreamRateLimited {
-            retry_after_secs: ceil_secs(wait),
-        });
+        return Err(GatewayError::UpstreamRateLimited { retry_after_secs: ceil_secs(wait) });
     }
-    let (mut head, body) = resp.into_parts();
-    proxy::downstream_headers(&mut head.headers);
-    head.version = Version::HTTP_11;
-    Ok(Response::from_parts(
-        head,
-        body.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
-            .boxed(),
-    ))
+    Ok(Forwarded { response: resp, op: op.clone(), guard: Box::new((admission, inflight)) })
+}
+
+async fn admit(gw: &Gateway, team: &Team, op: &Operation, ctx: &mut Context) -> Result<crate::quota::Admission, GatewayError> {
+    match gw.quotas.admit(&team.name, &op.id).await {
+        Ok(a) => {
+            ctx.ratelimit = a.headers.clone();
+            ctx.record.quota = Some(json!({"decision": "admitted"}));
+            gw.metrics.set_quota_backend_allowed(gw.quotas.backend_errors_allowed());
+            Ok(a)
+        }
+        Err(refusal) => {
+            ctx.ratelimit = refusal.headers();
+            ctx.record.quota = Some(json!({"decision": "refused", "kind": refusal.kind()}));
+            gw.metrics.quota_rejection(&team.name, &op.id, refusal.kind());
+            Err(match refusal {
+                Refusal::RateLimited { retry_after, .. } => GatewayError::RateLimited { retry_after_secs: ceil_secs(retry_after) },
+                Refusal::DailyQuotaExhausted { retry_after, .. } => {
+                    GatewayError::DailyQuotaExhausted { retry_after_secs: ceil_secs(retry_after) }
+                }
+                Refusal::ConcurrencyLimited { retry_after, .. } => {
+                    GatewayError::ConcurrencyLimited { retry_after_secs: ceil_secs(retry_after) }
+                }
+                Refusal::BackendUnavailable => GatewayError::QuotaBackendUnavailable,
+            })
+        }
+    }
+}
+
+/// The query string to forward: as received, or in report mode without the undeclared
+/// parameters (which are recorded instead).
+fn check_query(gw: &Gateway, team: &Team, op: &Operation, raw: Option<&str>, ctx: &mut Context) -> Result<Option<String>, GatewayError> {
+    let report = team.validation == ValidationMode::Report;
+    match gw.validators.check_query(op, raw) {
+        Ok(()) => Ok(raw.map(str::to_string)),
+        Err(QueryError::Undeclared(names)) if !report => Err(GatewayError::UndeclaredQuery(names)),
+        Err(QueryError::Undeclared(names)) => {
+            gw.metrics.validation_failure(&team.name, &op.id, "report");
+            for n in &names {
+                ctx.validation.push(json!({"in": "query", "pointer": format!("/query/{n}"), "keyword": "undeclared"}));
+            }
+            let kept: Vec<&str> = raw
+                .unwrap_or("")
+                .split('&')
+                .filter(|pair| {
+                    let name = pair.split('=').next().unwrap_or("");
+                    let name = percent_encoding::percent_decode_str(name).decode_utf8_lossy();
+                    !name.is_empty() && op.declares_query(&name)
+                })
+                .collect();
+            // What is left may itself be malformed: recorded too, still forwarded.
+            let kept = (!kept.is_empty()).then(|| kept.join("&"));
+            if let Err(QueryError::Invalid(p)) = gw.validators.check_query(op, kept.as_deref()) {
+                ctx.note_problems("query", &p);
+            }
+            Ok(kept)
+        }
+        Err(QueryError::Invalid(problems)) => {
+            gw.metrics.validation_failure(&team.name, &op.id, team.validation.as_str());
+            if report {
+                ctx.note_problems("query", &problems);
+                Ok(raw.map(str::to_string))
+            } else {
+                Err(GatewayError::ValidationFailed(problems))
+            }
+        }
+    }
+}
+
+/// Media type, strict JSON and schema. Malformed JSON and wrong media types are refused in both
+/// modes (Greenhouse could do nothing with them); schema violations are recorded in report mode.
+fn check_body(
+    gw: &Gateway,
+    team: &Team,
+    op: &Operation,
+    parts: &http::request::Parts,
+    body: &Bytes,
+    ctx: &mut Context,
+) -> Result<(), GatewayError> {
+    ctx.record.request_bytes = body.len() as u64;
+    if !body.is_empty() {
+        ctx.record.body_sha256 = Some(hex::encode(Sha256::digest(body)));
+    }
+    if body.is_empty() && op.request_body.is_none() {
+        return Ok(());
+    }
+    let ct = parts.headers.get(header::CONTENT_TYPE);
+    match gw.validators.check_body(op, ct, body) {
+        Ok(facts) => {
+            ctx.record.external_ids = facts.external_ids;
+            Ok(())
+        }
+        Err(BodyError::UnsupportedMediaType) => Err(GatewayError::UnsupportedMediaType),
+        Err(BodyError::InvalidJson(why)) => Err(GatewayError::InvalidJson(why)),
+        Err(BodyError::PayloadTooLarge) => Err(GatewayError::PayloadTooLarge { limit: gw.config.limits.max_body_bytes }),
+        Err(BodyError::Invalid(problems)) => {
+            gw.metrics.validation_failure(&team.name, &op.id, team.validation.as_str());
+            if team.validation == ValidationMode::Report {
+                ctx.note_problems("body", &problems);
+                Ok(())
+            } else {
+                Err(GatewayError::ValidationFailed(problems))
+            }
+        }
+    }
+}
+
+/// `candidate_ids` named in the query (the audit's "which candidates").
+fn query_candidate_ids(query: Option<&str>) -> Vec<i64> {
+    let Some(q) = query else { return Vec::new() };
+    form_urlencoded::parse(q.as_bytes())
+        .filter(|(k, _)| k == "candidate_ids")
+        .flat_map(|(_, v)| v.split(',').filter_map(|x| x.trim().parse::<i64>().ok()).collect::<Vec<_>>())
+        .take(1000)
+        .collect()
+}
+
+/// The caller's address: the socket peer, or, when the peer is a trusted proxy, the nearest
+/// untrusted address in `X-Forwarded-For` (read right to left).
+fn client_addr(cfg: &Config, peer: IpAddr, headers: &http::HeaderMap) -> IpAddr {
+    let trusted = |ip: &IpAddr| cfg.listen.trusted_proxies.iter().any(|n| n.contains(ip));
+    if !trusted(&peer) {
+        return peer;
+    }
+    let hops: Vec<IpAddr> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map_while(|h| h.trim().parse::<IpAddr>().ok())
+        .collect();
+    hops.iter().rev().find(|ip| !trusted(ip)).or(hops.first()).copied().unwrap_or(peer)
 }
 
 /// One request's upstream call, repeatable with another credential.
 struct Upstream<'a> {
     gw: &'a Gateway,
     parts: &'a http::request::Parts,
+    query: Option<&'a str>,
     body: Bytes,
     on_behalf_of: &'a str,
     request_id: &'a str,
@@ -208,12 +459,14 @@ struct Upstream<'a> {
 }
 
 impl Upstream<'_> {
-    async fn send(
-        &self,
-        operation: &str,
-        authorization: HeaderValue,
-    ) -> Result<Response<Incoming>, GatewayError> {
+    async fn send(&self, op: &Operation, authorization: HeaderValue, ctx: &mut Context) -> Result<Response<Incoming>, GatewayError> {
         let cfg = &self.gw.config;
+        // The account's budget at Greenhouse, shared by every team and replica.
+        self.gw
+            .quotas
+            .upstream_slot()
+            .await
+            .map_err(|wait| GatewayError::UpstreamRateLimited { retry_after_secs: ceil_secs(wait) })?;
         let headers = proxy::upstream_headers(
             &self.parts.headers,
             Outbound {
@@ -221,27 +474,19 @@ impl Upstream<'_> {
                 authorization,
                 on_behalf_of: self.on_behalf_of,
                 request_id: self.request_id,
-                client_ip: self.peer.ip(),
+                client_ip: ctx.record.client_addr.as_deref().and_then(|a| a.parse().ok()).unwrap_or(self.peer.ip()),
             },
         )?;
-        let uri = proxy::upstream_uri(
-            &cfg.upstream.base_url,
-            self.parts.uri.path(),
-            self.parts.uri.query(),
-        )?;
+        let uri = proxy::upstream_uri(&cfg.upstream.base_url, self.parts.uri.path(), self.query)?;
+        ctx.record.decision = Decision::Forwarded;
         let sent = Instant::now();
-        let result = proxy::send(
-            &self.gw.client,
-            self.parts.method.clone(),
-            uri,
-            headers,
-            self.body.clone(),
-            cfg.upstream.timeout,
-        )
-        .await;
-        self.gw
-            .metrics
-            .upstream(operation, sent.elapsed().as_secs_f64());
+        let result = proxy::send(&self.gw.client, self.parts.method.clone(), uri, headers, self.body.clone(), cfg.upstream.timeout).await;
+        let took = sent.elapsed();
+        self.gw.metrics.upstream(&op.id, took.as_secs_f64());
+        ctx.record.upstream_duration_ms = Some(ctx.record.upstream_duration_ms.unwrap_or(0.0) + took.as_secs_f64() * 1000.0);
+        if let Ok(r) = &result {
+            ctx.record.upstream_status = Some(r.status().as_u16());
+        }
         result
     }
 }
@@ -390,35 +635,6 @@ fn route<'a>(cfg: &'a Config, req: &Request<Incoming>) -> Result<&'a Operation, 
         RouteMatch::Found(op) => Ok(op),
         RouteMatch::MethodNotAllowed(allow) => Err(GatewayError::MethodNotAllowed { allow }),
         RouteMatch::NotFound => Err(GatewayError::RouteNotFound),
-    }
-}
-
-/// Refuses query parameters the operation does not declare, naming them (reduced to a safe
-/// alphabet so nothing a caller sends is echoed verbatim).
-fn check_query(op: &Operation, query: Option<&str>) -> Result<(), GatewayError> {
-    let Some(q) = query else { return Ok(()) };
-    let mut undeclared: Vec<String> = Vec::new();
-    for (name, _) in form_urlencoded::parse(q.as_bytes()) {
-        if !op.declares_query(&name) {
-            let shown = if !name.is_empty()
-                && name.len() <= 64
-                && name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"_.-[]".contains(&b))
-            {
-                name.into_owned()
-            } else {
-                "(unprintable name)".to_string()
-            };
-            if !undeclared.contains(&shown) {
-                undeclared.push(shown);
-            }
-        }
-    }
-    if undeclared.is_empty() {
-        Ok(())
-    } else {
-        Err(GatewayError::UndeclaredQuery(undeclared))
     }
 }
 

@@ -14,6 +14,10 @@ use crate::pipeline::Gateway;
 pub fn not_ready(gw: &Gateway) -> Vec<String> {
     let mut out = gw.verifier.not_ready();
     out.extend(gw.credentials.not_ready());
+    out.extend(gw.quotas.not_ready());
+    if !gw.audit.healthy() {
+        out.push("audit: the audit trail cannot be written".to_string());
+    }
     out
 }
 
@@ -50,6 +54,32 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// Each team's policy and live quota usage.
+fn teams_json(gw: &Gateway) -> serde_json::Value {
+    let usage = gw.quotas.snapshot();
+    let teams: Vec<serde_json::Value> = gw
+        .config
+        .teams
+        .iter()
+        .map(|t| {
+            serde_json::json!({
+                "name": t.name,
+                "description": t.description,
+                "operations": t.operations,
+                "credential": t.credential,
+                "on_behalf_of": {
+                    "default": t.on_behalf_of.default,
+                    "allowed": t.on_behalf_of.allowed,
+                    "from_claim": t.on_behalf_of.from_claim,
+                },
+                "validation": t.validation.as_str(),
+                "quota": usage.get("teams").and_then(|u| u.get(&t.name)).cloned().unwrap_or(serde_json::Value::Null),
+            })
+        })
+        .collect();
+    serde_json::json!({"teams": teams, "quota_backend": usage.get("backend").cloned().unwrap_or_default(), "upstream_budget": usage.get("upstream").cloned().unwrap_or_default()})
+}
+
 pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Full<Bytes>> {
     if req.method() != http::Method::GET {
         return text(
@@ -81,6 +111,10 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Full<B
             "text/plain",
             "admin token required\n",
         ),
+        "/admin/teams" if authorized(&gw, &req) => {
+            text(StatusCode::OK, "application/json", teams_json(&gw).to_string())
+        }
+        "/admin/teams" => text(StatusCode::UNAUTHORIZED, "text/plain", "admin token required\n"),
         _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
     }
 }

@@ -48,7 +48,19 @@ pub(crate) fn discover(paths: &[PathBuf]) -> Result<Vec<Vec<PathBuf>>, AuditErro
     let mut chains: BTreeMap<PathBuf, Chain> = BTreeMap::new();
     let single = paths.len() == 1;
     for p in paths {
-        let meta = fs::metadata(p).map_err(|e| AuditError::io(p, e))?;
+        let meta = match fs::metadata(p) {
+            Ok(m) => m,
+            // The current file may be gone (or not yet created) while rotated ones exist.
+            Err(e) if single && e.kind() == io::ErrorKind::NotFound => {
+                let rotated = rotated_siblings(p).unwrap_or_default();
+                if rotated.is_empty() {
+                    return Err(AuditError::io(p, e));
+                }
+                chains.entry(p.clone()).or_default().rotated.extend(rotated);
+                continue;
+            }
+            Err(e) => return Err(AuditError::io(p, e)),
+        };
         if meta.is_dir() {
             for entry in fs::read_dir(p).map_err(|e| AuditError::io(p, e))? {
                 let path = entry.map_err(|e| AuditError::io(p, e))?.path();
@@ -58,11 +70,16 @@ pub(crate) fn discover(paths: &[PathBuf]) -> Result<Vec<Vec<PathBuf>>, AuditErro
                 if let Some((base, seq)) = split_rotated(&path) {
                     chains.entry(base).or_default().rotated.insert(seq, path);
                 } else if path.extension().is_some_and(|e| e == "jsonl") {
-                    chains.entry(path.clone()).or_default().current = Some(path);
+                    let chain = chains.entry(path.clone()).or_default();
+                    chain.current = Some(path);
                 }
             }
         } else if let Some((base, seq)) = split_rotated(p) {
-            chains.entry(base).or_default().rotated.insert(seq, p.clone());
+            chains
+                .entry(base)
+                .or_default()
+                .rotated
+                .insert(seq, p.clone());
         } else {
             let chain = chains.entry(p.clone()).or_default();
             chain.current = Some(p.clone());
@@ -105,7 +122,10 @@ pub(crate) fn rotated_siblings(base: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
         let path = entry?.path();
         if let Some((stem, seq)) = split_rotated(&path) {
             if stem.file_name() == base_name && path.is_file() {
-                out.push((seq, base.with_file_name(path.file_name().unwrap_or_default())));
+                out.push((
+                    seq,
+                    base.with_file_name(path.file_name().unwrap_or_default()),
+                ));
             }
         }
     }

@@ -140,9 +140,8 @@ fn needs_escape(b: u8) -> bool {
     b <= b' ' || b >= 0x7f || b == b'"' || b == b'\\'
 }
 
-const TS_FORMAT: &[BorrowedFormatItem<'static>] = format_description!(
-    "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
-);
+const TS_FORMAT: &[BorrowedFormatItem<'static>] =
+    format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z");
 
 /// `2026-05-01T12:00:00.123Z`: the form of `ts` (UTC, milliseconds).
 pub fn format_ts(t: OffsetDateTime) -> String {

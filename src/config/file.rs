@@ -23,6 +23,47 @@ pub struct GatewayFile {
     pub issuers: Vec<IssuerFile>,
     #[serde(default)]
     pub limits: LimitsFile,
+    #[serde(default)]
+    pub quota: QuotaFile,
+    #[serde(default)]
+    pub audit: AuditFile,
+}
+
+/// `[quota]` in gateway.toml: where quota state lives.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaFile {
+    /// `memory` (default: per replica) or `redis` (shared by every replica).
+    pub backend: Option<String>,
+    /// `redis://[user:password@]host:port[/db]`; a secret because it may hold a password.
+    pub redis_url: Option<SecretFile>,
+    /// `deny` (default: 503 quota_backend_unavailable), `allow` (admit, counted) or `local`
+    /// (fall back to this replica's memory limiter) when Redis cannot answer in time.
+    pub on_backend_error: Option<String>,
+    /// Longest wait for a Redis decision (default `250ms`).
+    pub timeout: Option<String>,
+    /// Prefix of every Redis key (default `ghgw`).
+    pub key_prefix: Option<String>,
+}
+
+/// `[audit]` in gateway.toml.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditFile {
+    /// The current audit file (default `audit/audit.jsonl`, relative to gateway.toml).
+    pub path: Option<String>,
+    /// `always`, `batch` (default) or `never`.
+    pub fsync: Option<String>,
+    /// `reject` (default: fail closed with 503 audit_unavailable) or `continue`.
+    pub on_error: Option<String>,
+    /// Rotate when the file would grow past this many bytes (default 104857600; 0 never).
+    pub rotate_bytes: Option<u64>,
+    /// Keys the hash chain (HMAC-SHA256), so editing the file cannot recompute it.
+    pub hmac_key: Option<SecretFile>,
+    /// Records waiting for the writer before new writes fail (default 4096).
+    pub queue_capacity: Option<u64>,
+    /// With `fsync = "batch"`, the longest an acknowledged record may stay unsynced (default `50ms`).
+    pub batch_interval: Option<String>,
 }
 
 /// `[listen]`: the gateway listener.
@@ -37,6 +78,9 @@ pub struct ListenFile {
     pub max_header_bytes: Option<u64>,
     /// How long in-flight requests may run after SIGTERM/SIGINT (default `30s`).
     pub shutdown_grace: Option<String>,
+    /// Peers (CIDRs) whose `X-Forwarded-For` is believed for the audit's `client_addr`.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
 }
 
 /// TLS for the gateway listener.
@@ -71,6 +115,10 @@ pub struct UpstreamFile {
     pub connect_timeout: Option<String>,
     /// An extra PEM trust anchor for the upstream, token endpoints and JWKS URLs.
     pub ca_file: Option<String>,
+    /// The account's budget at Greenhouse (`"50/10s"`), paced for all teams and replicas.
+    pub rate: Option<String>,
+    /// How long a request may wait for a slot in that budget before 503 (default `2s`).
+    pub max_wait: Option<String>,
 }
 
 /// `[credentials.NAME]`.
@@ -128,8 +176,12 @@ pub struct IssuerFile {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsFile {
-    /// Largest request body, in bytes (default 10 MiB).
+    /// Largest request body, in bytes (default 10 MiB); decoded attachments count against it.
     pub max_body_bytes: Option<u64>,
+    /// Largest decoded size of one attachment's `content` (default 5 MiB).
+    pub max_attachment_bytes: Option<u64>,
+    /// Deepest JSON nesting accepted in a body (default 64).
+    pub max_json_depth: Option<u64>,
 }
 
 /// `policies/teams/NAME.toml`.
@@ -144,6 +196,43 @@ pub struct TeamFile {
     pub members: Vec<BTreeMap<String, String>>,
     #[serde(default)]
     pub on_behalf_of: OnBehalfOfFile,
+    #[serde(default)]
+    pub quota: TeamQuotaFile,
+    #[serde(default)]
+    pub validation: TeamValidationFile,
+}
+
+/// `[quota]` in a team file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TeamQuotaFile {
+    /// Sustained rate for the whole team (GCRA), for example `"20/s"`.
+    pub rate: Option<String>,
+    /// Requests admitted at once from idle (default: the rate's count).
+    pub burst: Option<u64>,
+    /// Requests in flight at once.
+    pub concurrency: Option<u64>,
+    /// Per operation id.
+    #[serde(default)]
+    pub operations: BTreeMap<String, OpQuotaFile>,
+}
+
+/// `[quota.operations.ID]` in a team file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpQuotaFile {
+    pub rate: Option<String>,
+    pub burst: Option<u64>,
+    /// Admitted requests per UTC day (resets at 00:00 UTC).
+    pub daily: Option<u64>,
+}
+
+/// `[validation]` in a team file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TeamValidationFile {
+    /// `enforce` (default) or `report`.
+    pub mode: Option<String>,
 }
 
 /// `[on_behalf_of]` in a team file.

@@ -23,6 +23,11 @@ pub struct Config {
     pub issuers: Vec<IssuerConfig>,
     pub limits: Limits,
     pub teams: Teams,
+    pub quota: crate::quota::QuotaSettings,
+    pub audit: crate::audit::AuditSettings,
+    pub validation: crate::validate::ValidationOptions,
+    /// Compiled from the spec at load: a schema that cannot compile is a `check` problem.
+    pub validators: Arc<crate::validate::Validators>,
     /// Findings that do not stop the gateway (for example overlapping teams).
     pub warnings: Vec<super::Problem>,
 }
@@ -34,6 +39,7 @@ pub struct Listen {
     pub header_read_timeout: Duration,
     pub max_header_bytes: usize,
     pub shutdown_grace: Duration,
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 #[derive(Debug, Clone)]

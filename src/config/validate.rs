@@ -9,9 +9,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::file::{CredentialFile, GatewayFile, IssuerFile, SecretFile, TeamFile};
+use super::file::{CredentialFile, GatewayFile, IssuerFile, SecretFile, TeamFile, TeamQuotaFile};
 use super::model::*;
-use super::values::{Secret, parse_duration};
+use super::values::{Secret, parse_duration, parse_rate};
+use crate::audit::{AuditSettings, Fsync, OnError as AuditOnError};
+use crate::policy::ValidationMode;
+use crate::quota::{
+    Backend as QuotaBackend, Limit, OnBackendError, OpLimits, QuotaSettings, TeamLimits, UpstreamBudget, validate_limit,
+};
+use crate::validate::{ValidationOptions, Validators};
 use crate::auth::jwks::{IssuerConfig, KeySource};
 use crate::policy::{Glob, MemberRule, OboPolicy, Team, Teams, is_valid_email};
 use crate::spec::Spec;
@@ -431,6 +437,27 @@ pub fn validate(
         }
     }
     let ca_file = gw.upstream.ca_file.as_ref().map(|c| base.join(c));
+    let upstream_budget = match gw.upstream.rate.as_deref().map(parse_rate) {
+        None => None,
+        Some(Err(e)) => {
+            r.add("upstream.rate", e);
+            None
+        }
+        Some(Ok(rate)) => Some(UpstreamBudget {
+            rate,
+            max_wait: r.duration("upstream.max_wait", gw.upstream.max_wait.as_deref(), Duration::from_secs(2)),
+        }),
+    };
+    if gw.upstream.rate.is_none() && gw.upstream.max_wait.is_some() {
+        r.add("upstream.max_wait", "has no effect without upstream.rate");
+    }
+    let mut trusted_proxies = Vec::new();
+    for (i, cidr) in gw.listen.trusted_proxies.iter().enumerate() {
+        match cidr.parse::<ipnet::IpNet>().or_else(|_| cidr.parse::<IpAddr>().map(ipnet::IpNet::from)) {
+            Ok(net) => trusted_proxies.push(net),
+            Err(_) => r.add(format!("listen.trusted_proxies[{i}]"), "must be an IP address or CIDR, for example 10.0.0.0/8"),
+        }
+    }
 
     // [credentials.*]
     let mut credentials = BTreeMap::new();
@@ -541,8 +568,119 @@ pub fn validate(
         r.add("limits.max_body_bytes", "must be between 1 and 268435456");
     }
 
+    // Decoded attachments count against the body limit, so a larger attachment limit could never
+    // be reached; by default it is 5 MiB or the body limit, whichever is smaller.
+    let max_attachment_bytes = gw.limits.max_attachment_bytes.unwrap_or((5 * 1024 * 1024).min(max_body_bytes));
+    if max_attachment_bytes == 0 {
+        r.add("limits.max_attachment_bytes", "must be at least 1");
+    }
+    let max_json_depth = gw.limits.max_json_depth.unwrap_or(64);
+    if !(2..=128).contains(&max_json_depth) {
+        r.add("limits.max_json_depth", "must be between 2 and 128");
+    }
+    let validation = ValidationOptions {
+        max_depth: max_json_depth as usize,
+        max_attachment_bytes: usize::try_from(max_attachment_bytes).unwrap_or(usize::MAX),
+        max_body_bytes: usize::try_from(max_body_bytes).unwrap_or(usize::MAX),
+    };
+
+    // [quota]
+    let q = &gw.quota;
+    let quota_timeout = r.duration("quota.timeout", q.timeout.as_deref(), Duration::from_millis(250));
+    if quota_timeout.is_zero() || quota_timeout > Duration::from_secs(5) {
+        r.add("quota.timeout", "must be between 1ms and 5s");
+    }
+    let backend = match q.backend.as_deref() {
+        None | Some("memory") => {
+            if q.redis_url.is_some() {
+                r.add("quota.redis_url", "is only used with backend = \"redis\"");
+            }
+            QuotaBackend::Memory
+        }
+        Some("redis") => {
+            let url = match &q.redis_url {
+                None => {
+                    r.add("quota.redis_url", "is required with backend = \"redis\"");
+                    None
+                }
+                Some(sf) => r.secret("quota.redis_url", sf, &base, secrets),
+            };
+            if let Some(u) = &url
+                && !(u.expose().starts_with("redis://") || u.expose().starts_with("rediss://"))
+            {
+                r.add("quota.redis_url", "must start with redis:// or rediss://");
+            }
+            let key_prefix = q.key_prefix.clone().unwrap_or_else(|| "ghgw".to_string());
+            if key_prefix.is_empty() || !key_prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b)) {
+                r.add("quota.key_prefix", "use letters, digits and - _ . : only");
+            }
+            QuotaBackend::Redis {
+                url: url.map(|u| u.expose().to_string()).unwrap_or_default(),
+                timeout: quota_timeout,
+                key_prefix,
+            }
+        }
+        Some(_) => {
+            r.add("quota.backend", "must be \"memory\" or \"redis\"");
+            QuotaBackend::Memory
+        }
+    };
+    let on_backend_error = match q.on_backend_error.as_deref() {
+        None | Some("deny") => OnBackendError::Deny,
+        Some("allow") => OnBackendError::Allow,
+        Some("local") => OnBackendError::Local,
+        Some(_) => {
+            r.add("quota.on_backend_error", "must be \"deny\", \"allow\" or \"local\"");
+            OnBackendError::Deny
+        }
+    };
+
+    // [audit]
+    let a = &gw.audit;
+    let mut audit = AuditSettings::new(base.join(a.path.as_deref().unwrap_or("audit/audit.jsonl")));
+    audit.fsync = match a.fsync.as_deref() {
+        None | Some("batch") => Fsync::Batch,
+        Some("always") => Fsync::Always,
+        Some("never") => Fsync::Never,
+        Some(_) => {
+            r.add("audit.fsync", "must be \"always\", \"batch\" or \"never\"");
+            Fsync::Batch
+        }
+    };
+    audit.on_error = match a.on_error.as_deref() {
+        None | Some("reject") => AuditOnError::Reject,
+        Some("continue") => AuditOnError::Continue,
+        Some(_) => {
+            r.add("audit.on_error", "must be \"reject\" or \"continue\"");
+            AuditOnError::Reject
+        }
+    };
+    if let Some(n) = a.rotate_bytes {
+        if n != 0 && n < 4096 {
+            r.add("audit.rotate_bytes", "must be 0 (never rotate) or at least 4096");
+        }
+        audit.rotate_bytes = n;
+    }
+    audit.hmac_key = a.hmac_key.as_ref().and_then(|k| r.secret("audit.hmac_key", k, &base, secrets));
+    if let Some(k) = &audit.hmac_key
+        && k.expose().len() < 16
+    {
+        r.add("audit.hmac_key", "must be at least 16 bytes");
+    }
+    if let Some(n) = a.queue_capacity {
+        if !(1..=1_000_000).contains(&n) {
+            r.add("audit.queue_capacity", "must be between 1 and 1000000");
+        }
+        audit.queue_capacity = n as usize;
+    }
+    audit.batch_interval = r.duration("audit.batch_interval", a.batch_interval.as_deref(), audit.batch_interval);
+    if audit.batch_interval.is_zero() || audit.batch_interval > Duration::from_secs(10) {
+        r.add("audit.batch_interval", "must be between 1ms and 10s");
+    }
+
     // teams
     let mut teams = Vec::new();
+    let mut team_quotas = BTreeMap::new();
     if team_files.is_empty() {
         r.add(
             "teams",
@@ -554,7 +692,8 @@ pub fn validate(
             file: path,
             problems: r.problems,
         };
-        if let Some(t) = validate_team(&mut tr, path, tf, spec.as_ref(), &gw.credentials) {
+        if let Some((t, q)) = validate_team(&mut tr, path, tf, spec.as_ref(), &gw.credentials) {
+            team_quotas.insert(t.name.clone(), q);
             teams.push(t);
         }
     }
@@ -578,9 +717,22 @@ pub fn validate(
     if !problems.is_empty() {
         return Err(problems);
     }
-    let (Some(spec), Some(addr), Some(admin_addr), Some(base_url)) =
-        (spec, listen_addr, admin_addr, base_url)
-    else {
+    let validators = match spec.as_ref().map(|s| Validators::compile(s, validation)) {
+        Some(Ok(v)) => Some(v),
+        Some(Err(list)) => {
+            let spec_file = gw.spec.as_ref().map_or_else(|| PathBuf::from("<built-in seed spec>"), |s| base.join(s));
+            for m in list {
+                problems.push(Problem { file: spec_file.clone(), key: String::new(), message: format!("schema does not compile: {m}") });
+            }
+            None
+        }
+        None => None,
+    };
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    let (Some(validators), Some(spec), Some(addr), Some(admin_addr), Some(base_url)) =
+        (validators, spec, listen_addr, admin_addr, base_url) else {
         // Each missing piece has a problem recorded already (a broken spec in the caller).
         return Err(problems);
     };
@@ -594,6 +746,7 @@ pub fn validate(
             header_read_timeout,
             max_header_bytes: max_header_bytes as usize,
             shutdown_grace,
+            trusted_proxies,
         },
         admin: Admin {
             addr: admin_addr,
@@ -610,6 +763,10 @@ pub fn validate(
         issuers,
         limits: Limits { max_body_bytes },
         teams,
+        quota: QuotaSettings { backend, on_backend_error, teams: team_quotas, upstream: upstream_budget },
+        audit,
+        validation,
+        validators: Arc::new(validators),
         warnings,
     })
 }
@@ -711,7 +868,7 @@ fn validate_team(
     tf: &TeamFile,
     spec: Option<&Spec>,
     credentials: &BTreeMap<String, CredentialFile>,
-) -> Option<Team> {
+) -> Option<(Team, TeamLimits)> {
     let before = r.problems.len();
     let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("");
     if tf.name != stem {
@@ -813,16 +970,67 @@ fn validate_team(
     if obo.default.is_none() && obo.from_claim.is_none() && obo.allowed.is_empty() {
         r.add("on_behalf_of", "needs a default, allowed users or from_claim: Greenhouse requires On-Behalf-Of on every call");
     }
-    (r.problems.len() == before).then(|| Team {
-        name: tf.name.clone(),
-        description: tf.description.clone(),
-        operations,
-        credential,
-        members,
-        on_behalf_of: OboPolicy {
-            default: obo.default.clone(),
-            allowed: obo.allowed.clone(),
-            from_claim: obo.from_claim.clone(),
-        },
+    let validation = match tf.validation.mode.as_deref() {
+        None | Some("enforce") => ValidationMode::Enforce,
+        Some("report") => ValidationMode::Report,
+        Some(_) => {
+            r.add("validation.mode", "must be \"enforce\" or \"report\"");
+            ValidationMode::Enforce
+        }
+    };
+    let quota = team_limits(r, &tf.quota, &operations);
+    (r.problems.len() == before).then(|| {
+        (
+            Team {
+                name: tf.name.clone(),
+                description: tf.description.clone(),
+                operations,
+                credential,
+                members,
+                on_behalf_of: OboPolicy {
+                    default: obo.default.clone(),
+                    allowed: obo.allowed.clone(),
+                    from_claim: obo.from_claim.clone(),
+                },
+                validation,
+            },
+            quota,
+        )
     })
+}
+
+/// A team's `[quota]`: rates through the limiter's own pure validator, counts checked here.
+fn team_limits(r: &mut Report<'_>, q: &TeamQuotaFile, operations: &BTreeSet<String>) -> TeamLimits {
+    let limit_at = |r: &mut Report<'_>, key: &str, rate: Option<&str>, burst: Option<u64>| match validate_limit(rate, burst) {
+        Ok(l) => l,
+        Err(problems) => {
+            for (k, m) in problems {
+                let k = if k.is_empty() { key.to_string() } else { format!("{key}.{k}") };
+                r.add(k, m);
+            }
+            Limit { rate: None, burst: None }
+        }
+    };
+    let limit = limit_at(r, "quota", q.rate.as_deref(), q.burst);
+    let concurrency = match q.concurrency {
+        Some(0) => {
+            r.add("quota.concurrency", "must be at least 1");
+            None
+        }
+        Some(n) => Some(u32::try_from(n).unwrap_or(u32::MAX)),
+        None => None,
+    };
+    let mut ops = BTreeMap::new();
+    for (op, oq) in &q.operations {
+        let key = format!("quota.operations.{op}");
+        if !operations.contains(op) {
+            r.add(&key, "the team may not call this operation (it is not in `operations`)");
+        }
+        if oq.daily == Some(0) {
+            r.add(format!("{key}.daily"), "must be at least 1 (remove the operation from `operations` to forbid it)");
+        }
+        let limit = limit_at(r, &key, oq.rate.as_deref(), oq.burst);
+        ops.insert(op.clone(), OpLimits { limit, daily: oq.daily });
+    }
+    TeamLimits { limit, concurrency, operations: ops }
 }

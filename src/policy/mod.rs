@@ -120,6 +120,25 @@ impl MemberRule {
     }
 }
 
+/// What happens to requests that do not match the spec.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ValidationMode {
+    /// Refused with 400/422 before reaching Greenhouse.
+    #[default]
+    Enforce,
+    /// Forwarded anyway; counted and recorded (pointers and keywords only) in the audit trail.
+    Report,
+}
+
+impl ValidationMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ValidationMode::Enforce => "enforce",
+            ValidationMode::Report => "report",
+        }
+    }
+}
+
 /// A validated team policy.
 #[derive(Debug, Clone)]
 pub struct Team {
@@ -129,6 +148,7 @@ pub struct Team {
     pub credential: String,
     pub members: Vec<MemberRule>,
     pub on_behalf_of: OboPolicy,
+    pub validation: ValidationMode,
 }
 
 impl Team {
@@ -216,6 +236,7 @@ mod tests {
                 })
                 .collect(),
             on_behalf_of: OboPolicy::default(),
+            validation: ValidationMode::default(),
         }
     }
 

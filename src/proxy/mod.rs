@@ -1,5 +1,7 @@
 //! Forwarding: header hygiene in both directions and the upstream call.
 
+pub mod body;
+
 use std::net::IpAddr;
 use std::time::Duration;
 

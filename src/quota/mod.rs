@@ -1,1 +1,1184 @@
-//! placeholder
+//! Quotas: whether a team's limits admit one more request, and the shared upstream budget.
+//!
+//! Pipeline step 5 (after the team and operation are known, before the body is read):
+//! [`Quotas::admit`] runs every check for one request — the team's rate (GCRA, with burst), the
+//! team's concurrency cap, the operation's rate and the operation's daily quota (reset at
+//! 00:00 UTC) — and spends in all of them or in none: a refused request costs nothing anywhere.
+//! Just before forwarding, [`Quotas::upstream_slot`] waits (up to `upstream.max_wait`) for a slot
+//! in the account's Greenhouse budget, shared by every team and every replica.
+//!
+//! # Algorithms
+//!
+//! Rates use GCRA (the generic cell rate algorithm, a "theoretical arrival time" per limit):
+//! `burst` requests are admitted at once from idle, then one per `per / count`; there are no
+//! windows, so there is no double burst at a window edge. The upstream budget is GCRA with a
+//! burst of one (pure pacing): at most `count` requests start in any span of `per`, which keeps a
+//! fixed-window upstream limit such as Greenhouse's 50 per 10 s from ever answering 429. A
+//! request that would start within `max_wait` reserves its slot and sleeps until it; one that
+//! would start later is refused at once with the delay it would have had.
+//!
+//! # Backends
+//!
+//! - `memory`: per-process state, one small mutex per team (never one over all teams); exact
+//!   under any concurrency. Leases (concurrency) are given back when the [`Admission`] drops.
+//! - `redis`: one Lua script per decision (one `EVALSHA`, one round trip), using the Redis
+//!   server's clock so replicas with skewed clocks agree; every key has a TTL (see
+//!   `redis_store.rs` for the layout); concurrency leases are ids in a sorted set scored by expiry
+//!   (60 s by default), given back on drop and reclaimed by the script when a replica died with
+//!   them. Every call has a deadline (`timeout`, 250 ms by default): no request waits longer for a
+//!   decision. When Redis fails, `on_backend_error` decides: `deny` refuses with
+//!   [`Refusal::BackendUnavailable`] (503, never 429), `allow` admits and counts it
+//!   ([`Quotas::backend_errors_allowed`]), `local` decides with an in-process limiter that has the
+//!   same limits (per replica, so N replicas admit up to N times the limit while Redis is away).
+//!   While Redis is down, requests skip it (a circuit breaker) and a background probe, plus one
+//!   request every 250 ms, try it again; [`Quotas::not_ready`] reports it.
+//!
+//! # Rate-limit headers
+//!
+//! Every admission and every 429 refusal carries the fields of the IETF draft
+//! `draft-ietf-httpapi-ratelimit-headers` (checked against revision 11), as Structured Field
+//! lists:
+//!
+//! ```text
+//! RateLimit-Policy: "team";q=20;w=1, "team-concurrency";q=16;qu="concurrent-requests", "createPartnerCandidate";q=5;w=1, "createPartnerCandidate-daily";q=5000;w=86400
+//! RateLimit: "team";r=19;t=1, "team-concurrency";r=15, "createPartnerCandidate";r=4;t=1, "createPartnerCandidate-daily";r=4988;t=41215
+//! ```
+//!
+//! Policies: `"team"` (the team's rate), `"team-concurrency"` (its cap on requests in flight),
+//! the operation id (the operation's rate) and `"<operationId>-daily"` (its daily quota); only
+//! the limits that apply to the request appear. For a rate, `q`/`w` is the configured count per
+//! period in whole seconds (`w` is an integer in the draft: a sub-second period is stretched to
+//! one second and the count scaled down); when the burst differs from `q` it is given as the
+//! vendor parameter `ghgw-burst`. In `RateLimit`, `r` is what can be spent right now and `t`
+//! (whole seconds, rounded up) is how long until more becomes available: for a rate, until one
+//! more request is regained (0 when the burst is whole), for a daily quota, until 00:00 UTC. So
+//! "within `t` seconds, no more than `r`" holds, as the draft defines `t`. `Retry-After` is not
+//! among these headers: the caller sets it from [`Refusal::retry_after`].
+
+mod gcra;
+mod memory;
+mod plan;
+mod redis_store;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde_json::{Map, Value, json};
+
+use crate::config::values::{Rate, parse_duration, parse_rate};
+use gcra::Gcra;
+use memory::{Status, TeamSlot, Verdict, lock, nanos};
+use plan::{DailyObs, MICROS, NANOS, Observation, OpPlan, RateObs, TeamPlan, render};
+use redis_store::{AdmitReply, RedisStore};
+
+/// Default deadline for one Redis call.
+pub const DEFAULT_REDIS_TIMEOUT: Duration = Duration::from_millis(250);
+/// Default namespace of the Redis keys.
+pub const DEFAULT_KEY_PREFIX: &str = "ghgw";
+/// Default `upstream.max_wait`.
+pub const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(2);
+/// Default lifetime of a Redis concurrency lease that is never given back.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(60);
+/// What [`Quotas::upstream_slot`] answers when Redis fails and `on_backend_error = "deny"`.
+const BACKEND_RETRY: Duration = Duration::from_secs(1);
+/// The longest block taken from upstream feedback.
+const MAX_FEEDBACK_BLOCK: Duration = Duration::from_secs(3600);
+
+// ---------------------------------------------------------------------------------------------
+// Settings: plain validated values
+
+/// Where quota state lives.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Backend {
+    Memory,
+    Redis {
+        /// `redis://[user:password@]host[:port][/db]` (or `redis+unix://`); may hold a password,
+        /// so `Debug` never shows it.
+        url: String,
+        /// Deadline for one Redis call (default 250 ms).
+        timeout: Duration,
+        /// Namespace of every key (default `ghgw`).
+        key_prefix: String,
+    },
+}
+
+impl Backend {
+    /// Redis at `url` with the default timeout and key prefix.
+    pub fn redis(url: impl Into<String>) -> Backend {
+        Backend::Redis {
+            url: url.into(),
+            timeout: DEFAULT_REDIS_TIMEOUT,
+            key_prefix: DEFAULT_KEY_PREFIX.to_string(),
+        }
+    }
+}
+
+impl fmt::Debug for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Backend::Memory => f.write_str("Memory"),
+            Backend::Redis {
+                timeout,
+                key_prefix,
+                ..
+            } => f
+                .debug_struct("Redis")
+                .field("url", &"<redacted>")
+                .field("timeout", timeout)
+                .field("key_prefix", key_prefix)
+                .finish(),
+        }
+    }
+}
+
+/// What to do when the Redis backend cannot answer in time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnBackendError {
+    /// Refuse with [`Refusal::BackendUnavailable`] (503 `quota_backend_unavailable`).
+    #[default]
+    Deny,
+    /// Admit, and count it in [`Quotas::backend_errors_allowed`].
+    Allow,
+    /// Decide with an in-process limiter that has the same limits.
+    Local,
+}
+
+impl OnBackendError {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            OnBackendError::Deny => "deny",
+            OnBackendError::Allow => "allow",
+            OnBackendError::Local => "local",
+        }
+    }
+}
+
+/// A rate with its burst. No rate: no limit (and then no burst either).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Limit {
+    pub rate: Option<Rate>,
+    /// Requests admitted at once from idle; defaults to the rate's count.
+    pub burst: Option<u32>,
+}
+
+/// A team's `[quota]`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TeamLimits {
+    pub limit: Limit,
+    /// Requests in flight at once.
+    pub concurrency: Option<u32>,
+    /// `[quota.operations.<operationId>]`.
+    pub operations: BTreeMap<String, OpLimits>,
+}
+
+/// An operation's limits inside a team.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct OpLimits {
+    pub limit: Limit,
+    /// Admitted requests per UTC day.
+    pub daily: Option<u64>,
+}
+
+/// `upstream.rate` and `upstream.max_wait`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UpstreamBudget {
+    pub rate: Rate,
+    /// How long a request may wait for a slot (default 2 s).
+    pub max_wait: Duration,
+}
+
+/// Everything the quota module needs from configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuotaSettings {
+    pub backend: Backend,
+    pub on_backend_error: OnBackendError,
+    /// Teams by name; a team not listed here has no limits.
+    pub teams: BTreeMap<String, TeamLimits>,
+    pub upstream: Option<UpstreamBudget>,
+}
+
+impl Default for QuotaSettings {
+    fn default() -> Self {
+        QuotaSettings {
+            backend: Backend::Memory,
+            on_backend_error: OnBackendError::Deny,
+            teams: BTreeMap::new(),
+            upstream: None,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validation helpers: raw values in, a validated value or every (key, message) problem out. Keys
+// are relative to the table they come from (`[quota]` of gateway.toml or of a team file, or
+// `[quota.operations.<id>]`, or `[upstream]`); the caller prefixes the path.
+
+/// Problems as (key, message).
+pub type Problems = Vec<(String, String)>;
+
+fn problem(key: &str, message: impl Into<String>) -> (String, String) {
+    (key.to_string(), message.into())
+}
+
+/// `rate` and `burst` of a team or operation.
+pub fn validate_limit(rate: Option<&str>, burst: Option<u64>) -> Result<Limit, Problems> {
+    let mut problems = Vec::new();
+    let parsed = match rate {
+        None => None,
+        Some(s) => match parse_rate(s) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                problems.push(problem("rate", e));
+                None
+            }
+        },
+    };
+    let burst_value = match burst {
+        None => None,
+        Some(0) => {
+            problems.push(problem("burst", "must be at least 1"));
+            None
+        }
+        Some(b) => match u32::try_from(b) {
+            Ok(b) => Some(b),
+            Err(_) => {
+                problems.push(problem(
+                    "burst",
+                    format!("{b} is too large (at most {})", u32::MAX),
+                ));
+                None
+            }
+        },
+    };
+    if burst.is_some() && rate.is_none() {
+        problems.push(problem(
+            "burst",
+            "needs a rate: burst is how many requests are admitted at once on top of the rate",
+        ));
+    }
+    if problems.is_empty() {
+        Ok(Limit {
+            rate: parsed,
+            burst: burst_value,
+        })
+    } else {
+        Err(problems)
+    }
+}
+
+/// A team's `concurrency`.
+pub fn validate_concurrency(concurrency: Option<u64>) -> Result<Option<u32>, Problems> {
+    match concurrency {
+        None => Ok(None),
+        Some(0) => Err(vec![problem("concurrency", "must be at least 1")]),
+        Some(c) => u32::try_from(c).map(Some).map_err(|_| {
+            vec![problem(
+                "concurrency",
+                format!("{c} is too large (at most {})", u32::MAX),
+            )]
+        }),
+    }
+}
+
+/// An operation's `daily`.
+pub fn validate_daily(daily: Option<u64>) -> Result<Option<u64>, Problems> {
+    match daily {
+        Some(0) => Err(vec![problem(
+            "daily",
+            "must be at least 1 (to forbid an operation, leave it out of `operations`)",
+        )]),
+        d => Ok(d),
+    }
+}
+
+/// `[quota]` of gateway.toml: `backend`, `redis_url` (already resolved from its secret),
+/// `redis_timeout` and `key_prefix`. Messages never repeat the URL (it may hold a password).
+pub fn validate_backend(
+    backend: Option<&str>,
+    redis_url: Option<&str>,
+    redis_timeout: Option<&str>,
+    key_prefix: Option<&str>,
+) -> Result<Backend, Problems> {
+    let mut problems = Vec::new();
+    let timeout = match redis_timeout.map(parse_duration) {
+        None => DEFAULT_REDIS_TIMEOUT,
+        Some(Ok(d)) if d.is_zero() => {
+            problems.push(problem("redis_timeout", "must be longer than zero"));
+            DEFAULT_REDIS_TIMEOUT
+        }
+        Some(Ok(d)) => d,
+        Some(Err(e)) => {
+            problems.push(problem("redis_timeout", e));
+            DEFAULT_REDIS_TIMEOUT
+        }
+    };
+    let prefix = key_prefix.unwrap_or(DEFAULT_KEY_PREFIX);
+    if prefix.is_empty() || prefix.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        problems.push(problem(
+            "key_prefix",
+            "must be non-empty, without spaces or control characters",
+        ));
+    }
+    let result = match backend.unwrap_or("memory") {
+        "memory" => {
+            for (key, given) in [
+                ("redis_url", redis_url.is_some()),
+                ("redis_timeout", redis_timeout.is_some()),
+                ("key_prefix", key_prefix.is_some()),
+            ] {
+                if given {
+                    problems.push(problem(key, "only used with backend = \"redis\""));
+                }
+            }
+            Backend::Memory
+        }
+        "redis" => {
+            match redis_url {
+                None => problems.push(problem("redis_url", "required with backend = \"redis\"")),
+                Some(url) => {
+                    if let Some(message) = redis_url_problem(url) {
+                        problems.push(problem("redis_url", message));
+                    }
+                }
+            }
+            Backend::Redis {
+                url: redis_url.unwrap_or_default().to_string(),
+                timeout,
+                key_prefix: prefix.to_string(),
+            }
+        }
+        _ => {
+            problems.push(problem("backend", "must be \"memory\" or \"redis\""));
+            Backend::Memory
+        }
+    };
+    if problems.is_empty() {
+        Ok(result)
+    } else {
+        Err(problems)
+    }
+}
+
+fn redis_url_problem(url: &str) -> Option<&'static str> {
+    let lower = url.to_ascii_lowercase();
+    if lower.starts_with("rediss://") {
+        return Some("TLS (rediss://) is not supported by this build; use redis://");
+    }
+    let scheme_ok = ["redis://", "redis+unix://", "unix://"]
+        .iter()
+        .any(|s| lower.starts_with(s));
+    if !scheme_ok || redis::Client::open(url).is_err() {
+        return Some("is not a redis URL (redis://[user:password@]host[:port][/db])");
+    }
+    None
+}
+
+/// `on_backend_error`.
+pub fn validate_on_backend_error(value: Option<&str>) -> Result<OnBackendError, Problems> {
+    match value {
+        None | Some("deny") => Ok(OnBackendError::Deny),
+        Some("allow") => Ok(OnBackendError::Allow),
+        Some("local") => Ok(OnBackendError::Local),
+        Some(_) => Err(vec![problem(
+            "on_backend_error",
+            "must be \"deny\", \"allow\" or \"local\"",
+        )]),
+    }
+}
+
+/// `[upstream]` `rate` and `max_wait`.
+pub fn validate_upstream(
+    rate: Option<&str>,
+    max_wait: Option<&str>,
+) -> Result<Option<UpstreamBudget>, Problems> {
+    let mut problems = Vec::new();
+    let wait = match max_wait.map(parse_duration) {
+        None => DEFAULT_MAX_WAIT,
+        Some(Ok(d)) => d,
+        Some(Err(e)) => {
+            problems.push(problem("max_wait", e));
+            DEFAULT_MAX_WAIT
+        }
+    };
+    let budget = match rate.map(parse_rate) {
+        None => {
+            if max_wait.is_some() {
+                problems.push(problem("max_wait", "only used with `rate`"));
+            }
+            None
+        }
+        Some(Ok(r)) => Some(UpstreamBudget {
+            rate: r,
+            max_wait: wait,
+        }),
+        Some(Err(e)) => {
+            problems.push(problem("rate", e));
+            None
+        }
+    };
+    if problems.is_empty() {
+        Ok(budget)
+    } else {
+        Err(problems)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Clocks and options
+
+/// "Now" as a duration since the UNIX epoch. Decides the memory backend (Redis uses its own
+/// server time); injectable for tests.
+pub trait Clock: Send + Sync {
+    fn now(&self) -> Duration;
+}
+
+/// The system clock.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Duration {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+    }
+}
+
+/// A clock that moves only when told to (tests).
+#[derive(Debug, Default)]
+pub struct ManualClock {
+    nanos: AtomicU64,
+}
+
+impl ManualClock {
+    pub fn new(start: Duration) -> ManualClock {
+        ManualClock {
+            nanos: AtomicU64::new(nanos(start)),
+        }
+    }
+    pub fn set(&self, now: Duration) {
+        self.nanos.store(nanos(now), Ordering::SeqCst);
+    }
+    pub fn advance(&self, by: Duration) {
+        self.nanos.fetch_add(nanos(by), Ordering::SeqCst);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> Duration {
+        Duration::from_nanos(self.nanos.load(Ordering::SeqCst))
+    }
+}
+
+/// Knobs that are not configuration: for tests and benches.
+#[derive(Clone)]
+pub struct QuotaOptions {
+    pub clock: Arc<dyn Clock>,
+    /// Lifetime of a Redis concurrency lease that is never given back (default 60 s). A
+    /// request that runs longer loses its place in the count.
+    pub lease_ttl: Duration,
+    /// How often Redis is pinged in the background (default 1 s).
+    pub probe_interval: Duration,
+    /// While Redis is down, how often one request is let through to try it (default 250 ms).
+    pub recheck_interval: Duration,
+}
+
+impl Default for QuotaOptions {
+    fn default() -> Self {
+        QuotaOptions {
+            clock: Arc::new(SystemClock),
+            lease_ttl: DEFAULT_LEASE_TTL,
+            probe_interval: Duration::from_secs(1),
+            recheck_interval: Duration::from_millis(250),
+        }
+    }
+}
+
+impl fmt::Debug for QuotaOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("QuotaOptions")
+            .field("lease_ttl", &self.lease_ttl)
+            .field("probe_interval", &self.probe_interval)
+            .field("recheck_interval", &self.recheck_interval)
+            .finish_non_exhaustive()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decisions
+
+/// Why a request was refused. Every variant but `BackendUnavailable` carries its rate-limit
+/// headers (match with `{ retry_after, .. }`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// A team or operation rate: 429 `rate_limited`.
+    #[error("rate limited; retry after {retry_after:?}")]
+    RateLimited {
+        retry_after: Duration,
+        headers: Vec<(&'static str, String)>,
+    },
+    /// The operation's daily quota: 429 `daily_quota_exhausted`; `retry_after` runs to the next
+    /// 00:00 UTC.
+    #[error("daily quota exhausted; retry after {retry_after:?}")]
+    DailyQuotaExhausted {
+        retry_after: Duration,
+        headers: Vec<(&'static str, String)>,
+    },
+    /// The team's cap on requests in flight: 429 `concurrency_limited`; `retry_after` is 1 s.
+    #[error("too many requests in flight; retry after {retry_after:?}")]
+    ConcurrencyLimited {
+        retry_after: Duration,
+        headers: Vec<(&'static str, String)>,
+    },
+    /// Redis did not answer in time and `on_backend_error = "deny"`: 503
+    /// `quota_backend_unavailable` (never 429: it is not the caller's fault).
+    #[error("quota backend unavailable")]
+    BackendUnavailable,
+}
+
+impl Refusal {
+    /// Metric label: `rate`, `daily`, `concurrency` or `backend`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Refusal::RateLimited { .. } => "rate",
+            Refusal::DailyQuotaExhausted { .. } => "daily",
+            Refusal::ConcurrencyLimited { .. } => "concurrency",
+            Refusal::BackendUnavailable => "backend",
+        }
+    }
+
+    /// The problem `code` of DESIGN 1.4.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Refusal::RateLimited { .. } => "rate_limited",
+            Refusal::DailyQuotaExhausted { .. } => "daily_quota_exhausted",
+            Refusal::ConcurrencyLimited { .. } => "concurrency_limited",
+            Refusal::BackendUnavailable => "quota_backend_unavailable",
+        }
+    }
+
+    /// For `Retry-After` (round up to whole seconds); `None` for `BackendUnavailable`.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Refusal::RateLimited { retry_after, .. }
+            | Refusal::DailyQuotaExhausted { retry_after, .. }
+            | Refusal::ConcurrencyLimited { retry_after, .. } => Some(*retry_after),
+            Refusal::BackendUnavailable => None,
+        }
+    }
+
+    /// `RateLimit-Policy` and `RateLimit` for the refusal (not `Retry-After`). Empty for
+    /// `BackendUnavailable`: no live state is known then.
+    pub fn headers(&self) -> Vec<(&'static str, String)> {
+        match self {
+            Refusal::RateLimited { headers, .. }
+            | Refusal::DailyQuotaExhausted { headers, .. }
+            | Refusal::ConcurrencyLimited { headers, .. } => headers.clone(),
+            Refusal::BackendUnavailable => Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Unlimited,
+    Memory,
+    Redis,
+    Local,
+    Allowed,
+}
+
+enum Lease {
+    Memory(Arc<TeamSlot>),
+    Redis {
+        store: Arc<RedisStore>,
+        slot: Arc<TeamSlot>,
+        id: String,
+    },
+}
+
+impl Lease {
+    fn release_in_background(self) {
+        match self {
+            Lease::Memory(slot) => slot.release(),
+            Lease::Redis { store, slot, id } => {
+                slot.redis_inflight.fetch_sub(1, Ordering::AcqRel);
+                store.release(slot.plan.inflight_key.clone(), id);
+            }
+        }
+    }
+
+    async fn release_now(self) {
+        match self {
+            Lease::Memory(slot) => slot.release(),
+            Lease::Redis { store, slot, id } => {
+                slot.redis_inflight.fetch_sub(1, Ordering::AcqRel);
+                store.release_now(&slot.plan.inflight_key, &id).await;
+            }
+        }
+    }
+}
+
+/// An admitted request. Holds the team's concurrency lease until dropped (whatever the outcome
+/// of the request: success and error paths both just drop it). Take the headers with
+/// `std::mem::take(&mut admission.headers)` — moving them out is refused by the compiler, which
+/// keeps the lease from being dropped early.
+pub struct Admission {
+    /// `RateLimit-Policy` and `RateLimit` for the response (empty when the team has no limits).
+    pub headers: Vec<(&'static str, String)>,
+    source: Source,
+    lease: Option<Lease>,
+}
+
+impl Admission {
+    fn unlimited() -> Admission {
+        Admission {
+            headers: Vec::new(),
+            source: Source::Unlimited,
+            lease: None,
+        }
+    }
+
+    /// Who decided (for the audit record): `none` (the team has no limits), `memory`, `redis`,
+    /// `local` (Redis failed, in-process fallback) or `allowed` (Redis failed,
+    /// `on_backend_error = "allow"`).
+    pub fn source(&self) -> &'static str {
+        match self.source {
+            Source::Unlimited => "none",
+            Source::Memory => "memory",
+            Source::Redis => "redis",
+            Source::Local => "local",
+            Source::Allowed => "allowed",
+        }
+    }
+
+    /// Gives the concurrency lease back now, waiting (within the backend deadline) for Redis to
+    /// confirm; dropping does the same in the background.
+    pub async fn release(mut self) {
+        if let Some(lease) = self.lease.take() {
+            lease.release_now().await;
+        }
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            lease.release_in_background();
+        }
+    }
+}
+
+impl fmt::Debug for Admission {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Admission")
+            .field("headers", &self.headers)
+            .field("source", &self.source())
+            .field("holds_lease", &self.lease.is_some())
+            .finish()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The limiter
+
+#[derive(Debug, Default)]
+struct UpState {
+    tat: u64,
+    blocked_until: u64,
+}
+
+struct Upstream {
+    budget: UpstreamBudget,
+    ns: Gcra,
+    us: Gcra,
+    state: Mutex<UpState>,
+}
+
+impl Upstream {
+    fn reserve_local(&self, now: Duration) -> Result<Duration, Duration> {
+        let now_ns = nanos(now);
+        let mut st = lock(&self.state);
+        match self
+            .ns
+            .reserve(st.tat, now_ns, st.blocked_until, nanos(self.budget.max_wait))
+        {
+            Ok((tat, delay)) => {
+                st.tat = tat;
+                Ok(Duration::from_nanos(delay))
+            }
+            Err(delay) => Err(Duration::from_nanos(delay)),
+        }
+    }
+
+    fn block_local(&self, now: Duration, len: Duration) {
+        let until = nanos(now.saturating_add(len));
+        let mut st = lock(&self.state);
+        st.blocked_until = st.blocked_until.max(until);
+    }
+}
+
+struct Inner {
+    teams: HashMap<String, Arc<TeamSlot>>,
+    on_backend_error: OnBackendError,
+    clock: Arc<dyn Clock>,
+    redis: Option<Arc<RedisStore>>,
+    upstream: Option<Upstream>,
+    allowed: AtomicU64,
+}
+
+/// The quota decisions of one gateway process. Cheap to clone; `Send + Sync`.
+#[derive(Clone)]
+pub struct Quotas {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Quotas {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Quotas")
+            .field("teams", &self.inner.teams.len())
+            .field("redis", &self.inner.redis.is_some())
+            .field("on_backend_error", &self.inner.on_backend_error)
+            .finish_non_exhaustive()
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+fn rate_obs(g: &Gcra, tat: u64, now: u64, unit: Duration) -> RateObs {
+    let (remaining, next) = g.observe(tat, now);
+    RateObs {
+        remaining,
+        next: Duration::from_nanos(
+            u64::try_from(u128::from(next) * unit.as_nanos()).unwrap_or(u64::MAX),
+        ),
+    }
+}
+
+fn refusal(status: Status, retry_after: Duration, headers: Vec<(&'static str, String)>) -> Refusal {
+    match status {
+        Status::Daily => Refusal::DailyQuotaExhausted {
+            retry_after,
+            headers,
+        },
+        Status::Concurrency => Refusal::ConcurrencyLimited {
+            retry_after,
+            headers,
+        },
+        Status::Rate | Status::Admitted => Refusal::RateLimited {
+            retry_after,
+            headers,
+        },
+    }
+}
+
+impl Quotas {
+    /// Builds the limiter. Never fails and never waits longer than one Redis deadline: a Redis
+    /// that is down is handled per `on_backend_error` and reported by [`Quotas::not_ready`].
+    pub async fn new(settings: QuotaSettings) -> Quotas {
+        Quotas::new_with_options(settings, QuotaOptions::default()).await
+    }
+
+    /// [`Quotas::new`] with a clock, lease TTL or probe interval of one's own.
+    pub async fn new_with_options(settings: QuotaSettings, options: QuotaOptions) -> Quotas {
+        let quotas = Quotas::build(settings, options);
+        if let Some(store) = &quotas.inner.redis {
+            let _ = store.probe().await;
+        }
+        quotas
+    }
+
+    /// For tests: decisions of the memory backend (and of the `local` fallback) use `clock`.
+    /// Redis, if configured, is contacted on first use.
+    pub fn with_clock(settings: QuotaSettings, clock: Arc<dyn Clock>) -> Quotas {
+        Quotas::build(
+            settings,
+            QuotaOptions {
+                clock,
+                ..QuotaOptions::default()
+            },
+        )
+    }
+
+    fn build(settings: QuotaSettings, options: QuotaOptions) -> Quotas {
+        let (redis, prefix) = match &settings.backend {
+            Backend::Memory => (None, DEFAULT_KEY_PREFIX.to_string()),
+            Backend::Redis {
+                url,
+                timeout,
+                key_prefix,
+            } => (
+                Some(Arc::new(RedisStore::new(
+                    url,
+                    (*timeout).max(Duration::from_millis(1)),
+                    key_prefix,
+                    options.lease_ttl.max(Duration::from_millis(1)),
+                    options.probe_interval.max(Duration::from_millis(10)),
+                    options.recheck_interval,
+                ))),
+                key_prefix.clone(),
+            ),
+        };
+        let teams = settings
+            .teams
+            .iter()
+            .map(|(name, limits)| {
+                let plan = TeamPlan::new(name, limits, &prefix);
+                (name.clone(), Arc::new(TeamSlot::new(plan)))
+            })
+            .collect();
+        let upstream = settings.upstream.map(|budget| Upstream {
+            budget,
+            ns: Gcra::new(budget.rate, 1, NANOS),
+            us: Gcra::new(budget.rate, 1, MICROS),
+            state: Mutex::new(UpState::default()),
+        });
+        Quotas {
+            inner: Arc::new(Inner {
+                teams,
+                on_backend_error: settings.on_backend_error,
+                clock: options.clock,
+                redis,
+                upstream,
+                allowed: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// All checks for one request (team rate, team concurrency, operation rate, operation daily
+    /// quota); spends in all of them or in none. A team without configured limits is admitted
+    /// without headers.
+    pub async fn admit(&self, team: &str, operation: &str) -> Result<Admission, Refusal> {
+        let inner = &self.inner;
+        let Some(slot) = inner.teams.get(team) else {
+            return Ok(Admission::unlimited());
+        };
+        let op = slot.plan.op(operation);
+        if !slot.plan.limits_anything(op.map(|(_, p)| p)) {
+            return Ok(Admission::unlimited());
+        }
+        let Some(store) = &inner.redis else {
+            return self.decide_in_memory(slot, op, Source::Memory);
+        };
+        if store.should_try() {
+            let lease_id = slot
+                .plan
+                .concurrency
+                .map(|_| format!("{:032x}", rand::random::<u128>()));
+            let id = lease_id.as_deref().unwrap_or("");
+            match store.admit(&slot.plan, op.map(|(_, p)| p), id).await {
+                Ok(reply) => return self.decide_from_redis(store, slot, op, reply, lease_id),
+                Err(_) => {
+                    // The script may still run later (a paused server): give back the lease it
+                    // would take, on the same connection, so it queues behind the script.
+                    if let Some(id) = lease_id {
+                        store.release(slot.plan.inflight_key.clone(), id);
+                    }
+                }
+            }
+        }
+        match inner.on_backend_error {
+            OnBackendError::Deny => Err(Refusal::BackendUnavailable),
+            OnBackendError::Allow => {
+                inner.allowed.fetch_add(1, Ordering::Relaxed);
+                Ok(Admission {
+                    headers: render(&slot.plan, op.map(|(_, p)| p), None),
+                    source: Source::Allowed,
+                    lease: None,
+                })
+            }
+            OnBackendError::Local => self.decide_in_memory(slot, op, Source::Local),
+        }
+    }
+
+    fn decide_in_memory(
+        &self,
+        slot: &Arc<TeamSlot>,
+        op: Option<(usize, &OpPlan)>,
+        source: Source,
+    ) -> Result<Admission, Refusal> {
+        let Verdict {
+            status,
+            retry_after,
+            obs,
+        } = slot.admit(op.map(|(i, _)| i), self.inner.clock.now());
+        let headers = render(&slot.plan, op.map(|(_, p)| p), Some(&obs));
+        if status != Status::Admitted {
+            return Err(refusal(status, retry_after, headers));
+        }
+        let lease = slot
+            .plan
+            .concurrency
+            .map(|_| Lease::Memory(Arc::clone(slot)));
+        Ok(Admission {
+            headers,
+            source,
+            lease,
+        })
+    }
+
+    fn decide_from_redis(
+        &self,
+        store: &Arc<RedisStore>,
+        slot: &Arc<TeamSlot>,
+        op: Option<(usize, &OpPlan)>,
+        reply: AdmitReply,
+        lease_id: Option<String>,
+    ) -> Result<Admission, Refusal> {
+        store.note_server_time(reply.now_us, micros(self.inner.clock.now()));
+        let plan = &slot.plan;
+        let op_plan = op.map(|(_, p)| p);
+        {
+            let mut seen = lock(&slot.observed);
+            if plan.rate.is_some() {
+                seen.team_tat_us = Some(reply.team_tat);
+            }
+            if plan.concurrency.is_some() {
+                seen.in_use = Some(reply.in_use);
+            }
+            if let Some((i, p)) = op {
+                let entry = seen.ops.entry(i).or_default();
+                if p.rate.is_some() {
+                    entry.tat_us = Some(reply.op_tat);
+                }
+                if p.daily.is_some() {
+                    entry.daily = Some((reply.day, reply.daily_used));
+                }
+            }
+        }
+        let obs = Observation {
+            team: plan
+                .rate
+                .map(|r| rate_obs(&r.us, reply.team_tat, reply.now_us, MICROS)),
+            in_use: plan.concurrency.map(|_| reply.in_use),
+            op: op_plan
+                .and_then(|p| p.rate)
+                .map(|r| rate_obs(&r.us, reply.op_tat, reply.now_us, MICROS)),
+            daily: op_plan.and_then(|p| p.daily).map(|_| DailyObs {
+                used: reply.daily_used,
+                until_reset: Duration::from_micros(reply.until_midnight_us),
+            }),
+        };
+        let headers = render(plan, op_plan, Some(&obs));
+        if reply.status != Status::Admitted {
+            return Err(refusal(
+                reply.status,
+                Duration::from_micros(reply.retry_us),
+                headers,
+            ));
+        }
+        let lease = lease_id.map(|id| {
+            slot.redis_inflight.fetch_add(1, Ordering::AcqRel);
+            Lease::Redis {
+                store: Arc::clone(store),
+                slot: Arc::clone(slot),
+                id,
+            }
+        });
+        Ok(Admission {
+            headers,
+            source: Source::Redis,
+            lease,
+        })
+    }
+
+    /// A slot in the shared upstream budget: waits up to `max_wait` for it, or answers at once
+    /// with `Err(retry_after)` when none comes in time. `Ok` at once when no budget is
+    /// configured. With Redis, the budget is shared by all replicas.
+    pub async fn upstream_slot(&self) -> Result<(), Duration> {
+        let inner = &self.inner;
+        let Some(up) = &inner.upstream else {
+            return Ok(());
+        };
+        let mut decision = None;
+        if let Some(store) = &inner.redis {
+            if store.should_try() {
+                decision = store.upstream(up.us, up.budget.max_wait).await.ok();
+            }
+            if decision.is_none() {
+                decision = Some(match inner.on_backend_error {
+                    OnBackendError::Deny => Err(BACKEND_RETRY),
+                    OnBackendError::Allow => {
+                        inner.allowed.fetch_add(1, Ordering::Relaxed);
+                        Ok(Duration::ZERO)
+                    }
+                    OnBackendError::Local => up.reserve_local(inner.clock.now()),
+                });
+            }
+        }
+        let decision = decision.unwrap_or_else(|| up.reserve_local(inner.clock.now()));
+        match decision {
+            Ok(delay) => {
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                Ok(())
+            }
+            Err(retry_after) => Err(retry_after),
+        }
+    }
+
+    /// What the upstream said about its own limit (`X-RateLimit-Remaining` and the time to the
+    /// end of its window). When nothing remains, the budget is held until the window ends (the
+    /// budget's period when the upstream did not say), so this and every replica pace ahead of
+    /// the upstream's 429. Ignored when no budget is configured.
+    pub fn upstream_feedback(&self, remaining: Option<u64>, reset_after: Option<Duration>) {
+        let inner = &self.inner;
+        let Some(up) = &inner.upstream else {
+            return;
+        };
+        if remaining != Some(0) {
+            return;
+        }
+        let block = reset_after
+            .unwrap_or(up.budget.rate.per)
+            .min(MAX_FEEDBACK_BLOCK);
+        if block.is_zero() {
+            return;
+        }
+        up.block_local(inner.clock.now(), block);
+        if let Some(store) = &inner.redis {
+            if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                let store = Arc::clone(store);
+                handle.spawn(async move {
+                    let _ = store.feedback(block).await;
+                });
+            }
+        }
+    }
+
+    /// Pings the backend now (within its deadline); `Ok` for the memory backend. Readiness is
+    /// also kept current in the background; this is for a caller that wants to know at once.
+    pub async fn check_backend(&self) -> Result<(), String> {
+        match &self.inner.redis {
+            Some(store) => store.probe().await,
+            None => Ok(()),
+        }
+    }
+
+    /// Reasons the quota backend is not usable, for `/readyz` (empty when it is).
+    pub fn not_ready(&self) -> Vec<String> {
+        self.inner
+            .redis
+            .as_ref()
+            .and_then(|store| store.problem())
+            .map(|p| format!("quota: redis unreachable: {p}"))
+            .into_iter()
+            .collect()
+    }
+
+    /// Requests admitted because Redis failed and `on_backend_error = "allow"` (admissions and
+    /// upstream slots).
+    pub fn backend_errors_allowed(&self) -> u64 {
+        self.inner.allowed.load(Ordering::Relaxed)
+    }
+
+    /// For `GET /admin/teams`: per team, its limits and its usage — live for the memory backend;
+    /// for Redis, estimated now from the state the last decision saw (`usage_source`), since
+    /// this never waits for Redis.
+    pub fn snapshot(&self) -> Value {
+        let inner = &self.inner;
+        let now = inner.clock.now();
+        let mut teams = Map::new();
+        for (name, slot) in &inner.teams {
+            let mut team = json!({ "limits": limits_json(&slot.plan) });
+            match &inner.redis {
+                None => {
+                    team["usage"] = slot.usage(now);
+                    team["usage_source"] = json!("memory");
+                }
+                Some(store) => {
+                    team["usage"] = redis_usage(slot, store, now);
+                    team["usage_source"] = json!("redis_last_seen");
+                    if inner.on_backend_error == OnBackendError::Local {
+                        team["local_fallback_usage"] = slot.usage(now);
+                    }
+                }
+            }
+            teams.insert(name.clone(), team);
+        }
+        let upstream = inner.upstream.as_ref().map(|up| {
+            let st = lock(&up.state);
+            let blocked = st.blocked_until.saturating_sub(nanos(now));
+            drop(st);
+            json!({
+                "rate": up.budget.rate.to_string(),
+                "max_wait_ms": u64::try_from(up.budget.max_wait.as_millis()).unwrap_or(u64::MAX),
+                "blocked_for_ms": blocked / 1_000_000,
+            })
+        });
+        let problem = inner.redis.as_ref().and_then(|s| s.problem());
+        json!({
+            "backend": if inner.redis.is_some() { "redis" } else { "memory" },
+            "on_backend_error": inner.on_backend_error.as_str(),
+            "backend_problem": problem,
+            "backend_errors_allowed": self.backend_errors_allowed(),
+            "upstream": upstream,
+            "teams": teams,
+        })
+    }
+}
+
+fn rate_json(rate: Option<&plan::RatePlan>) -> (Value, Value) {
+    match rate {
+        Some(r) => (json!(r.rate.to_string()), json!(r.burst)),
+        None => (Value::Null, Value::Null),
+    }
+}
+
+fn limits_json(plan: &TeamPlan) -> Value {
+    let (rate, burst) = rate_json(plan.rate.as_ref());
+    let mut ops = Map::new();
+    for op in &plan.ops {
+        let (rate, burst) = rate_json(op.rate.as_ref());
+        ops.insert(
+            op.name.clone(),
+            json!({ "rate": rate, "burst": burst, "daily": op.daily }),
+        );
+    }
+    json!({
+        "rate": rate,
+        "burst": burst,
+        "concurrency": plan.concurrency,
+        "operations": ops,
+    })
+}
+
+fn redis_usage(slot: &TeamSlot, store: &RedisStore, now: Duration) -> Value {
+    let offset = store.clock_offset_us.load(Ordering::Relaxed);
+    let est = i128::from(micros(now)) + i128::from(offset);
+    let est = u64::try_from(est.max(0)).unwrap_or(u64::MAX);
+    let day = est / 86_400_000_000;
+    let seen = lock(&slot.observed).clone();
+    let plan = &slot.plan;
+    let mut out = json!({});
+    if plan.concurrency.is_some() {
+        out["in_flight"] = json!(seen.in_use);
+        out["in_flight_here"] = json!(slot.redis_inflight.load(Ordering::Acquire));
+    }
+    if let Some(r) = &plan.rate {
+        out["remaining_burst"] = json!(r.us.observe(seen.team_tat_us.unwrap_or(0), est).0);
+    }
+    let mut ops = Map::new();
+    for (i, op) in plan.ops.iter().enumerate() {
+        let o = seen.ops.get(&i).copied().unwrap_or_default();
+        let mut u = json!({});
+        if let Some(r) = &op.rate {
+            u["remaining_burst"] = json!(r.us.observe(o.tat_us.unwrap_or(0), est).0);
+        }
+        if op.daily.is_some() {
+            u["daily_used"] = json!(match o.daily {
+                Some((d, used)) if d == day => used,
+                _ => 0,
+            });
+        }
+        ops.insert(op.name.clone(), u);
+    }
+    out["operations"] = Value::Object(ops);
+    out
+}

@@ -46,8 +46,6 @@ impl RatePlan {
 }
 
 pub(crate) struct TeamPlan {
-    pub name: String,
-    pub limits: TeamLimits,
     pub rate: Option<RatePlan>,
     pub concurrency: Option<u32>,
     pub ops: Vec<OpPlan>,
@@ -93,8 +91,6 @@ impl TeamPlan {
             ops.push(op);
         }
         TeamPlan {
-            name: name.to_string(),
-            limits: limits.clone(),
             rate,
             concurrency,
             ops,
@@ -117,7 +113,7 @@ impl TeamPlan {
             || op.is_some_and(|o| o.rate.is_some() || o.daily.is_some())
     }
 
-    pub fn policy_for(&self, op: Option<&OpPlan>) -> Option<&str> {
+    pub fn policy_for<'a>(&'a self, op: Option<&'a OpPlan>) -> Option<&'a str> {
         match op {
             Some(o) => o.policy.as_deref(),
             None => self.policy.as_deref(),

@@ -36,6 +36,8 @@ pub enum StartError {
     Tls(String),
     #[error("upstream client: {0}")]
     Client(#[from] crate::http_client::ClientBuildError),
+    #[error("audit log: {0}")]
+    Audit(#[from] crate::audit::AuditError),
 }
 
 /// A running gateway. Dropping it does not stop it; call [`Running::shutdown`].
@@ -48,12 +50,16 @@ pub struct Running {
 }
 
 impl Running {
-    /// Stops accepting, lets in-flight requests finish up to the configured grace, then returns.
+    /// Stops accepting, lets in-flight requests finish up to the configured grace, flushes the
+    /// audit trail, then returns.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         for t in self.tasks {
             let _ = t.await;
         }
+        // Records of responses that just finished may still be on their way to the writer.
+        tokio::task::yield_now().await;
+        self.gateway.audit.shutdown().await;
     }
 
     /// Resolves once every issuer has keys and every credential a token (or never, if that never
@@ -77,12 +83,18 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let verifier = Verifier::new(config.issuers.clone(), client.clone());
     let credentials =
         UpstreamCredentials::new(&config.credentials, client.clone(), metrics.clone());
+    let audit = crate::audit::AuditLog::open(config.audit.clone())?;
+    let quotas = crate::quota::Quotas::new(config.quota.clone()).await;
     let gateway = Arc::new(Gateway::new(
         config.clone(),
-        verifier.clone(),
-        credentials.clone(),
-        client,
-        metrics,
+        pipeline::Parts {
+            verifier: verifier.clone(),
+            credentials: credentials.clone(),
+            quotas,
+            audit,
+            client,
+            metrics,
+        },
     ));
 
     let tls = match &config.listen.tls {

@@ -32,8 +32,9 @@ use crate::spec::{Operation, Spec};
 /// At most this many problems are reported for one request or response.
 pub const MAX_PROBLEMS: usize = 50;
 
-/// jsonschema errors looked at before sorting and capping; bounds the work on a huge bad body.
-const MAX_RAW_ERRORS: usize = 1000;
+/// Instances with more values than this get only their first problem reported (see
+/// `collect_problems`).
+pub const FULL_REPORT_MAX_NODES: usize = 10_000;
 
 /// serde_json refuses nesting beyond 128 levels on its own, whatever `max_depth` says.
 const SERDE_JSON_RECURSION_LIMIT: usize = 128;
@@ -538,7 +539,9 @@ fn openapi_to_json_schema(schema: &Value) -> Value {
             | "anyOf"
             | "oneOf"
             | "prefixItems" => match v {
-                Value::Array(list) => Value::Array(list.iter().map(openapi_to_json_schema).collect()),
+                Value::Array(list) => {
+                    Value::Array(list.iter().map(openapi_to_json_schema).collect())
+                }
                 other => openapi_to_json_schema(other),
             },
             _ => v.clone(),
@@ -564,7 +567,10 @@ fn openapi_to_json_schema(schema: &Value) -> Value {
             Some(Value::String(t)) => {
                 if t != "null" {
                     let t = std::mem::take(t);
-                    out.insert("type".into(), Value::Array(vec![Value::String(t), null.clone()]));
+                    out.insert(
+                        "type".into(),
+                        Value::Array(vec![Value::String(t), null.clone()]),
+                    );
                 }
             }
             Some(Value::Array(types)) => {
@@ -1030,8 +1036,13 @@ fn check_query_param(param: &QueryParam, given: &[&str], problems: &mut Vec<Fiel
 /// Reads a query value as the schema's type when it parses as one; otherwise leaves it a string
 /// so the schema reports `type` at its index.
 fn coerce_value(text: &str, c: Coerce) -> Value {
-    let integer_like =
-        |s: &str| !s.is_empty() && s.strip_prefix('-').unwrap_or(s).bytes().all(|b| b.is_ascii_digit());
+    let integer_like = |s: &str| {
+        !s.is_empty()
+            && s.strip_prefix('-')
+                .unwrap_or(s)
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+    };
     if c.integer && integer_like(text) {
         if let Ok(i) = text.parse::<i64>() {
             return Value::from(i);
@@ -1108,31 +1119,67 @@ fn collect_problems(
     prefix: &str,
     problems: &mut Vec<FieldProblem>,
 ) {
-    for err in schema
-        .validator
-        .iter_errors(instance)
-        .take(MAX_RAW_ERRORS)
-    {
-        problems.push(to_problem(&err, prefix, &schema.names));
+    // jsonschema gathers every error before handing the first one over; on a huge invalid
+    // instance (a 10 MiB array of wrong items) that is millions of allocations, so only the first
+    // problem of such an instance is reported.
+    let mut budget = FULL_REPORT_MAX_NODES;
+    if exceeds_nodes(instance, &mut budget) {
+        if let Err(err) = schema.validator.validate(instance) {
+            problems.push(to_problem(&err, instance, prefix, &schema.names));
+        }
+        return;
+    }
+    for err in schema.validator.iter_errors(instance) {
+        problems.push(to_problem(&err, instance, prefix, &schema.names));
     }
 }
 
-fn to_problem(err: &ValidationError<'_>, prefix: &str, names: &HashSet<String>) -> FieldProblem {
-    let mut pointer = String::with_capacity(prefix.len() + err.instance_path().as_str().len());
+/// Counts values down from `budget`; true once it runs out.
+fn exceeds_nodes(v: &Value, budget: &mut usize) -> bool {
+    if *budget == 0 {
+        return true;
+    }
+    *budget -= 1;
+    match v {
+        Value::Array(items) => items.iter().any(|i| exceeds_nodes(i, budget)),
+        Value::Object(m) => m.values().any(|i| exceeds_nodes(i, budget)),
+        _ => false,
+    }
+}
+
+fn to_problem(
+    err: &ValidationError<'_>,
+    instance: &Value,
+    prefix: &str,
+    names: &HashSet<String>,
+) -> FieldProblem {
+    let path = err.instance_path().as_str();
+    let mut pointer = String::with_capacity(prefix.len() + path.len());
     pointer.push_str(prefix);
-    for segment in err
-        .instance_path()
-        .as_str()
-        .split('/')
-        .filter(|s| !s.is_empty())
-    {
+    // Walk the instance along the path: an array step is an index (safe to show), an object
+    // step is a key, shown only when the schema declares that name.
+    let mut at = Some(instance);
+    for segment in path.split('/').skip(1) {
         pointer.push('/');
-        let is_index = segment.len() <= 20 && segment.bytes().all(|b| b.is_ascii_digit());
-        if is_index || names.contains(unescape(segment).as_ref()) {
-            pointer.push_str(segment);
-        } else {
-            pointer.push('*');
-        }
+        let key = unescape(segment);
+        at = match at {
+            Some(Value::Array(items)) => {
+                pointer.push_str(segment);
+                segment.parse::<usize>().ok().and_then(|i| items.get(i))
+            }
+            Some(Value::Object(m)) => {
+                if names.contains(key.as_ref()) {
+                    pointer.push_str(segment);
+                } else {
+                    pointer.push('*');
+                }
+                m.get(key.as_ref())
+            }
+            _ => {
+                pointer.push('*');
+                None
+            }
+        };
     }
     let kind = err.kind();
     if let ValidationErrorKind::Required { property } = kind {

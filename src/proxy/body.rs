@@ -1,0 +1,226 @@
+//! The response body on its way back to the caller: streamed, observed, and finished in order.
+//!
+//! Every data chunk is passed on as it arrives, except the most recent one, which is held back
+//! until the next arrives. When the upstream body ends, the finishing work (the audit record,
+//! spec-drift checks) runs to completion first and only then is the held chunk released: so a
+//! caller cannot have received the whole response before its audit record was written. If the
+//! caller goes away mid-stream, the finishing work still runs (spawned from `Drop`), marked
+//! incomplete. A bounded copy of the bytes is kept for the finishing work (JSON responses of the
+//! Partner API are small; beyond the bound, the copy is dropped and only the count kept).
+
+use std::any::Any;
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use http_body::{Body, Frame, SizeHint};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type Inner = http_body_util::combinators::BoxBody<Bytes, BoxError>;
+
+/// What the finishing work learns about the body.
+#[derive(Debug)]
+pub struct Finished {
+    /// Body bytes passed to the caller (or read from the upstream, when incomplete).
+    pub bytes: u64,
+    /// The whole body, when it fit in the copy bound.
+    pub copy: Option<Bytes>,
+    /// False when the upstream body broke or the caller went away before the end.
+    pub complete: bool,
+}
+
+pub type FinishFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+pub type OnFinish = Box<dyn FnOnce(Finished) -> FinishFuture + Send>;
+
+pub struct ObservedBody {
+    inner: Inner,
+    held: Option<Bytes>,
+    queued: VecDeque<Frame<Bytes>>,
+    copy: Option<BytesMut>,
+    copy_limit: usize,
+    bytes: u64,
+    on_finish: Option<OnFinish>,
+    finishing: Option<FinishFuture>,
+    done: bool,
+    /// Kept alive until the body is finished or dropped (for example a concurrency lease).
+    _guard: Option<Box<dyn Any + Send>>,
+}
+
+impl ObservedBody {
+    pub fn new(inner: Inner, copy_limit: usize, on_finish: OnFinish, guard: Option<Box<dyn Any + Send>>) -> Self {
+        ObservedBody {
+            inner,
+            held: None,
+            queued: VecDeque::new(),
+            copy: Some(BytesMut::new()),
+            copy_limit,
+            bytes: 0,
+            on_finish: Some(on_finish),
+            finishing: None,
+            done: false,
+            _guard: guard,
+        }
+    }
+
+    fn observe(&mut self, data: &Bytes) {
+        self.bytes += data.len() as u64;
+        if let Some(c) = &mut self.copy {
+            if c.len() + data.len() > self.copy_limit {
+                self.copy = None;
+            } else {
+                c.extend_from_slice(data);
+            }
+        }
+    }
+
+    fn finished(&mut self, complete: bool) -> Option<FinishFuture> {
+        let f = self.on_finish.take()?;
+        let copy = self.copy.take().map(BytesMut::freeze);
+        Some(f(Finished { bytes: self.bytes, copy, complete }))
+    }
+}
+
+impl Body for ObservedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        loop {
+            if let Some(fut) = &mut this.finishing {
+                match fut.as_mut().poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(()) => {
+                        this.finishing = None;
+                        this.done = true;
+                    }
+                }
+            }
+            if this.done {
+                if let Some(d) = this.held.take() {
+                    return Poll::Ready(Some(Ok(Frame::data(d))));
+                }
+                return Poll::Ready(this.queued.pop_front().map(Ok));
+            }
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => {
+                        this.observe(&data);
+                        if let Some(prev) = this.held.replace(data) {
+                            return Poll::Ready(Some(Ok(Frame::data(prev))));
+                        }
+                    }
+                    // Trailers come after all data: hold them until the end as well.
+                    Err(other) => this.queued.push_back(other),
+                },
+                Poll::Ready(Some(Err(e))) => {
+                    if let Some(fut) = this.finished(false) {
+                        tokio::spawn(fut);
+                    }
+                    this.done = true;
+                    this.held = None;
+                    return Poll::Ready(Some(Err(e)));
+                }
+                Poll::Ready(None) => match this.finished(true) {
+                    Some(fut) => this.finishing = Some(fut),
+                    None => this.done = true,
+                },
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done && self.held.is_none() && self.queued.is_empty()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for ObservedBody {
+    fn drop(&mut self) {
+        // The caller went away (or the response was never polled): the record is still written.
+        if let Some(fut) = self.finished(false)
+            && let Ok(handle) = tokio::runtime::Handle::try_current()
+        {
+            handle.spawn(fut);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use std::sync::{Arc, Mutex};
+
+    fn chunks(parts: &[&'static str]) -> Inner {
+        let frames: Vec<Result<Frame<Bytes>, BoxError>> =
+            parts.iter().map(|p| Ok(Frame::data(Bytes::from_static(p.as_bytes())))).collect();
+        http_body_util::StreamBody::new(futures_util::stream::iter(frames)).boxed()
+    }
+
+    fn recorder() -> (Arc<Mutex<Vec<String>>>, Arc<Mutex<Option<Finished>>>) {
+        (Arc::default(), Arc::default())
+    }
+
+    #[tokio::test]
+    async fn last_chunk_is_released_only_after_finishing_work_completed() {
+        let (events, fin) = recorder();
+        let (e2, f2) = (events.clone(), fin.clone());
+        let on_finish: OnFinish = Box::new(move |f| {
+            Box::pin(async move {
+                tokio::task::yield_now().await;
+                e2.lock().unwrap_or_else(|p| p.into_inner()).push("finished".into());
+                *f2.lock().unwrap_or_else(|p| p.into_inner()) = Some(f);
+            })
+        });
+        let mut body = ObservedBody::new(chunks(&["ab", "cd", "ef"]), 1024, on_finish, None);
+        while let Some(frame) = body.frame().await {
+            let data = frame.ok().and_then(|f| f.into_data().ok()).unwrap_or_default();
+            events.lock().unwrap_or_else(|p| p.into_inner()).push(String::from_utf8_lossy(&data).into_owned());
+        }
+        let got = events.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        assert_eq!(got, ["ab", "cd", "finished", "ef"]);
+        let f = fin.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let f = f.unwrap_or(Finished { bytes: 0, copy: None, complete: false });
+        assert_eq!((f.bytes, f.complete), (6, true));
+        assert_eq!(f.copy.as_deref(), Some(&b"abcdef"[..]));
+    }
+
+    #[tokio::test]
+    async fn copy_beyond_its_bound_is_dropped_but_bytes_are_counted() {
+        let fin: Arc<Mutex<Option<Finished>>> = Arc::default();
+        let f2 = fin.clone();
+        let on_finish: OnFinish = Box::new(move |f| {
+            Box::pin(async move {
+                *f2.lock().unwrap_or_else(|p| p.into_inner()) = Some(f);
+            })
+        });
+        let body = ObservedBody::new(chunks(&["0123456789", "0123456789"]), 15, on_finish, None);
+        let all = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+        assert_eq!(all.len(), 20);
+        let f = fin.lock().unwrap_or_else(|p| p.into_inner()).take();
+        assert!(matches!(f, Some(Finished { bytes: 20, copy: None, complete: true })), "{f:?}");
+    }
+
+    #[tokio::test]
+    async fn dropped_mid_stream_still_runs_finishing_work_marked_incomplete() {
+        let (tx, rx) = tokio::sync::oneshot::channel::<Finished>();
+        let on_finish: OnFinish = Box::new(move |f| {
+            Box::pin(async move {
+                let _ = tx.send(f);
+            })
+        });
+        let mut body = ObservedBody::new(chunks(&["ab", "cd", "ef"]), 1024, on_finish, None);
+        let _ = body.frame().await;
+        drop(body);
+        let f = rx.await.unwrap_or(Finished { bytes: 99, copy: None, complete: true });
+        assert!(!f.complete);
+        assert_eq!(f.bytes, 4);
+    }
+}

@@ -1,0 +1,97 @@
+-- All quota checks for one request, decided and spent atomically (one EVALSHA, one round trip).
+-- Nothing is spent unless every check passes. Times are Redis server microseconds (TIME), so
+-- replicas with skewed clocks agree. Large numbers are written with %.0f: Lua's default number
+-- formatting keeps 14 digits and epoch microseconds have 16.
+--
+-- KEYS[1] team GCRA arrival time      KEYS[2] team concurrency leases (ZSET id -> expiry)
+-- KEYS[3] operation GCRA arrival time KEYS[4] operation daily counter (HASH d = day, n = used)
+-- ARGV[1] team interval (us, 0 = no team rate)     ARGV[2] team burst
+-- ARGV[3] concurrency cap (0 = none)               ARGV[4] lease id   ARGV[5] lease TTL (ms)
+-- ARGV[6] operation interval (us, 0 = none)        ARGV[7] operation burst
+-- ARGV[8] daily quota (-1 = none)
+-- Returns {status, retry_us, team_tat, op_tat, daily_used, in_use, until_midnight_us, now, day}
+-- with status 0 admitted, 1 rate, 2 daily, 3 concurrency; the state after the request when it
+-- was admitted, before it when refused.
+if redis.replicate_commands then redis.replicate_commands() end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local DAY = 86400000000
+
+local team_t, team_b = tonumber(ARGV[1]), tonumber(ARGV[2])
+local cap, lease_ttl = tonumber(ARGV[3]), tonumber(ARGV[5])
+local op_t, op_b = tonumber(ARGV[6]), tonumber(ARGV[7])
+local daily = tonumber(ARGV[8])
+
+local function tat_of(key)
+  local v = tonumber(redis.call('GET', key))
+  if v == nil or v < now then return now end
+  return v
+end
+
+-- microseconds until one more request conforms (0 = now)
+local function wait_for(tat, interval, burst)
+  local w = tat + interval - burst * interval - now
+  if w < 0 then return 0 end
+  return w
+end
+
+local rate_wait = 0
+local team_tat, op_tat = now, now
+if team_t > 0 then
+  team_tat = tat_of(KEYS[1])
+  rate_wait = wait_for(team_tat, team_t, team_b)
+end
+if op_t > 0 then
+  op_tat = tat_of(KEYS[3])
+  local w = wait_for(op_tat, op_t, op_b)
+  if w > rate_wait then rate_wait = w end
+end
+
+local day = math.floor(now / DAY)
+local until_midnight = (day + 1) * DAY - now
+local used = 0
+if daily >= 0 then
+  local h = redis.call('HMGET', KEYS[4], 'd', 'n')
+  if tonumber(h[1]) == day then used = tonumber(h[2]) or 0 end
+end
+
+local in_use = 0
+if cap > 0 then
+  -- leases of crashed replicas (or never released) come back when they expire
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', string.format('%.0f', now))
+  in_use = redis.call('ZCARD', KEYS[2])
+end
+
+local status, retry = 0, 0
+if daily >= 0 and used >= daily then
+  status, retry = 2, until_midnight
+elseif rate_wait > 0 then
+  status, retry = 1, rate_wait
+elseif cap > 0 and in_use >= cap then
+  status, retry = 3, 1000000
+end
+
+if status == 0 then
+  if team_t > 0 then
+    team_tat = team_tat + team_t
+    redis.call('SET', KEYS[1], string.format('%.0f', team_tat),
+      'PX', math.ceil((team_tat - now) / 1000) + 1000)
+  end
+  if op_t > 0 then
+    op_tat = op_tat + op_t
+    redis.call('SET', KEYS[3], string.format('%.0f', op_tat),
+      'PX', math.ceil((op_tat - now) / 1000) + 1000)
+  end
+  if daily >= 0 then
+    used = used + 1
+    redis.call('HSET', KEYS[4], 'd', string.format('%.0f', day), 'n', string.format('%.0f', used))
+    redis.call('EXPIREAT', KEYS[4], string.format('%.0f', (day + 1) * 86400 + 3600))
+  end
+  if cap > 0 then
+    redis.call('ZADD', KEYS[2], string.format('%.0f', now + lease_ttl * 1000), ARGV[4])
+    redis.call('PEXPIRE', KEYS[2], string.format('%.0f', lease_ttl + 1000))
+    in_use = in_use + 1
+  end
+end
+
+return {status, retry, team_tat, op_tat, used, in_use, until_midnight, now, day}

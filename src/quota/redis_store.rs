@@ -1,0 +1,358 @@
+//! The Redis backend: one Lua script per decision (EVALSHA, one round trip), a connection
+//! manager that reconnects by itself, a hard deadline on every call, and a small circuit breaker
+//! so that while Redis is away requests go straight to the `on_backend_error` fallback instead of
+//! each waiting out the deadline.
+//!
+//! Keys (every one with a TTL; names escaped with [`super::plan::key_part`]):
+//! - `{prefix}:team:{team}:rate`: team GCRA arrival time (µs); expires when the team is idle
+//! - `{prefix}:team:{team}:inflight`: ZSET of concurrency leases scored by expiry (µs); expired
+//!   leases are dropped by the script, the key's TTL is refreshed on every new lease
+//! - `{prefix}:team:{team}:op:{operation}:rate`: operation GCRA arrival time
+//! - `{prefix}:team:{team}:op:{operation}:daily`: HASH `d` (UTC day number) and `n` (admitted);
+//!   expires one hour after the UTC day ends
+//! - `{prefix}:upstream:rate`, `{prefix}:upstream:blocked`: the shared upstream budget
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant};
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Client, RedisError, Script};
+
+use super::gcra::Gcra;
+use super::memory::{Status, lock};
+use super::plan::{OpPlan, TeamPlan};
+
+const ADMIT_LUA: &str = include_str!("lua/admit.lua");
+const UPSTREAM_LUA: &str = include_str!("lua/upstream.lua");
+const FEEDBACK_LUA: &str = include_str!("lua/feedback.lua");
+
+/// The admit script's answer.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AdmitReply {
+    pub status: Status,
+    pub retry_us: u64,
+    pub team_tat: u64,
+    pub op_tat: u64,
+    pub daily_used: u64,
+    pub in_use: u32,
+    pub until_midnight_us: u64,
+    pub now_us: u64,
+    pub day: u64,
+}
+
+/// Up or down, with the reason; while down, one caller per `recheck` interval is let through to
+/// try Redis again (the background probe also does).
+struct Health {
+    base: Instant,
+    down: AtomicBool,
+    retry_at_ms: AtomicU64,
+    recheck: Duration,
+    last_error: Mutex<Option<String>>,
+}
+
+impl Health {
+    fn elapsed_ms(&self) -> u64 {
+        u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn should_try(&self) -> bool {
+        if !self.down.load(Ordering::Acquire) {
+            return true;
+        }
+        let now = self.elapsed_ms();
+        let at = self.retry_at_ms.load(Ordering::Acquire);
+        let next = now.saturating_add(u64::try_from(self.recheck.as_millis()).unwrap_or(0));
+        now >= at
+            && self
+                .retry_at_ms
+                .compare_exchange(at, next, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+    }
+
+    fn ok(&self) {
+        if self.down.swap(false, Ordering::AcqRel) {
+            *lock(&self.last_error) = None;
+            tracing::info!("quota: redis reachable again");
+        }
+    }
+
+    fn failed(&self, message: &str) {
+        *lock(&self.last_error) = Some(message.to_string());
+        let next = self
+            .elapsed_ms()
+            .saturating_add(u64::try_from(self.recheck.as_millis()).unwrap_or(0));
+        self.retry_at_ms.store(next, Ordering::Release);
+        if !self.down.swap(true, Ordering::AcqRel) {
+            tracing::warn!(error = %message, "quota: redis unreachable");
+        }
+    }
+
+    fn problem(&self) -> Option<String> {
+        if self.down.load(Ordering::Acquire) {
+            Some(
+                lock(&self.last_error)
+                    .clone()
+                    .unwrap_or_else(|| "unknown error".to_string()),
+            )
+        } else {
+            None
+        }
+    }
+}
+
+pub(crate) struct RedisStore {
+    url: String,
+    timeout: Duration,
+    lease_ttl: Duration,
+    probe_interval: Duration,
+    conn: OnceLock<Result<ConnectionManager, String>>,
+    admit_script: Script,
+    upstream_script: Script,
+    feedback_script: Script,
+    health: Health,
+    pub upstream_rate_key: String,
+    pub upstream_block_key: String,
+    /// Redis server time minus local clock time (µs), from the last reply; lets `snapshot`
+    /// estimate what is left now from the arrival times it last saw.
+    pub clock_offset_us: AtomicI64,
+}
+
+impl RedisStore {
+    pub fn new(
+        url: &str,
+        timeout: Duration,
+        prefix: &str,
+        lease_ttl: Duration,
+        probe_interval: Duration,
+        recheck: Duration,
+    ) -> RedisStore {
+        RedisStore {
+            url: url.to_string(),
+            timeout,
+            lease_ttl,
+            probe_interval,
+            conn: OnceLock::new(),
+            admit_script: Script::new(ADMIT_LUA),
+            upstream_script: Script::new(UPSTREAM_LUA),
+            feedback_script: Script::new(FEEDBACK_LUA),
+            health: Health {
+                base: Instant::now(),
+                down: AtomicBool::new(false),
+                retry_at_ms: AtomicU64::new(0),
+                recheck,
+                last_error: Mutex::new(None),
+            },
+            upstream_rate_key: format!("{prefix}:upstream:rate"),
+            upstream_block_key: format!("{prefix}:upstream:blocked"),
+            clock_offset_us: AtomicI64::new(0),
+        }
+    }
+
+    pub fn should_try(&self) -> bool {
+        self.health.should_try()
+    }
+
+    pub fn problem(&self) -> Option<String> {
+        self.health.problem()
+    }
+
+    /// The connection manager, created on first use (it needs a Tokio runtime) together with the
+    /// background probe. Lazy: it never waits for Redis, and reconnects by itself after errors.
+    fn connection(self: &Arc<Self>) -> Result<ConnectionManager, String> {
+        self.conn
+            .get_or_init(|| {
+                let client = Client::open(self.url.as_str())
+                    .map_err(|e| format!("invalid redis url: {e}"))?;
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(self.timeout))
+                    .set_response_timeout(Some(self.timeout))
+                    // one attempt per (re)connection: a request must not wait out a retry
+                    // schedule; the next request or the probe triggers the next attempt
+                    .set_number_of_retries(0)
+                    .set_min_delay(Duration::from_millis(50))
+                    .set_max_delay(Duration::from_millis(500));
+                let manager = ConnectionManager::new_lazy_with_config(client, config)
+                    .map_err(|e| e.to_string())?;
+                spawn_probe(Arc::downgrade(self), self.probe_interval);
+                Ok(manager)
+            })
+            .clone()
+    }
+
+    /// Runs one Redis call under the backend deadline, recording the outcome in the health.
+    async fn bounded<T>(
+        &self,
+        call: impl Future<Output = Result<T, RedisError>>,
+    ) -> Result<T, String> {
+        let result = match tokio::time::timeout(self.timeout, call).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no answer within {} ms", self.timeout.as_millis())),
+        };
+        match &result {
+            Ok(_) => self.health.ok(),
+            Err(e) => self.health.failed(e),
+        }
+        result
+    }
+
+    fn connection_or_fail(self: &Arc<Self>) -> Result<ConnectionManager, String> {
+        self.connection().inspect_err(|e| self.health.failed(e))
+    }
+
+    pub async fn admit(
+        self: &Arc<Self>,
+        plan: &TeamPlan,
+        op: Option<&OpPlan>,
+        lease_id: &str,
+    ) -> Result<AdmitReply, String> {
+        let mut conn = self.connection_or_fail()?;
+        let (team_t, team_b) = plan.rate.map_or((0, 0), |r| (r.us.interval, r.us.burst));
+        let (op_t, op_b) = op
+            .and_then(|o| o.rate)
+            .map_or((0, 0), |r| (r.us.interval, r.us.burst));
+        let daily = op
+            .and_then(|o| o.daily)
+            .map_or(-1, |d| i64::try_from(d).unwrap_or(i64::MAX));
+        // Unused keys (no operation limits) are passed but never touched by the script.
+        let op_rate_key = op.map_or(plan.rate_key.as_str(), |o| o.rate_key.as_str());
+        let op_daily_key = op.map_or(plan.rate_key.as_str(), |o| o.daily_key.as_str());
+        let mut inv = self.admit_script.prepare_invoke();
+        inv.key(&plan.rate_key)
+            .key(&plan.inflight_key)
+            .key(op_rate_key)
+            .key(op_daily_key)
+            .arg(team_t)
+            .arg(team_b)
+            .arg(plan.concurrency.unwrap_or(0))
+            .arg(lease_id)
+            .arg(u64::try_from(self.lease_ttl.as_millis()).unwrap_or(u64::MAX))
+            .arg(op_t)
+            .arg(op_b)
+            .arg(daily);
+        let v: Vec<i64> = self.bounded(inv.invoke_async(&mut conn)).await?;
+        let at = |i: usize| v.get(i).copied().unwrap_or(0);
+        let u = |i: usize| u64::try_from(at(i)).unwrap_or(0);
+        if v.len() < 9 {
+            let e = format!("unexpected script reply of {} values", v.len());
+            self.health.failed(&e);
+            return Err(e);
+        }
+        let status = match at(0) {
+            0 => Status::Admitted,
+            1 => Status::Rate,
+            2 => Status::Daily,
+            3 => Status::Concurrency,
+            other => {
+                let e = format!("unexpected script status {other}");
+                self.health.failed(&e);
+                return Err(e);
+            }
+        };
+        Ok(AdmitReply {
+            status,
+            retry_us: u(1),
+            team_tat: u(2),
+            op_tat: u(3),
+            daily_used: u(4),
+            in_use: u32::try_from(at(5)).unwrap_or(u32::MAX),
+            until_midnight_us: u(6),
+            now_us: u(7),
+            day: u(8),
+        })
+    }
+
+    /// Reserves an upstream slot: `Ok(Ok(delay))` reserved to start after `delay`,
+    /// `Ok(Err(delay))` no slot within `max_wait`.
+    pub async fn upstream(
+        self: &Arc<Self>,
+        gcra: Gcra,
+        max_wait: Duration,
+    ) -> Result<Result<Duration, Duration>, String> {
+        let mut conn = self.connection_or_fail()?;
+        let mut inv = self.upstream_script.prepare_invoke();
+        inv.key(&self.upstream_rate_key)
+            .key(&self.upstream_block_key)
+            .arg(gcra.interval)
+            .arg(gcra.burst)
+            .arg(u64::try_from(max_wait.as_micros()).unwrap_or(u64::MAX));
+        let v: Vec<i64> = self.bounded(inv.invoke_async(&mut conn)).await?;
+        let delay = Duration::from_micros(u64::try_from(v.get(1).copied().unwrap_or(0)).unwrap_or(0));
+        Ok(match v.first() {
+            Some(0) => Ok(delay),
+            _ => Err(delay),
+        })
+    }
+
+    pub async fn feedback(self: &Arc<Self>, block: Duration) -> Result<(), String> {
+        let mut conn = self.connection_or_fail()?;
+        let mut inv = self.feedback_script.prepare_invoke();
+        inv.key(&self.upstream_block_key)
+            .arg(u64::try_from(block.as_micros()).unwrap_or(u64::MAX));
+        let _: i64 = self.bounded(inv.invoke_async(&mut conn)).await?;
+        Ok(())
+    }
+
+    /// Gives a lease back and waits (within the deadline) for Redis to confirm.
+    pub async fn release_now(self: &Arc<Self>, key: &str, id: &str) {
+        let Ok(mut conn) = self.connection() else {
+            return;
+        };
+        let mut cmd = redis::cmd("ZREM");
+        cmd.arg(key).arg(id);
+        let call = async move { cmd.query_async::<i64>(&mut conn).await };
+        if tokio::time::timeout(self.timeout, call).await.is_err() {
+            tracing::debug!("quota: lease release timed out; the lease expires on its own");
+        }
+    }
+
+    /// Gives a lease back without waiting (from `Drop`). Without a runtime, or when the call
+    /// fails, the lease simply expires after its TTL.
+    pub fn release(self: &Arc<Self>, key: String, id: String) {
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            let store = Arc::clone(self);
+            handle.spawn(async move { store.release_now(&key, &id).await });
+        }
+    }
+
+    /// PING under the deadline. A first failure on a connection that was dropped triggers the
+    /// manager's reconnect, so one more PING is tried before giving up.
+    pub async fn probe(self: &Arc<Self>) -> Result<(), String> {
+        let conn = self.connection_or_fail()?;
+        let mut last = String::new();
+        for _ in 0..2 {
+            let mut c = conn.clone();
+            let ping = async move { redis::cmd("PING").query_async::<String>(&mut c).await };
+            match self.bounded(ping).await {
+                Ok(_) => return Ok(()),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    pub fn note_server_time(&self, server_now_us: u64, local_now_us: u64) {
+        let offset = i128::from(server_now_us) - i128::from(local_now_us);
+        let offset = i64::try_from(offset).unwrap_or(0);
+        self.clock_offset_us.store(offset, Ordering::Relaxed);
+    }
+}
+
+/// Pings Redis every `interval` while the store is alive, so readiness and the circuit breaker
+/// follow Redis even without traffic.
+fn spawn_probe(store: Weak<RedisStore>, interval: Duration) {
+    let Ok(handle) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    handle.spawn(async move {
+        loop {
+            tokio::time::sleep(interval).await;
+            let Some(store) = store.upgrade() else {
+                return;
+            };
+            let _ = store.probe().await;
+        }
+    });
+}

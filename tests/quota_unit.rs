@@ -1,0 +1,1188 @@
+//! Quota decisions: GCRA rates with an injectable clock, daily quotas across UTC midnight,
+//! concurrency leases, all-or-nothing spending, the upstream budget, the rate-limit headers, and
+//! the Redis backend (exactness across replicas, key TTLs, outages and recovery).
+//!
+//! Redis tests start their own `redis-server` on a free port when it is on PATH (killed on
+//! drop), else use `REDIS_URL`, else fail. Tests that stop or pause the server need their own.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use greenhouse_gateway::config::values::Rate;
+use greenhouse_gateway::quota::{
+    Backend, Limit, ManualClock, OnBackendError, OpLimits, QuotaOptions, QuotaSettings, Quotas,
+    Refusal, TeamLimits, UpstreamBudget, validate_backend, validate_concurrency, validate_daily,
+    validate_limit, validate_on_backend_error, validate_upstream,
+};
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+
+const DAY: u64 = 86_400;
+/// 2024-10-04 00:00:00 UTC.
+const DAY0: Duration = Duration::from_secs(20_000 * DAY);
+/// Noon of that day.
+const NOON: Duration = Duration::from_secs(20_000 * DAY + 12 * 3600);
+
+fn rate(count: u32, per: Duration) -> Rate {
+    Rate { count, per }
+}
+
+fn per_sec(count: u32) -> Rate {
+    rate(count, Duration::from_secs(1))
+}
+
+fn per_hour(count: u32) -> Rate {
+    rate(count, Duration::from_secs(3600))
+}
+
+fn limit(rate: Rate, burst: u32) -> Limit {
+    Limit {
+        rate: Some(rate),
+        burst: Some(burst),
+    }
+}
+
+fn team_rate(r: Rate, burst: u32) -> TeamLimits {
+    TeamLimits {
+        limit: limit(r, burst),
+        ..TeamLimits::default()
+    }
+}
+
+fn op(limit: Limit, daily: Option<u64>) -> OpLimits {
+    OpLimits { limit, daily }
+}
+
+fn memory(teams: Vec<(&str, TeamLimits)>) -> QuotaSettings {
+    QuotaSettings {
+        teams: teams
+            .into_iter()
+            .map(|(n, t)| (n.to_string(), t))
+            .collect::<BTreeMap<_, _>>(),
+        ..QuotaSettings::default()
+    }
+}
+
+fn at(clock_start: Duration, settings: QuotaSettings) -> (Quotas, Arc<ManualClock>) {
+    let clock = Arc::new(ManualClock::new(clock_start));
+    (Quotas::with_clock(settings, clock.clone()), clock)
+}
+
+fn header<'a>(headers: &'a [(&'static str, String)], name: &str) -> &'a str {
+    headers
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, v)| v.as_str())
+        .unwrap_or_else(|| panic!("no {name} header in {headers:?}"))
+}
+
+async fn admitted_count(q: &Quotas, team: &str, op: &str, n: usize) -> usize {
+    let mut ok = 0;
+    for _ in 0..n {
+        if q.admit(team, op).await.is_ok() {
+            ok += 1;
+        }
+    }
+    ok
+}
+
+/// Runs `n` admits at once spread over `replicas`; returns how many were admitted.
+async fn concurrent_admits(replicas: &[Quotas], team: &str, op: &str, n: usize) -> usize {
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let q = replicas[i % replicas.len()].clone();
+        let (team, op) = (team.to_string(), op.to_string());
+        tasks.push(tokio::spawn(async move { q.admit(&team, &op).await.is_ok() }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        if t.await.unwrap() {
+            ok += 1;
+        }
+    }
+    ok
+}
+
+// --- Redis servers
+
+fn redis_server_on_path() -> bool {
+    std::env::var_os("PATH").is_some_and(|paths| {
+        std::env::split_paths(&paths).any(|dir| dir.join("redis-server").is_file())
+    })
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A `redis-server` of this test's own, killed on drop.
+struct RedisServer {
+    child: Child,
+    port: u16,
+}
+
+impl RedisServer {
+    fn start() -> RedisServer {
+        assert!(
+            redis_server_on_path(),
+            "this test stops or pauses its Redis: it needs redis-server on PATH"
+        );
+        for _ in 0..5 {
+            if let Some(s) = RedisServer::start_on(free_port()) {
+                return s;
+            }
+        }
+        panic!("redis-server did not start on any of 5 free ports");
+    }
+
+    /// Starts on `port` and returns once it accepts connections (its log says so).
+    fn start_on(port: u16) -> Option<RedisServer> {
+        let mut child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server runs");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let ready = lines
+            .by_ref()
+            .map_while(Result::ok)
+            .any(|l| l.contains("Ready to accept connections"));
+        if !ready {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        // keep draining the log so the server never blocks on a full pipe
+        std::thread::spawn(move || lines.for_each(drop));
+        Some(RedisServer { child, port })
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill {sig} failed");
+    }
+
+    fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    fn resume(&self) {
+        self.signal("-CONT");
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A Redis for tests that do not stop it: our own server, else `REDIS_URL`.
+struct TestRedis {
+    url: String,
+    _server: Option<RedisServer>,
+}
+
+fn test_redis() -> TestRedis {
+    if redis_server_on_path() {
+        let server = RedisServer::start();
+        return TestRedis {
+            url: server.url(),
+            _server: Some(server),
+        };
+    }
+    match std::env::var("REDIS_URL") {
+        Ok(url) => TestRedis { url, _server: None },
+        Err(_) => panic!("Redis tests need redis-server on PATH or REDIS_URL"),
+    }
+}
+
+fn prefix(test: &str) -> String {
+    format!("ghgwtest:{test}:{:08x}", rand::random::<u32>())
+}
+
+fn redis_settings(
+    url: &str,
+    key_prefix: &str,
+    teams: Vec<(&str, TeamLimits)>,
+    on_backend_error: OnBackendError,
+    timeout: Duration,
+) -> QuotaSettings {
+    QuotaSettings {
+        backend: Backend::Redis {
+            url: url.to_string(),
+            timeout,
+            key_prefix: key_prefix.to_string(),
+        },
+        on_backend_error,
+        ..memory(teams)
+    }
+}
+
+async fn redis_quotas(settings: QuotaSettings) -> Quotas {
+    Quotas::new_with_options(
+        settings,
+        QuotaOptions {
+            probe_interval: Duration::from_millis(100),
+            recheck_interval: Duration::from_millis(100),
+            ..QuotaOptions::default()
+        },
+    )
+    .await
+}
+
+async fn redis_conn(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Memory backend: exactness and GCRA with an injectable clock
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_twice_the_burst_at_once_admits_exactly_the_burst() {
+    let q = Quotas::new(memory(vec![("t", team_rate(per_hour(10), 10))])).await;
+    assert_eq!(concurrent_admits(&[q], "t", "op", 20).await, 10);
+}
+
+#[tokio::test]
+async fn after_the_burst_one_more_is_admitted_exactly_one_interval_later() {
+    let (q, clock) = at(NOON, memory(vec![("t", team_rate(per_sec(10), 3))]));
+    assert_eq!(admitted_count(&q, "t", "op", 3).await, 3);
+    match q.admit("t", "op").await {
+        Err(Refusal::RateLimited { retry_after, .. }) => {
+            assert_eq!(retry_after, Duration::from_millis(100))
+        }
+        other => panic!("expected a rate refusal, got {other:?}"),
+    }
+    clock.advance(Duration::from_millis(99));
+    match q.admit("t", "op").await {
+        Err(Refusal::RateLimited { retry_after, .. }) => {
+            assert_eq!(retry_after, Duration::from_millis(1))
+        }
+        other => panic!("expected a rate refusal, got {other:?}"),
+    }
+    clock.advance(Duration::from_millis(1));
+    assert!(q.admit("t", "op").await.is_ok());
+    assert!(q.admit("t", "op").await.is_err());
+}
+
+#[tokio::test]
+async fn a_burst_spent_just_before_a_second_boundary_is_not_granted_again_after_it() {
+    // A fixed one-second window would grant 10 at x.9 s and 10 more at (x+1).0 s.
+    let (q, clock) = at(NOON, memory(vec![("t", team_rate(per_sec(10), 10))]));
+    clock.advance(Duration::from_millis(900));
+    assert_eq!(admitted_count(&q, "t", "op", 10).await, 10);
+    clock.advance(Duration::from_millis(100));
+    assert_eq!(admitted_count(&q, "t", "op", 10).await, 1);
+}
+
+#[tokio::test]
+async fn daily_quota_exhausted_at_23_59_59_is_admitted_again_at_00_00_00_utc() {
+    let mut t = TeamLimits::default();
+    t.operations
+        .insert("create".into(), op(Limit::default(), Some(3)));
+    let (q, clock) = at(DAY0 - Duration::from_secs(3), memory(vec![("t", t)]));
+    assert_eq!(admitted_count(&q, "t", "create", 3).await, 3);
+    clock.set(DAY0 - Duration::from_secs(1));
+    match q.admit("t", "create").await {
+        Err(r @ Refusal::DailyQuotaExhausted { .. }) => {
+            assert_eq!(r.retry_after(), Some(Duration::from_secs(1)));
+            assert_eq!(r.kind(), "daily");
+            assert_eq!(r.code(), "daily_quota_exhausted");
+        }
+        other => panic!("expected the daily quota refusal, got {other:?}"),
+    }
+    clock.set(DAY0);
+    assert!(q.admit("t", "create").await.is_ok());
+}
+
+#[tokio::test]
+async fn refused_requests_spend_nothing_so_one_interval_later_exactly_one_is_admitted() {
+    let (q, clock) = at(NOON, memory(vec![("t", team_rate(per_sec(10), 2))]));
+    assert_eq!(admitted_count(&q, "t", "op", 2).await, 2);
+    assert_eq!(admitted_count(&q, "t", "op", 50).await, 0);
+    clock.advance(Duration::from_millis(100));
+    assert_eq!(admitted_count(&q, "t", "op", 5).await, 1);
+}
+
+#[tokio::test]
+async fn a_request_refused_by_its_operation_spends_nothing_from_the_team() {
+    let mut t = team_rate(per_hour(2), 2);
+    t.operations
+        .insert("a".into(), op(limit(per_hour(1), 1), Some(10)));
+    let (q, _clock) = at(NOON, memory(vec![("t", t)]));
+    assert!(q.admit("t", "a").await.is_ok());
+    assert_eq!(admitted_count(&q, "t", "a", 5).await, 0);
+    // the team still has its second request
+    assert!(q.admit("t", "b").await.is_ok());
+    assert!(q.admit("t", "b").await.is_err());
+    let snap = q.snapshot();
+    assert_eq!(snap["teams"]["t"]["usage"]["operations"]["a"]["daily_used"], 1);
+}
+
+#[tokio::test]
+async fn a_request_refused_by_the_team_rate_spends_nothing_from_the_daily_quota() {
+    let mut t = team_rate(per_sec(10), 1);
+    t.operations
+        .insert("create".into(), op(Limit::default(), Some(2)));
+    let (q, clock) = at(NOON, memory(vec![("t", t)]));
+    assert!(q.admit("t", "create").await.is_ok());
+    assert_eq!(admitted_count(&q, "t", "create", 5).await, 0);
+    clock.advance(Duration::from_millis(100));
+    assert!(q.admit("t", "create").await.is_ok());
+    clock.advance(Duration::from_millis(100));
+    assert!(matches!(
+        q.admit("t", "create").await,
+        Err(Refusal::DailyQuotaExhausted { .. })
+    ));
+}
+
+#[tokio::test]
+async fn concurrency_cap_is_released_when_the_admission_drops() {
+    let t = TeamLimits {
+        concurrency: Some(2),
+        ..TeamLimits::default()
+    };
+    let (q, _clock) = at(NOON, memory(vec![("t", t)]));
+    let a = q.admit("t", "op").await.unwrap();
+    let _b = q.admit("t", "op").await.unwrap();
+    match q.admit("t", "op").await {
+        Err(r @ Refusal::ConcurrencyLimited { .. }) => {
+            assert_eq!(r.retry_after(), Some(Duration::from_secs(1)));
+            assert_eq!(r.kind(), "concurrency");
+        }
+        other => panic!("expected a concurrency refusal, got {other:?}"),
+    }
+    drop(a);
+    assert!(q.admit("t", "op").await.is_ok());
+}
+
+#[tokio::test]
+async fn a_concurrency_refusal_spends_no_rate() {
+    let t = TeamLimits {
+        concurrency: Some(1),
+        ..team_rate(per_hour(2), 2)
+    };
+    let (q, _clock) = at(NOON, memory(vec![("t", t)]));
+    let a = q.admit("t", "op").await.unwrap();
+    for _ in 0..5 {
+        assert!(matches!(
+            q.admit("t", "op").await,
+            Err(Refusal::ConcurrencyLimited { .. })
+        ));
+    }
+    drop(a);
+    assert!(q.admit("t", "op").await.is_ok(), "the second of the burst");
+}
+
+#[tokio::test]
+async fn one_teams_exhaustion_leaves_other_teams_untouched() {
+    let (q, _clock) = at(
+        NOON,
+        memory(vec![
+            ("a", team_rate(per_hour(2), 2)),
+            ("b", team_rate(per_hour(2), 2)),
+        ]),
+    );
+    assert_eq!(admitted_count(&q, "a", "op", 5).await, 2);
+    assert_eq!(admitted_count(&q, "b", "op", 5).await, 2);
+}
+
+#[tokio::test]
+async fn a_team_without_limits_is_admitted_without_headers() {
+    let (q, _clock) = at(NOON, memory(vec![("free", TeamLimits::default())]));
+    for team in ["free", "not-configured"] {
+        let a = q.admit(team, "op").await.unwrap();
+        assert!(a.headers.is_empty());
+        assert_eq!(a.source(), "none");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rate-limit headers (draft-ietf-httpapi-ratelimit-headers, structured fields)
+
+fn sourcing() -> TeamLimits {
+    let mut t = TeamLimits {
+        concurrency: Some(16),
+        ..team_rate(per_sec(20), 20)
+    };
+    t.operations.insert(
+        "createPartnerCandidate".into(),
+        op(
+            Limit {
+                rate: Some(per_sec(5)),
+                burst: None,
+            },
+            Some(5000),
+        ),
+    );
+    t
+}
+
+#[tokio::test]
+async fn an_admission_carries_ratelimit_policy_and_ratelimit_for_every_limit_that_applies() {
+    let (q, _clock) = at(NOON, memory(vec![("sourcing", sourcing())]));
+    let mut a = q.admit("sourcing", "createPartnerCandidate").await.unwrap();
+    let headers = std::mem::take(&mut a.headers);
+    assert_eq!(
+        header(&headers, "RateLimit-Policy"),
+        "\"team\";q=20;w=1, \"team-concurrency\";q=16;qu=\"concurrent-requests\", \
+         \"createPartnerCandidate\";q=5;w=1, \"createPartnerCandidate-daily\";q=5000;w=86400"
+    );
+    assert_eq!(
+        header(&headers, "RateLimit"),
+        "\"team\";r=19;t=1, \"team-concurrency\";r=15, \"createPartnerCandidate\";r=4;t=1, \
+         \"createPartnerCandidate-daily\";r=4999;t=43200"
+    );
+    let other = q.admit("sourcing", "listPartnerJobs").await.unwrap();
+    assert_eq!(
+        header(&other.headers, "RateLimit"),
+        "\"team\";r=18;t=1, \"team-concurrency\";r=14"
+    );
+}
+
+#[tokio::test]
+async fn a_rate_refusal_carries_headers_with_nothing_remaining_for_the_refusing_policy() {
+    let (q, _clock) = at(NOON, memory(vec![("sourcing", sourcing())]));
+    let _held: Vec<_> = {
+        let mut v = Vec::new();
+        for _ in 0..5 {
+            v.push(q.admit("sourcing", "createPartnerCandidate").await.unwrap());
+        }
+        v
+    };
+    let refusal = q
+        .admit("sourcing", "createPartnerCandidate")
+        .await
+        .unwrap_err();
+    assert_eq!(refusal.kind(), "rate");
+    assert_eq!(refusal.retry_after(), Some(Duration::from_millis(200)));
+    let headers = refusal.headers();
+    assert!(header(&headers, "RateLimit-Policy").starts_with("\"team\";q=20;w=1"));
+    assert_eq!(
+        header(&headers, "RateLimit"),
+        "\"team\";r=15;t=1, \"team-concurrency\";r=11, \"createPartnerCandidate\";r=0;t=1, \
+         \"createPartnerCandidate-daily\";r=4995;t=43200"
+    );
+}
+
+#[tokio::test]
+async fn a_burst_above_the_rate_is_advertised_as_a_vendor_parameter() {
+    let (q, _clock) = at(NOON, memory(vec![("t", team_rate(per_sec(20), 40))]));
+    let a = q.admit("t", "op").await.unwrap();
+    assert_eq!(
+        header(&a.headers, "RateLimit-Policy"),
+        "\"team\";q=20;w=1;ghgw-burst=40"
+    );
+    assert_eq!(header(&a.headers, "RateLimit"), "\"team\";r=39;t=1");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validation helpers
+
+#[test]
+fn validate_limit_reports_every_problem_with_its_key() {
+    let problems = validate_limit(Some("many/s"), Some(0)).unwrap_err();
+    let keys: Vec<_> = problems.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(keys, ["rate", "burst"]);
+    let problems = validate_limit(None, Some(5)).unwrap_err();
+    assert_eq!(problems[0].0, "burst");
+    assert!(problems[0].1.contains("needs a rate"));
+    assert_eq!(
+        validate_limit(Some("50/10s"), None),
+        Ok(Limit {
+            rate: Some(rate(50, Duration::from_secs(10))),
+            burst: None
+        })
+    );
+    assert_eq!(validate_limit(None, None), Ok(Limit::default()));
+    assert!(validate_limit(Some("5/s"), Some(u64::from(u32::MAX) + 1)).is_err());
+}
+
+#[test]
+fn validators_for_backend_upstream_and_counts_name_the_key_and_never_echo_the_url() {
+    assert!(matches!(
+        validate_backend(None, None, None, None),
+        Ok(Backend::Memory)
+    ));
+    assert_eq!(
+        validate_backend(Some("redis"), Some("redis://127.0.0.1:6379"), None, None),
+        Ok(Backend::redis("redis://127.0.0.1:6379"))
+    );
+    let problems = validate_backend(Some("redis"), None, Some("0ms"), Some("")).unwrap_err();
+    let keys: Vec<_> = problems.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(keys, ["redis_timeout", "key_prefix", "redis_url"]);
+    let secret = "rediss://:hunter2-canary@cache.internal:6380";
+    let problems = validate_backend(Some("redis"), Some(secret), None, None).unwrap_err();
+    assert_eq!(problems[0].0, "redis_url");
+    assert!(!format!("{problems:?}").contains("hunter2"));
+    assert!(!format!("{:?}", Backend::redis(secret)).contains("hunter2"));
+    assert!(validate_backend(Some("etcd"), None, None, None).is_err());
+
+    assert_eq!(
+        validate_on_backend_error(Some("local")),
+        Ok(OnBackendError::Local)
+    );
+    assert!(validate_on_backend_error(Some("panic")).is_err());
+    assert_eq!(
+        validate_upstream(Some("50/10s"), None),
+        Ok(Some(UpstreamBudget {
+            rate: rate(50, Duration::from_secs(10)),
+            max_wait: Duration::from_secs(2)
+        }))
+    );
+    assert!(validate_upstream(None, Some("2s")).is_err());
+    assert_eq!(validate_concurrency(Some(0)).unwrap_err()[0].0, "concurrency");
+    assert_eq!(validate_daily(Some(0)).unwrap_err()[0].0, "daily");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Snapshot
+
+#[tokio::test]
+async fn snapshot_shows_limits_and_live_usage_per_team() {
+    let (q, _clock) = at(NOON, memory(vec![("sourcing", sourcing())]));
+    let _a = q.admit("sourcing", "createPartnerCandidate").await.unwrap();
+    let _b = q.admit("sourcing", "createPartnerCandidate").await.unwrap();
+    let snap = q.snapshot();
+    let team = &snap["teams"]["sourcing"];
+    assert_eq!(snap["backend"], "memory");
+    assert_eq!(team["limits"]["rate"], "20/s");
+    assert_eq!(team["limits"]["concurrency"], 16);
+    assert_eq!(
+        team["limits"]["operations"]["createPartnerCandidate"]["daily"],
+        5000
+    );
+    assert_eq!(team["usage"]["in_flight"], 2);
+    assert_eq!(team["usage"]["remaining_burst"], 18);
+    let op = &team["usage"]["operations"]["createPartnerCandidate"];
+    assert_eq!(op["daily_used"], 2);
+    assert_eq!(op["remaining_burst"], 3);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Upstream budget
+
+fn upstream(r: Rate, max_wait: Duration) -> QuotaSettings {
+    QuotaSettings {
+        upstream: Some(UpstreamBudget { rate: r, max_wait }),
+        ..QuotaSettings::default()
+    }
+}
+
+#[tokio::test]
+async fn no_upstream_budget_gives_a_slot_at_once() {
+    let q = Quotas::new(QuotaSettings::default()).await;
+    assert_eq!(q.upstream_slot().await, Ok(()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_budget_paces_requests_that_fit_in_max_wait() {
+    let q = Quotas::new(upstream(per_sec(20), Duration::from_secs(2))).await;
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..6)
+        .map(|_| {
+            let q = q.clone();
+            tokio::spawn(async move { (q.upstream_slot().await, started.elapsed()) })
+        })
+        .collect();
+    let mut ends = Vec::new();
+    for t in tasks {
+        let (r, at) = t.await.unwrap();
+        assert_eq!(r, Ok(()));
+        ends.push(at);
+    }
+    ends.sort();
+    // one slot per 50 ms: the sixth starts no earlier than 250 ms after the first
+    assert!(ends[5] >= Duration::from_millis(245), "{ends:?}");
+    assert!(ends[5] < Duration::from_secs(5), "{ends:?}");
+}
+
+#[tokio::test]
+async fn upstream_budget_refuses_at_once_when_no_slot_comes_within_max_wait() {
+    let q = Quotas::new(upstream(per_sec(5), Duration::from_millis(10))).await;
+    assert_eq!(q.upstream_slot().await, Ok(()));
+    let started = Instant::now();
+    let retry_after = q.upstream_slot().await.unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert!(
+        retry_after > Duration::from_millis(100) && retry_after <= Duration::from_millis(200),
+        "{retry_after:?}"
+    );
+}
+
+#[tokio::test]
+async fn upstream_feedback_with_nothing_remaining_holds_the_budget_until_the_window_ends() {
+    let (q, clock) = at(NOON, upstream(per_sec(100), Duration::ZERO));
+    assert_eq!(q.upstream_slot().await, Ok(()));
+    q.upstream_feedback(Some(3), Some(Duration::from_secs(3)));
+    clock.advance(Duration::from_millis(10));
+    assert_eq!(q.upstream_slot().await, Ok(()));
+    q.upstream_feedback(Some(0), Some(Duration::from_secs(3)));
+    assert_eq!(q.upstream_slot().await, Err(Duration::from_secs(3)));
+    clock.advance(Duration::from_secs(3));
+    assert_eq!(q.upstream_slot().await, Ok(()));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Redis backend: exactness, replicas, leases, TTLs
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_twice_the_burst_at_once_admits_exactly_the_burst() {
+    let r = test_redis();
+    let settings = redis_settings(
+        &r.url,
+        &prefix("exact1"),
+        vec![("t", team_rate(per_hour(10), 10))],
+        OnBackendError::Deny,
+        Duration::from_secs(2),
+    );
+    let q = redis_quotas(settings).await;
+    assert!(q.not_ready().is_empty(), "{:?}", q.not_ready());
+    assert_eq!(concurrent_admits(&[q], "t", "op", 20).await, 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_sharing_redis_admit_exactly_the_burst_together() {
+    let r = test_redis();
+    let settings = redis_settings(
+        &r.url,
+        &prefix("exact2"),
+        vec![("t", team_rate(per_hour(10), 10))],
+        OnBackendError::Deny,
+        Duration::from_secs(2),
+    );
+    let replicas = [
+        redis_quotas(settings.clone()).await,
+        redis_quotas(settings).await,
+    ];
+    assert_eq!(concurrent_admits(&replicas, "t", "op", 20).await, 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_sharing_redis_admit_exactly_the_burst_together() {
+    let r = test_redis();
+    let mut t = team_rate(per_hour(100), 100);
+    t.operations
+        .insert("create".into(), op(limit(per_hour(7), 7), Some(1000)));
+    let settings = redis_settings(
+        &r.url,
+        &prefix("exact3"),
+        vec![("t", t)],
+        OnBackendError::Deny,
+        Duration::from_secs(2),
+    );
+    let replicas = [
+        redis_quotas(settings.clone()).await,
+        redis_quotas(settings.clone()).await,
+        redis_quotas(settings).await,
+    ];
+    assert_eq!(concurrent_admits(&replicas, "t", "create", 30).await, 7);
+    // the team spent exactly 7 of 100: 93 more, across replicas
+    assert_eq!(concurrent_admits(&replicas, "t", "other", 120).await, 93);
+}
+
+#[tokio::test]
+async fn redis_request_refused_by_its_operation_spends_nothing_from_the_team_or_the_day() {
+    let r = test_redis();
+    let p = prefix("nothing");
+    let mut t = team_rate(per_hour(2), 2);
+    t.operations
+        .insert("a".into(), op(limit(per_hour(1), 1), Some(10)));
+    let q = redis_quotas(redis_settings(
+        &r.url,
+        &p,
+        vec![("t", t)],
+        OnBackendError::Deny,
+        Duration::from_secs(2),
+    ))
+    .await;
+    let first = q.admit("t", "a").await.unwrap();
+    assert_eq!(first.source(), "redis");
+    assert_eq!(admitted_count(&q, "t", "a", 5).await, 0);
+    assert!(q.admit("t", "b").await.is_ok());
+    assert!(matches!(
+        q.admit("t", "b").await,
+        Err(Refusal::RateLimited { .. })
+    ));
+    let mut c = redis_conn(&r.url).await;
+    let used: u64 = redis::cmd("HGET")
+        .arg(format!("{p}:team:t:op:a:daily"))
+        .arg("n")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(used, 1);
+}
+
+#[tokio::test]
+async fn redis_headers_have_the_same_shape_as_memory_headers() {
+    let r = test_redis();
+    let q = redis_quotas(redis_settings(
+        &r.url,
+        &prefix("headers"),
+        vec![("sourcing", sourcing())],
+        OnBackendError::Deny,
+        Duration::from_secs(2),
+    ))
+    .await;
+    let a = q.admit("sourcing", "createPartnerCandidate").await.unwrap();
+    assert!(header(&a.headers, "RateLimit-Policy").starts_with("\"team\";q=20;w=1, "));
+    let live = header(&a.headers, "RateLimit");
+    assert!(
+        live.starts_with("\"team\";r=19;t=1, \"team-concurrency\";r=15, \"createPartnerCandidate\";r=4;t=1, \"createPartnerCandidate-daily\";r=4999;t="),
+        "{live}"
+    );
+}
+
+#[tokio::test]
+async fn redis_daily_quota_refuses_until_the_next_utc_midnight() {
+    let r = test_redis();
+    let mut t = TeamLimits::default();
+    t.operations
+        .insert("create".into(), op(Limit::default(), Some(2)));
+    let q = redis_quotas(redis_settings(
+        &r.url,
+        &prefix("daily"),
+        vec![("t", t)],
+        OnBackendError::Deny,
+        Duration::from_secs(2),
+    ))
+    .await;
+    assert_eq!(admitted_count(&q, "t", "create", 2).await, 2);
+    let refusal = q.admit("t", "create").await.unwrap_err();
+    assert_eq!(refusal.kind(), "daily");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    let to_midnight = Duration::from_secs((now.as_secs() / DAY + 1) * DAY) - now;
+    let retry = refusal.retry_after().unwrap();
+    // Redis's clock and ours are the same machine's: equal within a little slack.
+    assert!(
+        retry.abs_diff(to_midnight) < Duration::from_secs(5),
+        "{retry:?} vs {to_midnight:?}"
+    );
+}
+
+#[tokio::test]
+async fn redis_concurrency_lease_comes_back_when_the_admission_drops() {
+    let r = test_redis();
+    let t = TeamLimits {
+        concurrency: Some(1),
+        ..TeamLimits::default()
+    };
+    let q = redis_quotas(redis_settings(
+        &r.url,
+        &prefix("lease-drop"),
+        vec![("t", t)],
+        OnBackendError::Deny,
+        Duration::from_secs(2),
+    ))
+    .await;
+    let a = q.admit("t", "op").await.unwrap();
+    assert!(matches!(
+        q.admit("t", "op").await,
+        Err(Refusal::ConcurrencyLimited { .. })
+    ));
+    drop(a);
+    // the release runs in the background: give it a bounded number of chances
+    let mut admitted = None;
+    for _ in 0..200 {
+        if let Ok(b) = q.admit("t", "op").await {
+            admitted = Some(b);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(admitted.is_some(), "the dropped lease never came back");
+    // and an explicit release is done when it returns
+    admitted.unwrap().release().await;
+    assert!(q.admit("t", "op").await.is_ok());
+}
+
+#[tokio::test]
+async fn redis_lease_never_released_comes_back_after_its_ttl() {
+    let r = test_redis();
+    let t = TeamLimits {
+        concurrency: Some(1),
+        ..TeamLimits::default()
+    };
+    let q = Quotas::new_with_options(
+        redis_settings(
+            &r.url,
+            &prefix("lease-ttl"),
+            vec![("t", t)],
+            OnBackendError::Deny,
+            Duration::from_secs(2),
+        ),
+        QuotaOptions {
+            lease_ttl: Duration::from_millis(300),
+            ..QuotaOptions::default()
+        },
+    )
+    .await;
+    // a crashed request (or replica) never gives its lease back
+    std::mem::forget(q.admit("t", "op").await.unwrap());
+    assert!(matches!(
+        q.admit("t", "op").await,
+        Err(Refusal::ConcurrencyLimited { .. })
+    ));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(q.admit("t", "op").await.is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_one_teams_exhaustion_leaves_other_teams_untouched() {
+    let r = test_redis();
+    let q = redis_quotas(redis_settings(
+        &r.url,
+        &prefix("teams"),
+        vec![
+            ("a", team_rate(per_hour(3), 3)),
+            ("b", team_rate(per_hour(3), 3)),
+        ],
+        OnBackendError::Deny,
+        Duration::from_secs(2),
+    ))
+    .await;
+    assert_eq!(concurrent_admits(&[q.clone()], "a", "op", 6).await, 3);
+    assert_eq!(concurrent_admits(&[q], "b", "op", 6).await, 3);
+}
+
+#[tokio::test]
+async fn every_redis_key_has_a_ttl_after_a_run() {
+    let r = test_redis();
+    let p = prefix("ttl");
+    let mut settings = redis_settings(
+        &r.url,
+        &p,
+        vec![("sourcing", sourcing()), ("other", team_rate(per_sec(1), 1))],
+        OnBackendError::Deny,
+        Duration::from_secs(2),
+    );
+    settings.upstream = Some(UpstreamBudget {
+        rate: per_sec(50),
+        max_wait: Duration::from_secs(1),
+    });
+    let q = redis_quotas(settings).await;
+    let _held = q.admit("sourcing", "createPartnerCandidate").await.unwrap();
+    let _ = q.admit("other", "op").await;
+    let _ = q.admit("other", "op").await;
+    q.upstream_slot().await.unwrap();
+    q.upstream_feedback(Some(0), Some(Duration::from_secs(5)));
+    let mut c = redis_conn(&r.url).await;
+    // the feedback is sent in the background: wait (bounded) for its key
+    let blocked = format!("{p}:upstream:blocked");
+    for _ in 0..100 {
+        let exists: bool = redis::cmd("EXISTS")
+            .arg(&blocked)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        if exists {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut keys: Vec<String> = Vec::new();
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{p}:*"))
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        keys.extend(batch);
+        cursor = next;
+        if cursor == 0 {
+            break;
+        }
+    }
+    keys.sort();
+    let expected = [
+        format!("{p}:team:other:rate"),
+        format!("{p}:team:sourcing:inflight"),
+        format!("{p}:team:sourcing:op:createPartnerCandidate:daily"),
+        format!("{p}:team:sourcing:op:createPartnerCandidate:rate"),
+        format!("{p}:team:sourcing:rate"),
+        format!("{p}:upstream:blocked"),
+        format!("{p}:upstream:rate"),
+    ];
+    assert_eq!(keys, expected);
+    for key in &keys {
+        let ttl: i64 = redis::cmd("PTTL")
+            .arg(key)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        assert!(ttl > 0, "{key} has no TTL ({ttl})");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_upstream_budget_is_shared_by_replicas_and_paces_them() {
+    let r = test_redis();
+    let mut settings = redis_settings(
+        &r.url,
+        &prefix("up-pace"),
+        vec![],
+        OnBackendError::Deny,
+        Duration::from_secs(2),
+    );
+    settings.upstream = Some(UpstreamBudget {
+        rate: per_sec(10),
+        max_wait: Duration::from_secs(3),
+    });
+    let replicas = [
+        redis_quotas(settings.clone()).await,
+        redis_quotas(settings).await,
+    ];
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..6)
+        .map(|i| {
+            let q = replicas[i % 2].clone();
+            tokio::spawn(async move { (q.upstream_slot().await, started.elapsed()) })
+        })
+        .collect();
+    let mut ends = Vec::new();
+    for t in tasks {
+        let (r, at) = t.await.unwrap();
+        assert_eq!(r, Ok(()));
+        ends.push(at);
+    }
+    ends.sort();
+    // six slots 100 ms apart across both replicas: the last starts 500 ms after the first
+    assert!(ends[5] >= Duration::from_millis(490), "{ends:?}");
+    assert!(ends[5] < Duration::from_secs(6), "{ends:?}");
+}
+
+#[tokio::test]
+async fn redis_upstream_budget_refuses_a_replica_when_no_shared_slot_comes_within_max_wait() {
+    let r = test_redis();
+    let mut settings = redis_settings(
+        &r.url,
+        &prefix("up-refuse"),
+        vec![],
+        OnBackendError::Deny,
+        Duration::from_secs(2),
+    );
+    settings.upstream = Some(UpstreamBudget {
+        rate: per_sec(5),
+        max_wait: Duration::from_millis(10),
+    });
+    let a = redis_quotas(settings.clone()).await;
+    let b = redis_quotas(settings).await;
+    assert_eq!(a.upstream_slot().await, Ok(()));
+    let retry = b.upstream_slot().await.unwrap_err();
+    assert!(
+        retry > Duration::from_millis(100) && retry <= Duration::from_millis(200),
+        "{retry:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Redis outages: stopped and paused, with each on_backend_error
+
+const OUTAGE_TIMEOUT: Duration = Duration::from_millis(200);
+/// Generous: the bound is "never much longer than the backend timeout", not a benchmark.
+const SLACK: Duration = Duration::from_millis(1500);
+
+enum Outage {
+    Stopped,
+    Paused,
+}
+
+/// Starts a server, makes one admission through it (a live connection), then takes it away.
+async fn during_outage(
+    outage: Outage,
+    on_error: OnBackendError,
+) -> (RedisServer, Quotas, Duration) {
+    let mut server = RedisServer::start();
+    let mut settings = redis_settings(
+        &server.url(),
+        &prefix("outage"),
+        vec![
+            ("t", team_rate(per_hour(3), 3)),
+            ("fresh", team_rate(per_hour(3), 3)),
+        ],
+        on_error,
+        OUTAGE_TIMEOUT,
+    );
+    settings.upstream = Some(UpstreamBudget {
+        rate: per_sec(100),
+        max_wait: Duration::from_millis(100),
+    });
+    let q = redis_quotas(settings).await;
+    let first = q.admit("t", "op").await.unwrap();
+    assert_eq!(first.source(), "redis");
+    match outage {
+        Outage::Stopped => server.stop(),
+        Outage::Paused => server.pause(),
+    }
+    // six decisions, each timed
+    let mut slowest = Duration::ZERO;
+    let mut results = Vec::new();
+    for _ in 0..6 {
+        let started = Instant::now();
+        results.push(q.admit("t", "op").await);
+        slowest = slowest.max(started.elapsed());
+    }
+    let started = Instant::now();
+    let slot = q.upstream_slot().await;
+    slowest = slowest.max(started.elapsed());
+    assert!(
+        slowest < OUTAGE_TIMEOUT + SLACK,
+        "a decision took {slowest:?}"
+    );
+    assert!(
+        q.not_ready()
+            .iter()
+            .any(|r| r.starts_with("quota: redis unreachable: ")),
+        "{:?}",
+        q.not_ready()
+    );
+    match on_error {
+        OnBackendError::Deny => {
+            for r in &results {
+                let refusal = r.as_ref().unwrap_err();
+                assert_eq!(refusal, &Refusal::BackendUnavailable);
+                assert_eq!(refusal.kind(), "backend");
+                assert_eq!(refusal.code(), "quota_backend_unavailable");
+            }
+            assert!(slot.is_err());
+        }
+        OnBackendError::Allow => {
+            for r in &results {
+                assert_eq!(r.as_ref().unwrap().source(), "allowed");
+            }
+            assert_eq!(q.backend_errors_allowed(), 7);
+            assert_eq!(slot, Ok(()));
+        }
+        OnBackendError::Local => {
+            let admitted: Vec<_> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+            assert_eq!(admitted.len(), 3, "the in-process limiter has the same burst");
+            assert!(admitted.iter().all(|a| a.source() == "local"));
+            assert_eq!(q.backend_errors_allowed(), 0);
+            assert_eq!(slot, Ok(()));
+        }
+    }
+    drop(results);
+    (server, q, slowest)
+}
+
+#[tokio::test]
+async fn redis_stopped_with_deny_refuses_as_backend_unavailable_within_the_timeout() {
+    during_outage(Outage::Stopped, OnBackendError::Deny).await;
+}
+
+#[tokio::test]
+async fn redis_stopped_with_allow_admits_and_counts_within_the_timeout() {
+    during_outage(Outage::Stopped, OnBackendError::Allow).await;
+}
+
+#[tokio::test]
+async fn redis_stopped_with_local_applies_the_same_limits_in_memory_within_the_timeout() {
+    during_outage(Outage::Stopped, OnBackendError::Local).await;
+}
+
+#[tokio::test]
+async fn redis_paused_with_deny_refuses_as_backend_unavailable_within_the_timeout() {
+    let (server, q, _) = during_outage(Outage::Paused, OnBackendError::Deny).await;
+    server.resume();
+    recovers(&q).await;
+}
+
+#[tokio::test]
+async fn redis_paused_with_allow_admits_and_counts_within_the_timeout() {
+    let (server, q, _) = during_outage(Outage::Paused, OnBackendError::Allow).await;
+    server.resume();
+    recovers(&q).await;
+}
+
+#[tokio::test]
+async fn redis_paused_with_local_applies_the_same_limits_in_memory_within_the_timeout() {
+    let (server, q, _) = during_outage(Outage::Paused, OnBackendError::Local).await;
+    server.resume();
+    recovers(&q).await;
+}
+
+/// Redis is back: a probe succeeds within a bounded number of tries and decisions go through it.
+async fn recovers(q: &Quotas) {
+    let mut ok = false;
+    for _ in 0..50 {
+        if q.check_backend().await.is_ok() {
+            ok = true;
+            break;
+        }
+    }
+    assert!(ok, "redis never came back: {:?}", q.not_ready());
+    assert!(q.not_ready().is_empty(), "{:?}", q.not_ready());
+    // (a team untouched so far: scripts that timed out while Redis was paused may still have
+    // run, and spent, when it resumed)
+    let a = q.admit("fresh", "op").await.unwrap();
+    assert_eq!(a.source(), "redis");
+}
+
+#[tokio::test]
+async fn redis_restarted_on_the_same_port_is_used_again_without_a_restart_of_the_gateway() {
+    let (mut server, q, _) = during_outage(Outage::Stopped, OnBackendError::Deny).await;
+    let port = server.port;
+    server.stop();
+    let restarted = RedisServer::start_on(port).expect("redis-server restarts on its port");
+    recovers(&q).await;
+    drop(restarted);
+}
+
+#[tokio::test]
+async fn quotas_start_with_redis_down_without_failing_and_report_not_ready() {
+    let port = free_port(); // nothing listens there
+    let started = Instant::now();
+    let q = Quotas::new(redis_settings(
+        &format!("redis://127.0.0.1:{port}/"),
+        &prefix("down"),
+        vec![("t", team_rate(per_hour(3), 3))],
+        OnBackendError::Deny,
+        OUTAGE_TIMEOUT,
+    ))
+    .await;
+    assert!(started.elapsed() < OUTAGE_TIMEOUT + SLACK);
+    assert_eq!(q.not_ready().len(), 1, "{:?}", q.not_ready());
+    assert_eq!(
+        q.admit("t", "op").await.unwrap_err(),
+        Refusal::BackendUnavailable
+    );
+    assert_eq!(q.snapshot()["backend"], "redis");
+}
