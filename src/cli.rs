@@ -46,6 +46,57 @@ pub enum Command {
         #[arg(long, default_value = "policies/gateway.toml")]
         config: PathBuf,
     },
+    /// Verify or query audit trails.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AuditCommand {
+    /// Check the hash chain; names the first bad record; exit 1 on tampering.
+    Verify {
+        /// The gateway config whose `[audit] hmac_key` keyed the chain.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Audit files or the current file (rotated files beside it are found).
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Print the records that match every filter given.
+    Query {
+        #[arg(long)]
+        team: Option<String>,
+        #[arg(long)]
+        subject: Option<String>,
+        #[arg(long)]
+        operation: Option<String>,
+        #[arg(long)]
+        on_behalf_of: Option<String>,
+        /// `forwarded` or `denied`.
+        #[arg(long)]
+        decision: Option<String>,
+        #[arg(long)]
+        code: Option<String>,
+        #[arg(long)]
+        status: Option<u16>,
+        /// RFC 3339, inclusive.
+        #[arg(long)]
+        since: Option<String>,
+        /// RFC 3339, exclusive.
+        #[arg(long)]
+        until: Option<String>,
+        #[arg(long)]
+        external_id: Option<String>,
+        #[arg(long)]
+        candidate_id: Option<i64>,
+        /// `json` (one record per line) or `table`.
+        #[arg(long, default_value = "json")]
+        format: String,
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
 }
 
 /// Sets up logging. Secrets never reach a log line: they are redacted types or sensitive headers.
@@ -75,6 +126,81 @@ pub async fn run(cli: Cli) -> i32 {
             Some(cfg) => dev(cfg).await,
         },
         Command::Sandbox { listen } => sandbox(listen).await,
+        Command::Audit { command } => audit(command),
+    }
+}
+
+fn audit(cmd: AuditCommand) -> i32 {
+    match cmd {
+        AuditCommand::Verify { config, files } => {
+            let key = match config {
+                None => None,
+                Some(path) => match load_or_print(&path) {
+                    None => return 2,
+                    Some(cfg) => cfg.audit.hmac_key.clone(),
+                },
+            };
+            crate::audit::cli_verify(&files, key.as_ref())
+        }
+        AuditCommand::Query {
+            team,
+            subject,
+            operation,
+            on_behalf_of,
+            decision,
+            code,
+            status,
+            since,
+            until,
+            external_id,
+            candidate_id,
+            format,
+            files,
+        } => {
+            let time = |name: &str,
+                        v: Option<String>|
+             -> Result<Option<time::OffsetDateTime>, String> {
+                v.map(|s| {
+                    time::OffsetDateTime::parse(&s, &time::format_description::well_known::Rfc3339)
+                        .map_err(|_| {
+                            format!(
+                                "--{name} must be an RFC 3339 time such as 2026-11-29T00:00:00Z"
+                            )
+                        })
+                })
+                .transpose()
+            };
+            let parsed = (|| -> Result<crate::audit::QueryFilter, String> {
+                Ok(crate::audit::QueryFilter {
+                    team,
+                    subject,
+                    operation,
+                    on_behalf_of,
+                    decision: decision.map(|d| d.parse()).transpose()?,
+                    code,
+                    status,
+                    since: time("since", since)?,
+                    until: time("until", until)?,
+                    external_id,
+                    candidate_id,
+                })
+            })();
+            let table = match format.as_str() {
+                "json" => false,
+                "table" => true,
+                _ => {
+                    eprintln!("--format must be json or table");
+                    return 2;
+                }
+            };
+            match parsed {
+                Ok(filter) => crate::audit::cli_query(&files, &filter, table),
+                Err(e) => {
+                    eprintln!("{e}");
+                    2
+                }
+            }
+        }
     }
 }
 
@@ -139,6 +265,8 @@ pub fn summary(cfg: &Config) -> String {
         "TEAM".to_string(),
         "CREDENTIAL".into(),
         "ON-BEHALF-OF".into(),
+        "VALIDATION".into(),
+        "QUOTA".into(),
         "OPERATIONS".into(),
     ]];
     for t in cfg.teams.iter() {
@@ -153,31 +281,82 @@ pub fn summary(cfg: &Config) -> String {
         if let Some(c) = &obo.from_claim {
             parts.push(format!("claim {c}"));
         }
-        let ops: Vec<&str> = t.operations.iter().map(String::as_str).collect();
+        let limits = cfg.quota.teams.get(&t.name);
+        let ops: Vec<String> = t
+            .operations
+            .iter()
+            .map(|op| match limits.and_then(|l| l.operations.get(op)) {
+                Some(ol) => {
+                    let mut q = Vec::new();
+                    if let Some(r) = ol.limit.rate {
+                        q.push(r.to_string());
+                    }
+                    if let Some(b) = ol.limit.burst {
+                        q.push(format!("burst {b}"));
+                    }
+                    if let Some(d) = ol.daily {
+                        q.push(format!("{d}/day"));
+                    }
+                    format!("{op} ({})", q.join(", "))
+                }
+                None => op.clone(),
+            })
+            .collect();
+        let mut quota = Vec::new();
+        if let Some(l) = limits {
+            if let Some(r) = l.limit.rate {
+                quota.push(r.to_string());
+            }
+            if let Some(b) = l.limit.burst {
+                quota.push(format!("burst {b}"));
+            }
+            if let Some(c) = l.concurrency {
+                quota.push(format!("{c} in flight"));
+            }
+        }
+        if quota.is_empty() {
+            quota.push("unlimited".into());
+        }
         rows.push([
             t.name.clone(),
             t.credential.clone(),
             parts.join(", "),
+            t.validation.as_str().to_string(),
+            quota.join(", "),
             ops.join(", "),
         ]);
     }
-    let widths: Vec<usize> = (0..4)
+    let widths: Vec<usize> = (0..6)
         .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
         .collect();
     for r in &rows {
-        let _ = writeln!(
-            out,
-            "  {:w0$}  {:w1$}  {:w2$}  {}",
-            r[0],
-            r[1],
-            r[2],
-            r[3],
-            w0 = widths[0],
-            w1 = widths[1],
-            w2 = widths[2]
-        );
+        let mut line = String::from(" ");
+        for (i, cell) in r.iter().enumerate() {
+            if i + 1 == r.len() {
+                line.push_str(&format!(" {cell}"));
+            } else {
+                line.push_str(&format!(" {cell:w$} ", w = widths[i]));
+            }
+        }
+        let _ = writeln!(out, "{}", line.trim_end());
     }
-    let _ = writeln!(out, "quotas: not configurable in this version (see README)");
+    let backend = match &cfg.quota.backend {
+        crate::quota::Backend::Memory => "memory (per replica)".to_string(),
+        crate::quota::Backend::Redis { key_prefix, .. } => {
+            format!("redis (shared; keys {key_prefix}:*)")
+        }
+    };
+    let budget = cfg.quota.upstream.as_ref().map_or("none".to_string(), |b| {
+        format!("{} (wait up to {:?})", b.rate, b.max_wait)
+    });
+    let _ = writeln!(out, "quota backend: {backend}; Greenhouse budget: {budget}");
+    let _ = writeln!(
+        out,
+        "audit: {} (fsync {:?}, on error {:?})",
+        cfg.audit.path.display(),
+        cfg.audit.fsync,
+        cfg.audit.on_error
+    );
     for (name, c) in &cfg.credentials {
         let _ = writeln!(out, "credential {name}: {}", c.kind());
     }

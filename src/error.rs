@@ -50,9 +50,15 @@ pub enum GatewayError {
     },
     UnsupportedMediaType,
     ValidationFailed(Vec<FieldProblem>),
-    RateLimited { retry_after_secs: u64 },
-    DailyQuotaExhausted { retry_after_secs: u64 },
-    ConcurrencyLimited { retry_after_secs: u64 },
+    RateLimited {
+        retry_after_secs: u64,
+    },
+    DailyQuotaExhausted {
+        retry_after_secs: u64,
+    },
+    ConcurrencyLimited {
+        retry_after_secs: u64,
+    },
     QuotaBackendUnavailable,
     AuditUnavailable,
     UpstreamError,

@@ -116,17 +116,41 @@ impl Metrics {
         let inflight = Family::<TeamLabels, Gauge>::default();
         let audit_records = Counter::default();
         let audit_errors = Counter::default();
-        registry.register("gateway_quota_rejections", "Requests refused by a quota, by team, operation and kind", quota_rejections.clone());
+        registry.register(
+            "gateway_quota_rejections",
+            "Requests refused by a quota, by team, operation and kind",
+            quota_rejections.clone(),
+        );
         registry.register(
             "gateway_quota_backend_allowed",
             "Requests admitted without a quota decision because the backend failed (on_backend_error = allow)",
             quota_backend_allowed.clone(),
         );
-        registry.register("gateway_validation_failures", "Requests that did not match the spec, by team, operation and mode", validation_failures.clone());
-        registry.register("gateway_spec_drift", "Upstream responses that did not match the spec, by operation", spec_drift.clone());
-        registry.register("gateway_inflight_requests", "Requests admitted and not finished, by team", inflight.clone());
-        registry.register("gateway_audit_records", "Audit records written", audit_records.clone());
-        registry.register("gateway_audit_errors", "Audit records that could not be written", audit_errors.clone());
+        registry.register(
+            "gateway_validation_failures",
+            "Requests that did not match the spec, by team, operation and mode",
+            validation_failures.clone(),
+        );
+        registry.register(
+            "gateway_spec_drift",
+            "Upstream responses that did not match the spec, by operation",
+            spec_drift.clone(),
+        );
+        registry.register(
+            "gateway_inflight_requests",
+            "Requests admitted and not finished, by team",
+            inflight.clone(),
+        );
+        registry.register(
+            "gateway_audit_records",
+            "Audit records written",
+            audit_records.clone(),
+        );
+        registry.register(
+            "gateway_audit_errors",
+            "Audit records that could not be written",
+            audit_errors.clone(),
+        );
         build_info
             .get_or_create(&BuildLabels {
                 version: env!("CARGO_PKG_VERSION").to_string(),
@@ -225,7 +249,11 @@ impl Metrics {
     pub fn quota_rejection(&self, team: &str, operation: &str, kind: &str) {
         self.0
             .quota_rejections
-            .get_or_create(&QuotaLabels { team: team.into(), operation: operation.into(), kind: kind.into() })
+            .get_or_create(&QuotaLabels {
+                team: team.into(),
+                operation: operation.into(),
+                kind: kind.into(),
+            })
             .inc();
     }
 
@@ -241,17 +269,30 @@ impl Metrics {
     pub fn validation_failure(&self, team: &str, operation: &str, mode: &str) {
         self.0
             .validation_failures
-            .get_or_create(&ValidationLabels { team: team.into(), operation: operation.into(), mode: mode.into() })
+            .get_or_create(&ValidationLabels {
+                team: team.into(),
+                operation: operation.into(),
+                mode: mode.into(),
+            })
             .inc();
     }
 
     pub fn spec_drift(&self, operation: &str) {
-        self.0.spec_drift.get_or_create(&OpLabels { operation: operation.into() }).inc();
+        self.0
+            .spec_drift
+            .get_or_create(&OpLabels {
+                operation: operation.into(),
+            })
+            .inc();
     }
 
     /// One more request of `team` in flight until the returned guard is dropped.
     pub fn inflight(&self, team: &str) -> InflightGuard {
-        let g = self.0.inflight.get_or_create(&TeamLabels { team: team.into() }).clone();
+        let g = self
+            .0
+            .inflight
+            .get_or_create(&TeamLabels { team: team.into() })
+            .clone();
         g.inc();
         InflightGuard(g)
     }

@@ -71,8 +71,14 @@ pub struct Parts {
 
 impl Gateway {
     pub fn new(config: Arc<Config>, p: Parts) -> Self {
-        let host = config.upstream.base_url.authority().map(|a| a.as_str().to_string()).unwrap_or_default();
-        let upstream_host = HeaderValue::from_str(&host).unwrap_or_else(|_| HeaderValue::from_static("localhost"));
+        let host = config
+            .upstream
+            .base_url
+            .authority()
+            .map(|a| a.as_str().to_string())
+            .unwrap_or_default();
+        let upstream_host =
+            HeaderValue::from_str(&host).unwrap_or_else(|_| HeaderValue::from_static("localhost"));
         Gateway {
             validators: config.validators.clone(),
             config,
@@ -106,7 +112,8 @@ impl Context {
     /// Pointers and keywords only: never the values, never the messages.
     fn note_problems(&mut self, where_: &str, problems: &[FieldProblem]) {
         for p in problems {
-            self.validation.push(json!({"in": where_, "pointer": p.pointer, "keyword": p.keyword}));
+            self.validation
+                .push(json!({"in": where_, "pointer": p.pointer, "keyword": p.keyword}));
         }
     }
 }
@@ -120,13 +127,18 @@ struct Forwarded {
 }
 
 /// Handles one request on the gateway listener. Never fails: every outcome is a response.
-pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, peer: SocketAddr) -> Response<RespBody> {
+pub async fn handle(
+    gw: Arc<Gateway>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<RespBody> {
     let started = Instant::now();
     let request_id = request_id(req.headers());
     let mut ctx = Context::default();
     ctx.record.request_id = request_id.clone();
     ctx.record.method = req.method().to_string();
-    ctx.record.path = AuditRecord::sanitize_path(req.uri().path_and_query().map_or("", |pq| pq.as_str()));
+    ctx.record.path =
+        AuditRecord::sanitize_path(req.uri().path_and_query().map_or("", |pq| pq.as_str()));
     ctx.record.client_addr = Some(client_addr(&gw.config, peer.ip(), req.headers()).to_string());
     match decide_and_forward(&gw, req, peer, &request_id, &mut ctx).await {
         Ok(fwd) => respond_forwarded(gw, ctx, fwd, started),
@@ -135,11 +147,18 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, peer: SocketAddr) 
 }
 
 /// The gateway's own answer: written to the audit trail before it is sent.
-async fn respond_error(gw: &Gateway, mut ctx: Context, e: GatewayError, started: Instant) -> Response<RespBody> {
+async fn respond_error(
+    gw: &Gateway,
+    mut ctx: Context,
+    e: GatewayError,
+    started: Instant,
+) -> Response<RespBody> {
     if e.fault() != crate::error::Fault::Client {
         tracing::warn!(request_id = %ctx.record.request_id, code = e.code(), "request failed");
     }
-    let mut resp = e.to_response(&ctx.record.request_id).map(|b| Full::new(b).map_err(|never| match never {}).boxed_unsync());
+    let mut resp = e
+        .to_response(&ctx.record.request_id)
+        .map(|b| Full::new(b).map_err(|never| match never {}).boxed_unsync());
     set_headers(resp.headers_mut(), &ctx);
     ctx.record.code = Some(e.code().to_string());
     ctx.record.status = resp.status().as_u16();
@@ -149,12 +168,22 @@ async fn respond_error(gw: &Gateway, mut ctx: Context, e: GatewayError, started:
 }
 
 /// Greenhouse's answer, streamed back; the audit record is written when its body ends.
-fn respond_forwarded(gw: Arc<Gateway>, mut ctx: Context, fwd: Forwarded, started: Instant) -> Response<RespBody> {
+fn respond_forwarded(
+    gw: Arc<Gateway>,
+    mut ctx: Context,
+    fwd: Forwarded,
+    started: Instant,
+) -> Response<RespBody> {
     let (mut head, body) = fwd.response.into_parts();
     proxy::downstream_headers(&mut head.headers);
     head.version = Version::HTTP_11;
     ctx.record.status = head.status.as_u16();
-    if let Some(remaining) = head.headers.get("x-ratelimit-remaining").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()) {
+    if let Some(remaining) = head
+        .headers
+        .get("x-ratelimit-remaining")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+    {
         gw.quotas.upstream_feedback(Some(remaining), None);
     }
     let status = head.status.as_u16();
@@ -169,7 +198,7 @@ fn respond_forwarded(gw: Arc<Gateway>, mut ctx: Context, fwd: Forwarded, started
                     gw.metrics.spec_drift(&op.id);
                     sample_drift(&op.id, &drift);
                 }
-                if (200..300).contains(&status) {
+                if (200..300).contains(&status) && returns_candidates(&op, status) {
                     merge_candidate_ids(&mut ctx.record.candidate_ids, &copy);
                 }
             }
@@ -179,8 +208,13 @@ fn respond_forwarded(gw: Arc<Gateway>, mut ctx: Context, fwd: Forwarded, started
             finish_record(&gw, ctx, started).await;
         })
     });
-    let body = body.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>).boxed();
-    Response::from_parts(head, ObservedBody::new(body, RESPONSE_COPY_LIMIT, on_finish, Some(fwd.guard)).boxed_unsync())
+    let body = body
+        .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+        .boxed();
+    Response::from_parts(
+        head,
+        ObservedBody::new(body, RESPONSE_COPY_LIMIT, on_finish, Some(fwd.guard)).boxed_unsync(),
+    )
 }
 
 /// Writes the audit record and the request metrics. With `fsync = "always"` this resolves only
@@ -190,8 +224,17 @@ async fn finish_record(gw: &Gateway, mut ctx: Context, started: Instant) {
     if !ctx.validation.is_empty() {
         ctx.record.validation = Some(Value::Array(std::mem::take(&mut ctx.validation)));
     }
-    let code = ctx.record.code.clone().unwrap_or_else(|| "forwarded".to_string());
-    gw.metrics.request(ctx.team(), ctx.operation(), &code, started.elapsed().as_secs_f64());
+    let code = ctx
+        .record
+        .code
+        .clone()
+        .unwrap_or_else(|| "forwarded".to_string());
+    gw.metrics.request(
+        ctx.team(),
+        ctx.operation(),
+        &code,
+        started.elapsed().as_secs_f64(),
+    );
     match gw.audit.write(ctx.record).await {
         Ok(()) => gw.metrics.audit_written(),
         Err(e) => {
@@ -218,16 +261,36 @@ fn set_headers(h: &mut http::HeaderMap, ctx: &Context) {
 fn sample_drift(operation: &str, problems: &[FieldProblem]) {
     use std::sync::atomic::{AtomicU64, Ordering};
     static LAST: AtomicU64 = AtomicU64::new(0);
-    let now = SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
+    let now = SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
     if LAST.swap(now, Ordering::Relaxed) != now {
-        let at: Vec<String> = problems.iter().take(10).map(|p| format!("{} ({})", p.pointer, p.keyword)).collect();
+        let at: Vec<String> = problems
+            .iter()
+            .take(10)
+            .map(|p| format!("{} ({})", p.pointer, p.keyword))
+            .collect();
         tracing::warn!(operation, problems = problems.len(), at = %at.join(", "), "upstream response differs from the spec");
     }
 }
 
+/// Whether the documented response is a candidate (or a list of them): its objects declare an
+/// `external_id`, which in the Partner API only candidates have. Read from the spec, so no path
+/// is named here.
+fn returns_candidates(op: &Operation, status: u16) -> bool {
+    let Some(Some(schema)) = op.responses.get(&status.to_string()) else {
+        return false;
+    };
+    let object = schema.get("items").unwrap_or(schema);
+    object.pointer("/properties/external_id").is_some()
+}
+
 /// Candidate ids from a successful response: `id` of the object or of each array element.
 fn merge_candidate_ids(ids: &mut Vec<i64>, body: &[u8]) {
-    let Ok(v) = serde_json::from_slice::<Value>(body) else { return };
+    let Ok(v) = serde_json::from_slice::<Value>(body) else {
+        return;
+    };
     let items: Vec<&Value> = match &v {
         Value::Array(a) => a.iter().collect(),
         other => vec![other],
@@ -255,7 +318,9 @@ async fn decide_and_forward(
     if let Some(len) = declared_length(&req)?
         && len > cfg.limits.max_body_bytes
     {
-        return Err(GatewayError::PayloadTooLarge { limit: cfg.limits.max_body_bytes });
+        return Err(GatewayError::PayloadTooLarge {
+            limit: cfg.limits.max_body_bytes,
+        });
     }
 
     // 2. Who is calling.
@@ -268,7 +333,10 @@ async fn decide_and_forward(
     ctx.record.operation = Some(op.id.clone());
 
     // 4. Which team, may it call this, on whose behalf.
-    let team: &Team = cfg.teams.find(&token.claims).ok_or(GatewayError::UnknownTeam)?;
+    let team: &Team = cfg
+        .teams
+        .find(&token.claims)
+        .ok_or(GatewayError::UnknownTeam)?;
     ctx.record.team = Some(team.name.clone());
     ctx.record.credential = Some(team.credential.clone());
     if !team.may_call(&op.id) {
@@ -294,12 +362,23 @@ async fn decide_and_forward(
     if gw.audit.on_error() == AuditOnError::Reject && !gw.audit.healthy() {
         return Err(GatewayError::AuditUnavailable);
     }
-    let upstream = Upstream { gw, parts: &parts, query: query.as_deref(), body, on_behalf_of: &on_behalf_of, request_id, peer };
+    let upstream = Upstream {
+        gw,
+        parts: &parts,
+        query: query.as_deref(),
+        body,
+        on_behalf_of: &on_behalf_of,
+        request_id,
+        peer,
+    };
     let authorization = gw.credentials.authorization(&team.credential).await?;
     let mut resp = upstream.send(op, authorization.clone(), ctx).await?;
     if resp.status() == StatusCode::UNAUTHORIZED {
         drop(resp);
-        let fresh = gw.credentials.after_unauthorized(&team.credential, &authorization).await?;
+        let fresh = gw
+            .credentials
+            .after_unauthorized(&team.credential, &authorization)
+            .await?;
         resp = upstream.send(op, fresh, ctx).await?;
         if resp.status() == StatusCode::UNAUTHORIZED {
             tracing::error!(request_id, credential = %team.credential, "Greenhouse refused a fresh token (or the On-Behalf-Of user)");
@@ -311,30 +390,49 @@ async fn decide_and_forward(
         // Greenhouse with this credential until it says so.
         let wait = retry_after(resp.headers(), SystemTime::now());
         gw.credentials.pause(&team.credential, wait);
-        return Err(GatewayError::UpstreamRateLimited { retry_after_secs: ceil_secs(wait) });
+        return Err(GatewayError::UpstreamRateLimited {
+            retry_after_secs: ceil_secs(wait),
+        });
     }
-    Ok(Forwarded { response: resp, op: op.clone(), guard: Box::new((admission, inflight)) })
+    Ok(Forwarded {
+        response: resp,
+        op: op.clone(),
+        guard: Box::new((admission, inflight)),
+    })
 }
 
-async fn admit(gw: &Gateway, team: &Team, op: &Operation, ctx: &mut Context) -> Result<crate::quota::Admission, GatewayError> {
+async fn admit(
+    gw: &Gateway,
+    team: &Team,
+    op: &Operation,
+    ctx: &mut Context,
+) -> Result<crate::quota::Admission, GatewayError> {
     match gw.quotas.admit(&team.name, &op.id).await {
         Ok(a) => {
             ctx.ratelimit = a.headers.clone();
             ctx.record.quota = Some(json!({"decision": "admitted"}));
-            gw.metrics.set_quota_backend_allowed(gw.quotas.backend_errors_allowed());
+            gw.metrics
+                .set_quota_backend_allowed(gw.quotas.backend_errors_allowed());
             Ok(a)
         }
         Err(refusal) => {
             ctx.ratelimit = refusal.headers();
             ctx.record.quota = Some(json!({"decision": "refused", "kind": refusal.kind()}));
-            gw.metrics.quota_rejection(&team.name, &op.id, refusal.kind());
+            gw.metrics
+                .quota_rejection(&team.name, &op.id, refusal.kind());
             Err(match refusal {
-                Refusal::RateLimited { retry_after, .. } => GatewayError::RateLimited { retry_after_secs: ceil_secs(retry_after) },
+                Refusal::RateLimited { retry_after, .. } => GatewayError::RateLimited {
+                    retry_after_secs: ceil_secs(retry_after),
+                },
                 Refusal::DailyQuotaExhausted { retry_after, .. } => {
-                    GatewayError::DailyQuotaExhausted { retry_after_secs: ceil_secs(retry_after) }
+                    GatewayError::DailyQuotaExhausted {
+                        retry_after_secs: ceil_secs(retry_after),
+                    }
                 }
                 Refusal::ConcurrencyLimited { retry_after, .. } => {
-                    GatewayError::ConcurrencyLimited { retry_after_secs: ceil_secs(retry_after) }
+                    GatewayError::ConcurrencyLimited {
+                        retry_after_secs: ceil_secs(retry_after),
+                    }
                 }
                 Refusal::BackendUnavailable => GatewayError::QuotaBackendUnavailable,
             })
@@ -344,7 +442,13 @@ async fn admit(gw: &Gateway, team: &Team, op: &Operation, ctx: &mut Context) -> 
 
 /// The query string to forward: as received, or in report mode without the undeclared
 /// parameters (which are recorded instead).
-fn check_query(gw: &Gateway, team: &Team, op: &Operation, raw: Option<&str>, ctx: &mut Context) -> Result<Option<String>, GatewayError> {
+fn check_query(
+    gw: &Gateway,
+    team: &Team,
+    op: &Operation,
+    raw: Option<&str>,
+    ctx: &mut Context,
+) -> Result<Option<String>, GatewayError> {
     let report = team.validation == ValidationMode::Report;
     match gw.validators.check_query(op, raw) {
         Ok(()) => Ok(raw.map(str::to_string)),
@@ -358,8 +462,8 @@ fn check_query(gw: &Gateway, team: &Team, op: &Operation, raw: Option<&str>, ctx
                 .unwrap_or("")
                 .split('&')
                 .filter(|pair| {
-                    let name = pair.split('=').next().unwrap_or("");
-                    let name = percent_encoding::percent_decode_str(name).decode_utf8_lossy();
+                    let name = pair.split('=').next().unwrap_or("").replace('+', " ");
+                    let name = percent_encoding::percent_decode_str(&name).decode_utf8_lossy();
                     !name.is_empty() && op.declares_query(&name)
                 })
                 .collect();
@@ -371,7 +475,8 @@ fn check_query(gw: &Gateway, team: &Team, op: &Operation, raw: Option<&str>, ctx
             Ok(kept)
         }
         Err(QueryError::Invalid(problems)) => {
-            gw.metrics.validation_failure(&team.name, &op.id, team.validation.as_str());
+            gw.metrics
+                .validation_failure(&team.name, &op.id, team.validation.as_str());
             if report {
                 ctx.note_problems("query", &problems);
                 Ok(raw.map(str::to_string))
@@ -407,9 +512,12 @@ fn check_body(
         }
         Err(BodyError::UnsupportedMediaType) => Err(GatewayError::UnsupportedMediaType),
         Err(BodyError::InvalidJson(why)) => Err(GatewayError::InvalidJson(why)),
-        Err(BodyError::PayloadTooLarge) => Err(GatewayError::PayloadTooLarge { limit: gw.config.limits.max_body_bytes }),
+        Err(BodyError::PayloadTooLarge) => Err(GatewayError::PayloadTooLarge {
+            limit: gw.config.limits.max_body_bytes,
+        }),
         Err(BodyError::Invalid(problems)) => {
-            gw.metrics.validation_failure(&team.name, &op.id, team.validation.as_str());
+            gw.metrics
+                .validation_failure(&team.name, &op.id, team.validation.as_str());
             if team.validation == ValidationMode::Report {
                 ctx.note_problems("body", &problems);
                 Ok(())
@@ -425,7 +533,11 @@ fn query_candidate_ids(query: Option<&str>) -> Vec<i64> {
     let Some(q) = query else { return Vec::new() };
     form_urlencoded::parse(q.as_bytes())
         .filter(|(k, _)| k == "candidate_ids")
-        .flat_map(|(_, v)| v.split(',').filter_map(|x| x.trim().parse::<i64>().ok()).collect::<Vec<_>>())
+        .flat_map(|(_, v)| {
+            v.split(',')
+                .filter_map(|x| x.trim().parse::<i64>().ok())
+                .collect::<Vec<_>>()
+        })
         .take(1000)
         .collect()
 }
@@ -444,7 +556,12 @@ fn client_addr(cfg: &Config, peer: IpAddr, headers: &http::HeaderMap) -> IpAddr 
         .flat_map(|v| v.split(','))
         .map_while(|h| h.trim().parse::<IpAddr>().ok())
         .collect();
-    hops.iter().rev().find(|ip| !trusted(ip)).or(hops.first()).copied().unwrap_or(peer)
+    hops.iter()
+        .rev()
+        .find(|ip| !trusted(ip))
+        .or(hops.first())
+        .copied()
+        .unwrap_or(peer)
 }
 
 /// One request's upstream call, repeatable with another credential.
@@ -459,14 +576,21 @@ struct Upstream<'a> {
 }
 
 impl Upstream<'_> {
-    async fn send(&self, op: &Operation, authorization: HeaderValue, ctx: &mut Context) -> Result<Response<Incoming>, GatewayError> {
+    async fn send(
+        &self,
+        op: &Operation,
+        authorization: HeaderValue,
+        ctx: &mut Context,
+    ) -> Result<Response<Incoming>, GatewayError> {
         let cfg = &self.gw.config;
         // The account's budget at Greenhouse, shared by every team and replica.
         self.gw
             .quotas
             .upstream_slot()
             .await
-            .map_err(|wait| GatewayError::UpstreamRateLimited { retry_after_secs: ceil_secs(wait) })?;
+            .map_err(|wait| GatewayError::UpstreamRateLimited {
+                retry_after_secs: ceil_secs(wait),
+            })?;
         let headers = proxy::upstream_headers(
             &self.parts.headers,
             Outbound {
@@ -474,16 +598,30 @@ impl Upstream<'_> {
                 authorization,
                 on_behalf_of: self.on_behalf_of,
                 request_id: self.request_id,
-                client_ip: ctx.record.client_addr.as_deref().and_then(|a| a.parse().ok()).unwrap_or(self.peer.ip()),
+                client_ip: ctx
+                    .record
+                    .client_addr
+                    .as_deref()
+                    .and_then(|a| a.parse().ok())
+                    .unwrap_or(self.peer.ip()),
             },
         )?;
         let uri = proxy::upstream_uri(&cfg.upstream.base_url, self.parts.uri.path(), self.query)?;
         ctx.record.decision = Decision::Forwarded;
         let sent = Instant::now();
-        let result = proxy::send(&self.gw.client, self.parts.method.clone(), uri, headers, self.body.clone(), cfg.upstream.timeout).await;
+        let result = proxy::send(
+            &self.gw.client,
+            self.parts.method.clone(),
+            uri,
+            headers,
+            self.body.clone(),
+            cfg.upstream.timeout,
+        )
+        .await;
         let took = sent.elapsed();
         self.gw.metrics.upstream(&op.id, took.as_secs_f64());
-        ctx.record.upstream_duration_ms = Some(ctx.record.upstream_duration_ms.unwrap_or(0.0) + took.as_secs_f64() * 1000.0);
+        ctx.record.upstream_duration_ms =
+            Some(ctx.record.upstream_duration_ms.unwrap_or(0.0) + took.as_secs_f64() * 1000.0);
         if let Ok(r) = &result {
             ctx.record.upstream_status = Some(r.status().as_u16());
         }

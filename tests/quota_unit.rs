@@ -98,7 +98,9 @@ async fn concurrent_admits(replicas: &[Quotas], team: &str, op: &str, n: usize) 
     for i in 0..n {
         let q = replicas[i % replicas.len()].clone();
         let (team, op) = (team.to_string(), op.to_string());
-        tasks.push(tokio::spawn(async move { q.admit(&team, &op).await.is_ok() }));
+        tasks.push(tokio::spawn(
+            async move { q.admit(&team, &op).await.is_ok() },
+        ));
     }
     let mut ok = 0;
     for t in tasks {
@@ -346,7 +348,10 @@ async fn a_request_refused_by_its_operation_spends_nothing_from_the_team() {
     assert!(q.admit("t", "b").await.is_ok());
     assert!(q.admit("t", "b").await.is_err());
     let snap = q.snapshot();
-    assert_eq!(snap["teams"]["t"]["usage"]["operations"]["a"]["daily_used"], 1);
+    assert_eq!(
+        snap["teams"]["t"]["usage"]["operations"]["a"]["daily_used"],
+        1
+    );
 }
 
 #[tokio::test]
@@ -561,7 +566,10 @@ fn validators_for_backend_upstream_and_counts_name_the_key_and_never_echo_the_ur
         }))
     );
     assert!(validate_upstream(None, Some("2s")).is_err());
-    assert_eq!(validate_concurrency(Some(0)).unwrap_err()[0].0, "concurrency");
+    assert_eq!(
+        validate_concurrency(Some(0)).unwrap_err()[0].0,
+        "concurrency"
+    );
     assert_eq!(validate_daily(Some(0)).unwrap_err()[0].0, "daily");
 }
 
@@ -874,7 +882,10 @@ async fn redis_one_teams_exhaustion_leaves_other_teams_untouched() {
         Duration::from_secs(2),
     ))
     .await;
-    assert_eq!(concurrent_admits(&[q.clone()], "a", "op", 6).await, 3);
+    assert_eq!(
+        concurrent_admits(std::slice::from_ref(&q), "a", "op", 6).await,
+        3
+    );
     assert_eq!(concurrent_admits(&[q], "b", "op", 6).await, 3);
 }
 
@@ -885,7 +896,10 @@ async fn every_redis_key_has_a_ttl_after_a_run() {
     let mut settings = redis_settings(
         &r.url,
         &p,
-        vec![("sourcing", sourcing()), ("other", team_rate(per_sec(1), 1))],
+        vec![
+            ("sourcing", sourcing()),
+            ("other", team_rate(per_sec(1), 1)),
+        ],
         OnBackendError::Deny,
         Duration::from_secs(2),
     );
@@ -1093,7 +1107,11 @@ async fn during_outage(
         }
         OnBackendError::Local => {
             let admitted: Vec<_> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
-            assert_eq!(admitted.len(), 3, "the in-process limiter has the same burst");
+            assert_eq!(
+                admitted.len(),
+                3,
+                "the in-process limiter has the same burst"
+            );
             assert!(admitted.iter().all(|a| a.source() == "local"));
             assert_eq!(q.backend_errors_allowed(), 0);
             assert_eq!(slot, Ok(()));

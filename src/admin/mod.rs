@@ -111,10 +111,16 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Full<B
             "text/plain",
             "admin token required\n",
         ),
-        "/admin/teams" if authorized(&gw, &req) => {
-            text(StatusCode::OK, "application/json", teams_json(&gw).to_string())
-        }
-        "/admin/teams" => text(StatusCode::UNAUTHORIZED, "text/plain", "admin token required\n"),
+        "/admin/teams" if authorized(&gw, &req) => text(
+            StatusCode::OK,
+            "application/json",
+            teams_json(&gw).to_string(),
+        ),
+        "/admin/teams" => text(
+            StatusCode::UNAUTHORIZED,
+            "text/plain",
+            "admin token required\n",
+        ),
         _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
     }
 }

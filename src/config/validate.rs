@@ -13,14 +13,15 @@ use super::file::{CredentialFile, GatewayFile, IssuerFile, SecretFile, TeamFile,
 use super::model::*;
 use super::values::{Secret, parse_duration, parse_rate};
 use crate::audit::{AuditSettings, Fsync, OnError as AuditOnError};
-use crate::policy::ValidationMode;
-use crate::quota::{
-    Backend as QuotaBackend, Limit, OnBackendError, OpLimits, QuotaSettings, TeamLimits, UpstreamBudget, validate_limit,
-};
-use crate::validate::{ValidationOptions, Validators};
 use crate::auth::jwks::{IssuerConfig, KeySource};
+use crate::policy::ValidationMode;
 use crate::policy::{Glob, MemberRule, OboPolicy, Team, Teams, is_valid_email};
+use crate::quota::{
+    Backend as QuotaBackend, Limit, OnBackendError, OpLimits, QuotaSettings, TeamLimits,
+    UpstreamBudget, validate_limit,
+};
 use crate::spec::Spec;
+use crate::validate::{ValidationOptions, Validators};
 
 /// One thing wrong with the configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -445,7 +446,11 @@ pub fn validate(
         }
         Some(Ok(rate)) => Some(UpstreamBudget {
             rate,
-            max_wait: r.duration("upstream.max_wait", gw.upstream.max_wait.as_deref(), Duration::from_secs(2)),
+            max_wait: r.duration(
+                "upstream.max_wait",
+                gw.upstream.max_wait.as_deref(),
+                Duration::from_secs(2),
+            ),
         }),
     };
     if gw.upstream.rate.is_none() && gw.upstream.max_wait.is_some() {
@@ -453,9 +458,15 @@ pub fn validate(
     }
     let mut trusted_proxies = Vec::new();
     for (i, cidr) in gw.listen.trusted_proxies.iter().enumerate() {
-        match cidr.parse::<ipnet::IpNet>().or_else(|_| cidr.parse::<IpAddr>().map(ipnet::IpNet::from)) {
+        match cidr
+            .parse::<ipnet::IpNet>()
+            .or_else(|_| cidr.parse::<IpAddr>().map(ipnet::IpNet::from))
+        {
             Ok(net) => trusted_proxies.push(net),
-            Err(_) => r.add(format!("listen.trusted_proxies[{i}]"), "must be an IP address or CIDR, for example 10.0.0.0/8"),
+            Err(_) => r.add(
+                format!("listen.trusted_proxies[{i}]"),
+                "must be an IP address or CIDR, for example 10.0.0.0/8",
+            ),
         }
     }
 
@@ -570,7 +581,10 @@ pub fn validate(
 
     // Decoded attachments count against the body limit, so a larger attachment limit could never
     // be reached; by default it is 5 MiB or the body limit, whichever is smaller.
-    let max_attachment_bytes = gw.limits.max_attachment_bytes.unwrap_or((5 * 1024 * 1024).min(max_body_bytes));
+    let max_attachment_bytes = gw
+        .limits
+        .max_attachment_bytes
+        .unwrap_or((5 * 1024 * 1024).min(max_body_bytes));
     if max_attachment_bytes == 0 {
         r.add("limits.max_attachment_bytes", "must be at least 1");
     }
@@ -586,7 +600,11 @@ pub fn validate(
 
     // [quota]
     let q = &gw.quota;
-    let quota_timeout = r.duration("quota.timeout", q.timeout.as_deref(), Duration::from_millis(250));
+    let quota_timeout = r.duration(
+        "quota.timeout",
+        q.timeout.as_deref(),
+        Duration::from_millis(250),
+    );
     if quota_timeout.is_zero() || quota_timeout > Duration::from_secs(5) {
         r.add("quota.timeout", "must be between 1ms and 5s");
     }
@@ -611,7 +629,11 @@ pub fn validate(
                 r.add("quota.redis_url", "must start with redis:// or rediss://");
             }
             let key_prefix = q.key_prefix.clone().unwrap_or_else(|| "ghgw".to_string());
-            if key_prefix.is_empty() || !key_prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b)) {
+            if key_prefix.is_empty()
+                || !key_prefix
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+            {
                 r.add("quota.key_prefix", "use letters, digits and - _ . : only");
             }
             QuotaBackend::Redis {
@@ -630,7 +652,10 @@ pub fn validate(
         Some("allow") => OnBackendError::Allow,
         Some("local") => OnBackendError::Local,
         Some(_) => {
-            r.add("quota.on_backend_error", "must be \"deny\", \"allow\" or \"local\"");
+            r.add(
+                "quota.on_backend_error",
+                "must be \"deny\", \"allow\" or \"local\"",
+            );
             OnBackendError::Deny
         }
     };
@@ -657,11 +682,17 @@ pub fn validate(
     };
     if let Some(n) = a.rotate_bytes {
         if n != 0 && n < 4096 {
-            r.add("audit.rotate_bytes", "must be 0 (never rotate) or at least 4096");
+            r.add(
+                "audit.rotate_bytes",
+                "must be 0 (never rotate) or at least 4096",
+            );
         }
         audit.rotate_bytes = n;
     }
-    audit.hmac_key = a.hmac_key.as_ref().and_then(|k| r.secret("audit.hmac_key", k, &base, secrets));
+    audit.hmac_key = a
+        .hmac_key
+        .as_ref()
+        .and_then(|k| r.secret("audit.hmac_key", k, &base, secrets));
     if let Some(k) = &audit.hmac_key
         && k.expose().len() < 16
     {
@@ -673,7 +704,11 @@ pub fn validate(
         }
         audit.queue_capacity = n as usize;
     }
-    audit.batch_interval = r.duration("audit.batch_interval", a.batch_interval.as_deref(), audit.batch_interval);
+    audit.batch_interval = r.duration(
+        "audit.batch_interval",
+        a.batch_interval.as_deref(),
+        audit.batch_interval,
+    );
     if audit.batch_interval.is_zero() || audit.batch_interval > Duration::from_secs(10) {
         r.add("audit.batch_interval", "must be between 1ms and 10s");
     }
@@ -720,9 +755,16 @@ pub fn validate(
     let validators = match spec.as_ref().map(|s| Validators::compile(s, validation)) {
         Some(Ok(v)) => Some(v),
         Some(Err(list)) => {
-            let spec_file = gw.spec.as_ref().map_or_else(|| PathBuf::from("<built-in seed spec>"), |s| base.join(s));
+            let spec_file = gw
+                .spec
+                .as_ref()
+                .map_or_else(|| PathBuf::from("<built-in seed spec>"), |s| base.join(s));
             for m in list {
-                problems.push(Problem { file: spec_file.clone(), key: String::new(), message: format!("schema does not compile: {m}") });
+                problems.push(Problem {
+                    file: spec_file.clone(),
+                    key: String::new(),
+                    message: format!("schema does not compile: {m}"),
+                });
             }
             None
         }
@@ -732,7 +774,8 @@ pub fn validate(
         return Err(problems);
     }
     let (Some(validators), Some(spec), Some(addr), Some(admin_addr), Some(base_url)) =
-        (validators, spec, listen_addr, admin_addr, base_url) else {
+        (validators, spec, listen_addr, admin_addr, base_url)
+    else {
         // Each missing piece has a problem recorded already (a broken spec in the caller).
         return Err(problems);
     };
@@ -763,7 +806,12 @@ pub fn validate(
         issuers,
         limits: Limits { max_body_bytes },
         teams,
-        quota: QuotaSettings { backend, on_backend_error, teams: team_quotas, upstream: upstream_budget },
+        quota: QuotaSettings {
+            backend,
+            on_backend_error,
+            teams: team_quotas,
+            upstream: upstream_budget,
+        },
         audit,
         validation,
         validators: Arc::new(validators),
@@ -1001,14 +1049,23 @@ fn validate_team(
 
 /// A team's `[quota]`: rates through the limiter's own pure validator, counts checked here.
 fn team_limits(r: &mut Report<'_>, q: &TeamQuotaFile, operations: &BTreeSet<String>) -> TeamLimits {
-    let limit_at = |r: &mut Report<'_>, key: &str, rate: Option<&str>, burst: Option<u64>| match validate_limit(rate, burst) {
-        Ok(l) => l,
-        Err(problems) => {
-            for (k, m) in problems {
-                let k = if k.is_empty() { key.to_string() } else { format!("{key}.{k}") };
-                r.add(k, m);
+    let limit_at = |r: &mut Report<'_>, key: &str, rate: Option<&str>, burst: Option<u64>| {
+        match validate_limit(rate, burst) {
+            Ok(l) => l,
+            Err(problems) => {
+                for (k, m) in problems {
+                    let k = if k.is_empty() {
+                        key.to_string()
+                    } else {
+                        format!("{key}.{k}")
+                    };
+                    r.add(k, m);
+                }
+                Limit {
+                    rate: None,
+                    burst: None,
+                }
             }
-            Limit { rate: None, burst: None }
         }
     };
     let limit = limit_at(r, "quota", q.rate.as_deref(), q.burst);
@@ -1024,13 +1081,29 @@ fn team_limits(r: &mut Report<'_>, q: &TeamQuotaFile, operations: &BTreeSet<Stri
     for (op, oq) in &q.operations {
         let key = format!("quota.operations.{op}");
         if !operations.contains(op) {
-            r.add(&key, "the team may not call this operation (it is not in `operations`)");
+            r.add(
+                &key,
+                "the team may not call this operation (it is not in `operations`)",
+            );
         }
         if oq.daily == Some(0) {
-            r.add(format!("{key}.daily"), "must be at least 1 (remove the operation from `operations` to forbid it)");
+            r.add(
+                format!("{key}.daily"),
+                "must be at least 1 (remove the operation from `operations` to forbid it)",
+            );
         }
         let limit = limit_at(r, &key, oq.rate.as_deref(), oq.burst);
-        ops.insert(op.clone(), OpLimits { limit, daily: oq.daily });
+        ops.insert(
+            op.clone(),
+            OpLimits {
+                limit,
+                daily: oq.daily,
+            },
+        );
     }
-    TeamLimits { limit, concurrency, operations: ops }
+    TeamLimits {
+        limit,
+        concurrency,
+        operations: ops,
+    }
 }

@@ -49,7 +49,12 @@ pub struct ObservedBody {
 }
 
 impl ObservedBody {
-    pub fn new(inner: Inner, copy_limit: usize, on_finish: OnFinish, guard: Option<Box<dyn Any + Send>>) -> Self {
+    pub fn new(
+        inner: Inner,
+        copy_limit: usize,
+        on_finish: OnFinish,
+        guard: Option<Box<dyn Any + Send>>,
+    ) -> Self {
         ObservedBody {
             inner,
             held: None,
@@ -78,7 +83,11 @@ impl ObservedBody {
     fn finished(&mut self, complete: bool) -> Option<FinishFuture> {
         let f = self.on_finish.take()?;
         let copy = self.copy.take().map(BytesMut::freeze);
-        Some(f(Finished { bytes: self.bytes, copy, complete }))
+        Some(f(Finished {
+            bytes: self.bytes,
+            copy,
+            complete,
+        }))
     }
 }
 
@@ -86,7 +95,10 @@ impl Body for ObservedBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
         loop {
             if let Some(fut) = &mut this.finishing {
@@ -159,8 +171,10 @@ mod tests {
     use std::sync::{Arc, Mutex};
 
     fn chunks(parts: &[&'static str]) -> Inner {
-        let frames: Vec<Result<Frame<Bytes>, BoxError>> =
-            parts.iter().map(|p| Ok(Frame::data(Bytes::from_static(p.as_bytes())))).collect();
+        let frames: Vec<Result<Frame<Bytes>, BoxError>> = parts
+            .iter()
+            .map(|p| Ok(Frame::data(Bytes::from_static(p.as_bytes()))))
+            .collect();
         http_body_util::StreamBody::new(futures_util::stream::iter(frames)).boxed()
     }
 
@@ -175,19 +189,31 @@ mod tests {
         let on_finish: OnFinish = Box::new(move |f| {
             Box::pin(async move {
                 tokio::task::yield_now().await;
-                e2.lock().unwrap_or_else(|p| p.into_inner()).push("finished".into());
+                e2.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push("finished".into());
                 *f2.lock().unwrap_or_else(|p| p.into_inner()) = Some(f);
             })
         });
         let mut body = ObservedBody::new(chunks(&["ab", "cd", "ef"]), 1024, on_finish, None);
         while let Some(frame) = body.frame().await {
-            let data = frame.ok().and_then(|f| f.into_data().ok()).unwrap_or_default();
-            events.lock().unwrap_or_else(|p| p.into_inner()).push(String::from_utf8_lossy(&data).into_owned());
+            let data = frame
+                .ok()
+                .and_then(|f| f.into_data().ok())
+                .unwrap_or_default();
+            events
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(String::from_utf8_lossy(&data).into_owned());
         }
         let got = events.lock().unwrap_or_else(|p| p.into_inner()).clone();
         assert_eq!(got, ["ab", "cd", "finished", "ef"]);
         let f = fin.lock().unwrap_or_else(|p| p.into_inner()).take();
-        let f = f.unwrap_or(Finished { bytes: 0, copy: None, complete: false });
+        let f = f.unwrap_or(Finished {
+            bytes: 0,
+            copy: None,
+            complete: false,
+        });
         assert_eq!((f.bytes, f.complete), (6, true));
         assert_eq!(f.copy.as_deref(), Some(&b"abcdef"[..]));
     }
@@ -202,10 +228,24 @@ mod tests {
             })
         });
         let body = ObservedBody::new(chunks(&["0123456789", "0123456789"]), 15, on_finish, None);
-        let all = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+        let all = body
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .unwrap_or_default();
         assert_eq!(all.len(), 20);
         let f = fin.lock().unwrap_or_else(|p| p.into_inner()).take();
-        assert!(matches!(f, Some(Finished { bytes: 20, copy: None, complete: true })), "{f:?}");
+        assert!(
+            matches!(
+                f,
+                Some(Finished {
+                    bytes: 20,
+                    copy: None,
+                    complete: true
+                })
+            ),
+            "{f:?}"
+        );
     }
 
     #[tokio::test]
@@ -219,7 +259,11 @@ mod tests {
         let mut body = ObservedBody::new(chunks(&["ab", "cd", "ef"]), 1024, on_finish, None);
         let _ = body.frame().await;
         drop(body);
-        let f = rx.await.unwrap_or(Finished { bytes: 99, copy: None, complete: true });
+        let f = rx.await.unwrap_or(Finished {
+            bytes: 99,
+            copy: None,
+            complete: true,
+        });
         assert!(!f.complete);
         assert_eq!(f.bytes, 4);
     }

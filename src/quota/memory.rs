@@ -183,10 +183,7 @@ impl TeamSlot {
         };
         let obs = Observation {
             team: self.plan.rate.map(|r| observe(&r.ns, team_after)),
-            in_use: self
-                .plan
-                .concurrency
-                .map(|_| in_use + u32::from(admitted)),
+            in_use: self.plan.concurrency.map(|_| in_use + u32::from(admitted)),
             op: op_plan
                 .and_then(|p| p.rate)
                 .map(|r| observe(&r.ns, op_after.tat)),

@@ -702,10 +702,12 @@ impl Upstream {
     fn reserve_local(&self, now: Duration) -> Result<Duration, Duration> {
         let now_ns = nanos(now);
         let mut st = lock(&self.state);
-        match self
-            .ns
-            .reserve(st.tat, now_ns, st.blocked_until, nanos(self.budget.max_wait))
-        {
+        match self.ns.reserve(
+            st.tat,
+            now_ns,
+            st.blocked_until,
+            nanos(self.budget.max_wait),
+        ) {
             Ok((tat, delay)) => {
                 st.tat = tat;
                 Ok(Duration::from_nanos(delay))
@@ -778,8 +780,9 @@ fn refusal(status: Status, retry_after: Duration, headers: Vec<(&'static str, St
 }
 
 impl Quotas {
-    /// Builds the limiter. Never fails and never waits longer than one Redis deadline: a Redis
-    /// that is down is handled per `on_backend_error` and reported by [`Quotas::not_ready`].
+    /// Builds the limiter and, with Redis, pings it once (about one Redis deadline at most).
+    /// Never fails: a Redis that is down is handled per `on_backend_error` and reported by
+    /// [`Quotas::not_ready`]; the connection recovers by itself when Redis comes back.
     pub async fn new(settings: QuotaSettings) -> Quotas {
         Quotas::new_with_options(settings, QuotaOptions::default()).await
     }

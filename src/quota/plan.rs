@@ -297,6 +297,7 @@ pub(crate) fn render(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

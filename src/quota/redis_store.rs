@@ -279,7 +279,8 @@ impl RedisStore {
             .arg(gcra.burst)
             .arg(u64::try_from(max_wait.as_micros()).unwrap_or(u64::MAX));
         let v: Vec<i64> = self.bounded(inv.invoke_async(&mut conn)).await?;
-        let delay = Duration::from_micros(u64::try_from(v.get(1).copied().unwrap_or(0)).unwrap_or(0));
+        let delay =
+            Duration::from_micros(u64::try_from(v.get(1).copied().unwrap_or(0)).unwrap_or(0));
         Ok(match v.first() {
             Some(0) => Ok(delay),
             _ => Err(delay),
@@ -317,12 +318,17 @@ impl RedisStore {
         }
     }
 
-    /// PING under the deadline. A first failure on a connection that was dropped triggers the
-    /// manager's reconnect, so one more PING is tried before giving up.
+    /// PING under the deadline. A quick failure is usually a dropped connection, which the
+    /// failure itself makes the manager replace, so one more PING is tried then; a slow one (a
+    /// server that does not answer) is not retried, so a probe takes about one deadline at most.
     pub async fn probe(self: &Arc<Self>) -> Result<(), String> {
         let conn = self.connection_or_fail()?;
+        let started = Instant::now();
         let mut last = String::new();
-        for _ in 0..2 {
+        for attempt in 0..2 {
+            if attempt > 0 && started.elapsed() >= self.timeout / 2 {
+                break;
+            }
             let mut c = conn.clone();
             let ping = async move { redis::cmd("PING").query_async::<String>(&mut c).await };
             match self.bounded(ping).await {
