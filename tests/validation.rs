@@ -131,7 +131,8 @@ async fn valid_bodies_reach_the_upstream_byte_identical() {
 async fn invalid_bodies_are_422_with_exact_pointers_no_echo_and_no_upstream_call() {
     let (h, stub) = with_stub(None).await;
     let t = h.sourcing_token();
-    let cases: Vec<(&str, Value, Vec<(&str, &str)>)> = vec![
+    type Case = (&'static str, Value, Vec<(&'static str, &'static str)>);
+    let cases: Vec<Case> = vec![
         (
             "missing required fields",
             json!({"company": CANARY}),

@@ -19,7 +19,7 @@
 //! Absent values are `null` (lists are `[]`); strings use `serde_json` escaping (`\"`, `\\`,
 //! `\n`, `\r`, `\t`, `\b`, `\f`, `\u00XX` for the other control characters, everything else
 //! including non-ASCII written as raw UTF-8); objects inside `validation` and `quota` have their
-//! keys in sorted order.
+//! keys in sorted order (`serde_json`'s default map).
 //!
 //! ```text
 //! hash = hex( SHA-256( prev_hash || "\n" || canonical_json ) )               without a key

@@ -133,6 +133,9 @@ impl AuditLog {
     /// [`Fsync::Always`] after the fsync of the group that contains it, otherwise after its
     /// `write(2)`. Fails at once when the queue is full or the log is shut down, and when the
     /// group could not be written. Dropping the future does not withdraw the record.
+    ///
+    /// With [`Fsync::Always`] a failed fsync fails the waiters of records that did reach the
+    /// file (the chain goes on from them): such a record may still be found in the log.
     pub async fn write(&self, rec: AuditRecord) -> Result<(), AuditError> {
         let shared = &self.inner.shared;
         if shared.closed.load(Ordering::Acquire) {

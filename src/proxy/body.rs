@@ -178,7 +178,10 @@ mod tests {
         http_body_util::StreamBody::new(futures_util::stream::iter(frames)).boxed()
     }
 
-    fn recorder() -> (Arc<Mutex<Vec<String>>>, Arc<Mutex<Option<Finished>>>) {
+    type Events = Arc<Mutex<Vec<String>>>;
+    type Slot = Arc<Mutex<Option<Finished>>>;
+
+    fn recorder() -> (Events, Slot) {
         (Arc::default(), Arc::default())
     }
 

@@ -330,6 +330,34 @@ impl TestClient {
     }
 }
 
+impl TestClient {
+    /// Like `send`, but `None` when the connection fails (the server went away).
+    pub async fn send_fallible(
+        &self,
+        method: Method,
+        url: &str,
+        headers: &[(&str, &str)],
+    ) -> Option<Reply> {
+        let mut req = Request::builder().method(method).uri(url);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req.body(Full::new(Bytes::new())).ok()?;
+        let resp = tokio::time::timeout(Duration::from_secs(10), self.inner.request(req))
+            .await
+            .ok()?
+            .ok()?;
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.ok()?.to_bytes();
+        Some(Reply {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+            version: parts.version,
+        })
+    }
+}
+
 pub async fn collect(resp: Response<Incoming>) -> Reply {
     let (parts, body) = resp.into_parts();
     let body = body

@@ -1,0 +1,663 @@
+//! The audit trail through the gateway: one well-formed record per request whatever its outcome,
+//! no PII or secret in it, fail-closed when it cannot be written, durable across SIGKILL with
+//! `fsync = "always"`, and the `audit verify` / `audit query` commands on a real trail.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use bytes::Bytes;
+use greenhouse_gateway::sandbox::{Sandbox, SandboxOptions};
+use http::{Method, StatusCode};
+use serde_json::{Value, json};
+use support::{Harness, Setup, Stub, TestClient, default_teams, email, raw_exchange};
+
+const FIELDS: [&str; 28] = [
+    "ts",
+    "seq",
+    "request_id",
+    "team",
+    "subject",
+    "issuer",
+    "client_addr",
+    "method",
+    "operation",
+    "path",
+    "on_behalf_of",
+    "credential",
+    "decision",
+    "code",
+    "status",
+    "upstream_status",
+    "duration_ms",
+    "upstream_duration_ms",
+    "request_bytes",
+    "response_bytes",
+    "body_sha256",
+    "external_ids",
+    "candidate_ids",
+    "validation",
+    "quota",
+    "prev_hash",
+    "hash",
+    "hash",
+];
+
+fn audit_path(h: &Harness) -> PathBuf {
+    h.dir.path().join("audit/audit.jsonl")
+}
+
+fn read_records(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| {
+            serde_json::from_str(l)
+                .unwrap_or_else(|e| panic!("not one JSON record per line ({e}): {l:.200}"))
+        })
+        .collect()
+}
+
+/// Waits until the trail holds `n` records (responses finish slightly before their record is
+/// flushed with the default `batch` mode).
+async fn records(h: &Harness, n: usize) -> Vec<Value> {
+    for _ in 0..300 {
+        let recs = read_records(&audit_path(h));
+        if recs.len() >= n {
+            return recs;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!(
+        "the audit trail never held {n} records: {:?}",
+        read_records(&audit_path(h)).len()
+    )
+}
+
+fn by_request_id<'a>(recs: &'a [Value], id: &str) -> &'a Value {
+    let found: Vec<&Value> = recs.iter().filter(|r| r["request_id"] == id).collect();
+    assert_eq!(found.len(), 1, "exactly one record for request {id}");
+    found[0]
+}
+
+fn tiny_quota_team() -> (&'static str, String) {
+    (
+        "tiny",
+        email(
+            r#"name = "tiny"
+operations = ["listPartnerJobs"]
+[[members]]
+iss = "ISSUER"
+sub = "svc-tiny"
+[on_behalf_of]
+default = "sourcing.bot(at)example.com"
+[quota]
+rate = "1/h"
+burst = 1
+"#,
+        ),
+    )
+}
+
+#[tokio::test]
+async fn every_outcome_produces_exactly_one_record_with_the_right_fields() {
+    let stub = Stub::start().await;
+    let mut teams = default_teams();
+    teams.push(tiny_quota_team());
+    let h = Harness::start_with(Setup {
+        upstream: Some(stub.base_url()),
+        upstream_timeout: "500ms",
+        teams,
+        ..Setup::default()
+    })
+    .await;
+    let t = h.sourcing_token();
+    let auth = format!("Bearer {t}");
+    let mut expect: Vec<(String, &str, u16, Option<&str>)> = Vec::new();
+    let send =
+        async |method: Method, path: &str, headers: Vec<(&str, String)>, body: &'static str| {
+            let hs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let r = h
+                .client
+                .send(
+                    method,
+                    &h.url(path),
+                    &hs,
+                    Bytes::from_static(body.as_bytes()),
+                )
+                .await;
+            (r.headers["x-request-id"].to_str().unwrap().to_string(), r)
+        };
+    let a = || vec![("authorization", auth.clone())];
+    let json_a = || {
+        vec![
+            ("authorization", auth.clone()),
+            ("content-type", "application/json".to_string()),
+        ]
+    };
+
+    let (id, r) = send(Method::GET, "/v1/partner/jobs", a(), "").await;
+    expect.push((id, "forwarded", r.status.as_u16(), None));
+    let (id, _) = send(Method::GET, "/v1/partner/jobs", vec![], "").await;
+    expect.push((id, "denied", 401, Some("missing_token")));
+    let stranger = h.token("svc-stranger", json!({}));
+    let (id, _) = send(
+        Method::GET,
+        "/v1/partner/jobs",
+        vec![("authorization", format!("Bearer {stranger}"))],
+        "",
+    )
+    .await;
+    expect.push((id, "denied", 403, Some("unknown_team")));
+    let (id, _) = send(Method::GET, "/v1/partner/current_user", a(), "").await;
+    expect.push((id, "denied", 403, Some("operation_not_allowed")));
+    let (id, _) = send(Method::GET, "/v1/partner/nope", a(), "").await;
+    expect.push((id, "denied", 404, Some("route_not_found")));
+    let (id, _) = send(Method::DELETE, "/v1/partner/jobs", a(), "").await;
+    expect.push((id, "denied", 405, Some("method_not_allowed")));
+    let (id, _) = send(Method::POST, "/v1/partner/candidates", a(), "{}").await;
+    expect.push((id, "denied", 415, Some("unsupported_media_type")));
+    let (id, _) = send(
+        Method::POST,
+        "/v1/partner/candidates",
+        json_a(),
+        "{\"first_name\":1}",
+    )
+    .await;
+    expect.push((id, "denied", 422, Some("validation_failed")));
+    let tiny = h.token("svc-tiny", json!({}));
+    let _ = send(
+        Method::GET,
+        "/v1/partner/jobs",
+        vec![("authorization", format!("Bearer {tiny}"))],
+        "",
+    )
+    .await;
+    let (id, _) = send(
+        Method::GET,
+        "/v1/partner/jobs",
+        vec![("authorization", format!("Bearer {tiny}"))],
+        "",
+    )
+    .await;
+    expect.push((id, "denied", 429, Some("rate_limited")));
+    stub.set_reply(200, "[]", Duration::from_secs(2));
+    let (id, _) = send(Method::GET, "/v1/partner/jobs", a(), "").await;
+    expect.push((id, "forwarded", 504, Some("upstream_timeout")));
+    stub.set_reply(
+        500,
+        r#"{"errors":[{"message":"Internal error"}]}"#,
+        Duration::ZERO,
+    );
+    let (id, _) = send(Method::GET, "/v1/partner/jobs", a(), "").await;
+    expect.push((id, "forwarded", 500, None));
+
+    let recs = records(&h, 12).await;
+    assert_eq!(recs.len(), 12, "one record per request, no more");
+    for r in &recs {
+        let obj = r.as_object().unwrap();
+        for f in FIELDS {
+            assert!(obj.contains_key(f), "field {f} missing in {r}");
+        }
+        assert_eq!(obj.len(), 27, "unexpected fields in {r}");
+    }
+    for (id, decision, status, code) in expect {
+        let r = by_request_id(&recs, &id);
+        assert_eq!(r["decision"], decision, "{r}");
+        assert_eq!(r["status"], status, "{r}");
+        assert_eq!(r["code"].as_str(), code, "{r}");
+    }
+    // Identity fields come only from a verified token.
+    let missing = recs.iter().find(|r| r["code"] == "missing_token").unwrap();
+    assert!(
+        missing["team"].is_null() && missing["subject"].is_null() && missing["issuer"].is_null()
+    );
+    let unknown = recs.iter().find(|r| r["code"] == "unknown_team").unwrap();
+    assert_eq!(unknown["subject"], "svc-stranger");
+    assert!(unknown["team"].is_null());
+    let ok = recs.iter().find(|r| r["status"] == 200).unwrap();
+    assert_eq!(ok["team"], "sourcing");
+    assert_eq!(ok["operation"], "listPartnerJobs");
+    assert_eq!(ok["on_behalf_of"], email("sourcing.bot(at)example.com"));
+    assert_eq!(ok["credential"], "default");
+    assert_eq!(ok["upstream_status"], 200);
+    assert_eq!(ok["client_addr"], "127.0.0.1");
+    assert_eq!(ok["response_bytes"], 2);
+    let seqs: Vec<u64> = recs.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (1..=12).collect::<Vec<u64>>());
+}
+
+#[tokio::test]
+async fn hostile_paths_user_agents_and_header_values_still_give_one_well_formed_line_each() {
+    let (h, _stub) = {
+        let stub = Stub::start().await;
+        (
+            Harness::start_with(Setup {
+                upstream: Some(stub.base_url()),
+                ..Setup::default()
+            })
+            .await,
+            stub,
+        )
+    };
+    let t = h.sourcing_token();
+    let long = "A".repeat(10 * 1024);
+    // Bytes hyper itself refuses (raw quotes, DEL, bare CR) never become requests; these are the
+    // hostile ones that do.
+    let requests = vec![
+        format!("GET /v1/partner/jobs%0d%0a%22%7D%7B%22seq%22:1%5C HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {t}\r\nUser-Agent: evil\tOBS agent\r\n\r\n").replace("OBS", "\u{ff}"),
+        format!("GET /v1/partner/{long} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {t}\r\n\r\n"),
+        format!("GET /v1/partner/jobs?x=%22%7D%7B%5C%0A HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {t}\r\nOn-Behalf-Of: q\t{{}}\r\n\r\n"),
+        "GET /v1/partner/{evil}|%00%01%1b[31m HTTP/1.1\r\nHost: x\r\nUser-Agent: \t\t\r\n\r\n".to_string(),
+    ];
+    for req in &requests {
+        let out = raw_exchange(h.gateway.addr, req.as_bytes(), Duration::from_secs(3)).await;
+        assert!(out.starts_with("HTTP/1.1 4"), "{out:.200}");
+    }
+    let recs = records(&h, requests.len()).await;
+    assert_eq!(recs.len(), requests.len());
+    let text = std::fs::read_to_string(audit_path(&h)).unwrap();
+    assert_eq!(
+        text.lines().count(),
+        requests.len(),
+        "a record spans more than one line"
+    );
+    for r in &recs {
+        let path = r["path"].as_str().unwrap();
+        assert!(path.len() <= 512, "path not truncated: {}", path.len());
+        assert!(
+            !path
+                .chars()
+                .any(|c| c.is_control() || c == '"' || c == '\\'),
+            "{path}"
+        );
+    }
+    let verify = Command::new(support::binary())
+        .args(["audit", "verify"])
+        .arg(audit_path(&h))
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
+}
+
+#[tokio::test]
+async fn the_trail_holds_no_candidate_pii_and_no_token() {
+    let h = Harness::start().await;
+    let t = h.sourcing_token();
+    let pii = json!({
+        "external_id": "ext-pii-1",
+        "first_name": "Zephyrine-PII",
+        "last_name": "Quixotica-PII",
+        "company": "Company-PII",
+        "title": "Title-PII",
+        "emails": [{"value": email("zephyrine.pii(at)example.com"), "type": "personal"}],
+        "phone_numbers": [{"value": "+1-555-0100-PII", "type": "mobile"}],
+        "social_media_addresses": [{"value": "https://social.example/zephyrine-PII"}],
+        "attachments": [
+            {"filename": "resume-PII.pdf", "type": "resume", "content": "UElJLWNvbnRlbnQ=", "content_type": "application/pdf"},
+            {"filename": "cover-PII.pdf", "type": "cover_letter", "url": "https://files.example/cover-PII.pdf"}
+        ]
+    });
+    let r = h.post_json("/v1/partner/candidates", &t, &pii).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
+    let r = h
+        .get("/v1/partner/candidates?external_ids=ext-pii-1", &t)
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(
+        r.text().contains("Zephyrine-PII"),
+        "the sandbox returned the candidate"
+    );
+    // Refusals carry PII too.
+    let mut bad = pii.clone();
+    bad["first_name"] = json!(42);
+    let r = h.post_json("/v1/partner/candidates", &t, &bad).await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+    let recs = records(&h, 3).await;
+    let text = std::fs::read_to_string(audit_path(&h)).unwrap();
+    for canary in [
+        "PII",
+        "zephyrine",
+        "555-0100",
+        "UElJLWNvbnRlbnQ",
+        "files.example",
+        "social.example",
+        &t,
+        t.rsplit('.').next().unwrap(),
+        "dev-client-secret",
+        "dev-partner-key",
+    ] {
+        assert!(!text.contains(canary), "the audit trail holds {canary:?}");
+    }
+    // What it does hold: who, for whom, which candidate.
+    assert_eq!(recs[0]["external_ids"], json!(["ext-pii-1"]));
+    assert!(recs[0]["body_sha256"].as_str().unwrap().len() == 64);
+    assert!(
+        recs[1]["candidate_ids"]
+            .as_array()
+            .is_some_and(|a| a.len() == 1),
+        "{}",
+        recs[1]
+    );
+    assert_eq!(
+        recs[0]["on_behalf_of"],
+        email("sourcing.bot(at)example.com")
+    );
+}
+
+#[tokio::test]
+async fn unwritable_trail_with_reject_gives_503_and_no_upstream_call() {
+    let stub = Stub::start().await;
+    let h = Harness::start_with(Setup {
+        upstream: Some(stub.base_url()),
+        extra: "[audit]\npath = \"/dev/full\"\non_error = \"reject\"\nrotate_bytes = 0\n".into(),
+        ..Setup::default()
+    })
+    .await;
+    let t = h.sourcing_token();
+    // The first failed write marks the trail unhealthy ...
+    let _ = h.get("/v1/partner/jobs", &t).await;
+    for _ in 0..100 {
+        let ready = TestClient::new()
+            .send(Method::GET, &h.admin_url("/readyz"), &[], Bytes::new())
+            .await;
+        if ready.status == StatusCode::SERVICE_UNAVAILABLE {
+            assert!(ready.text().contains("audit"), "{}", ready.text());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before = stub.seen().len();
+    // ... and from then on nothing is forwarded.
+    for _ in 0..3 {
+        let r = h.get("/v1/partner/jobs", &t).await;
+        assert_eq!(
+            (r.status, r.code().as_str()),
+            (StatusCode::SERVICE_UNAVAILABLE, "audit_unavailable")
+        );
+    }
+    assert_eq!(
+        stub.seen().len(),
+        before,
+        "a request was forwarded without an audit record"
+    );
+    let m = TestClient::new()
+        .send(Method::GET, &h.admin_url("/metrics"), &[], Bytes::new())
+        .await
+        .text();
+    assert!(!m.contains("gateway_audit_errors_total 0"), "{m}");
+}
+
+#[tokio::test]
+async fn unwritable_trail_with_continue_forwards_and_counts_errors() {
+    let stub = Stub::start().await;
+    let h = Harness::start_with(Setup {
+        upstream: Some(stub.base_url()),
+        extra: "[audit]\npath = \"/dev/full\"\non_error = \"continue\"\nrotate_bytes = 0\n".into(),
+        ..Setup::default()
+    })
+    .await;
+    let t = h.sourcing_token();
+    for _ in 0..3 {
+        assert_eq!(h.get("/v1/partner/jobs", &t).await.status, StatusCode::OK);
+    }
+    assert_eq!(stub.seen().len(), 3);
+    let mut m = String::new();
+    for _ in 0..100 {
+        m = TestClient::new()
+            .send(Method::GET, &h.admin_url("/metrics"), &[], Bytes::new())
+            .await
+            .text();
+        if m.contains("gateway_audit_errors_total 3") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(m.contains("gateway_audit_errors_total 3"), "{m}");
+}
+
+#[tokio::test]
+async fn audit_query_filters_a_real_trail_and_verify_catches_an_edit() {
+    let h = Harness::start().await;
+    let sourcing = h.sourcing_token();
+    let agency = h.token("svc-agency-connector", json!({}));
+    assert_eq!(
+        h.get("/v1/partner/jobs", &sourcing).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        h.get("/v1/partner/jobs", &agency).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        h.get("/v1/partner/current_user", &agency).await.status,
+        StatusCode::FORBIDDEN
+    );
+    let _ = records(&h, 3).await;
+    let run = |args: &[&str]| {
+        let out = Command::new(support::binary())
+            .args(["audit", "query"])
+            .args(args)
+            .arg(audit_path(&h))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert_eq!(run(&["--team", "agency"]).lines().count(), 2);
+    assert_eq!(
+        run(&["--team", "agency", "--decision", "denied"])
+            .lines()
+            .count(),
+        1
+    );
+    assert_eq!(
+        run(&["--code", "operation_not_allowed", "--status", "403"])
+            .lines()
+            .count(),
+        1
+    );
+    assert_eq!(run(&["--operation", "listPartnerJobs"]).lines().count(), 2);
+    assert_eq!(
+        run(&[
+            "--since",
+            "2000-01-01T00:00:00Z",
+            "--until",
+            "2000-01-02T00:00:00Z"
+        ])
+        .lines()
+        .count(),
+        0
+    );
+    let table = run(&["--format", "table"]);
+    assert!(
+        table.lines().next().unwrap().contains("team") && table.lines().count() == 4,
+        "{table}"
+    );
+
+    let ok = Command::new(support::binary())
+        .args(["audit", "verify"])
+        .arg(audit_path(&h))
+        .output()
+        .unwrap();
+    assert!(ok.status.success());
+    let text = std::fs::read_to_string(audit_path(&h)).unwrap();
+    std::fs::write(
+        audit_path(&h),
+        text.replacen("\"team\":\"agency\"", "\"team\":\"sourcing\"", 1),
+    )
+    .unwrap();
+    let bad = Command::new(support::binary())
+        .args(["audit", "verify"])
+        .arg(audit_path(&h))
+        .output()
+        .unwrap();
+    assert_eq!(
+        bad.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&bad.stdout)
+    );
+    assert!(
+        String::from_utf8_lossy(&bad.stdout).contains("seq 2"),
+        "{}",
+        String::from_utf8_lossy(&bad.stdout)
+    );
+}
+
+#[tokio::test]
+async fn sigkill_under_load_with_fsync_always_leaves_a_verifiable_trail_with_every_answered_request()
+ {
+    let stub = Stub::start().await;
+    let sandbox = Sandbox::start_local(SandboxOptions::default())
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let setup = Setup {
+        upstream: Some(stub.base_url()),
+        extra:
+            "[audit]\nfsync = \"always\"\nhmac_key = { value = \"test-audit-key-0123456789\" }\n"
+                .into(),
+        ..Setup::default()
+    };
+    support::write_config(dir.path(), &sandbox, &setup);
+    let mut child = Command::new(support::binary())
+        .args(["serve", "--log-json", "--config"])
+        .arg(dir.path().join("gateway.toml"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let addr = loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the gateway starts");
+        let v: Value = serde_json::from_str(&line).unwrap_or_default();
+        if v["fields"]["message"] == "gateway listening" {
+            break v["fields"]["addr"].as_str().unwrap().to_string();
+        }
+    };
+    let token = sandbox.mint_token(
+        json!({"sub": "svc-sourcing-bot", "aud": support::AUDIENCE}),
+        Duration::from_secs(60),
+    );
+    // Load from 8 workers; every answer's request id is remembered.
+    let answered = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for _ in 0..8 {
+        let (answered, stop, token, url) = (
+            answered.clone(),
+            stop.clone(),
+            token.clone(),
+            format!("http://{addr}/v1/partner/jobs"),
+        );
+        workers.push(tokio::spawn(async move {
+            let client = TestClient::new();
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && n < 400 {
+                n += 1;
+                let req = client
+                    .send_fallible(
+                        Method::GET,
+                        &url,
+                        &[("authorization", &format!("Bearer {token}"))],
+                    )
+                    .await;
+                match req {
+                    Some(r) if r.status == StatusCode::OK => {
+                        answered
+                            .lock()
+                            .unwrap()
+                            .push(r.headers["x-request-id"].to_str().unwrap().to_string());
+                    }
+                    Some(_) => {}
+                    None => break,
+                }
+            }
+        }));
+    }
+    // Kill once a good number of requests were answered.
+    for _ in 0..500 {
+        if answered.lock().unwrap().len() >= 100 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let killed = Command::new("kill")
+        .args(["-KILL", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let _ = child.wait();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for w in workers {
+        let _ = w.await;
+    }
+    let answered: HashSet<String> = answered.lock().unwrap().iter().cloned().collect();
+    assert!(
+        answered.len() >= 50,
+        "too little load before the kill: {}",
+        answered.len()
+    );
+
+    let path = dir.path().join("audit/audit.jsonl");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let ids: HashSet<String> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter_map(|r| r["request_id"].as_str().map(str::to_string))
+        .collect();
+    let missing: Vec<&String> = answered.iter().filter(|id| !ids.contains(*id)).collect();
+    assert!(
+        missing.is_empty(),
+        "{} answered requests have no record, e.g. {:?}",
+        missing.len(),
+        missing.first()
+    );
+    // The chain verifies with the key (a torn last line is reported as such, not as tampering)
+    // and not without it.
+    std::fs::write(dir.path().join("verify.toml"), "").unwrap();
+    let with_key = Command::new(support::binary())
+        .args(["audit", "verify", "--config"])
+        .arg(dir.path().join("gateway.toml"))
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        with_key.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&with_key.stdout),
+        String::from_utf8_lossy(&with_key.stderr)
+    );
+    let without = Command::new(support::binary())
+        .args(["audit", "verify"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(
+        without.status.code(),
+        Some(1),
+        "a keyed chain must not verify without its key"
+    );
+}
