@@ -413,7 +413,7 @@ async fn admit(
     match gw.quotas.admit(&team.name, &op.id).await {
         Ok(a) => {
             ctx.ratelimit = a.headers.clone();
-            ctx.record.quota = Some(json!({"decision": "admitted"}));
+            ctx.record.quota = Some(json!({"decision": "admitted", "source": a.source()}));
             gw.metrics
                 .set_quota_backend_allowed(gw.quotas.backend_errors_allowed());
             Ok(a)
