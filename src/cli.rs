@@ -42,6 +42,9 @@ pub enum Command {
     Sandbox {
         #[arg(long, default_value = "127.0.0.1:8089")]
         listen: SocketAddr,
+        /// Partner API requests per credential per 10 s window; 0 switches the limit off.
+        #[arg(long, default_value_t = SandboxOptions::default().rate_limit)]
+        rate_limit: u32,
     },
     /// Validate config, team policies and spec without touching the network.
     Check {
@@ -128,7 +131,7 @@ pub async fn run(cli: Cli) -> i32 {
             None => 1,
             Some(cfg) => dev(cfg).await,
         },
-        Command::Sandbox { listen } => sandbox(listen).await,
+        Command::Sandbox { listen, rate_limit } => sandbox(listen, rate_limit).await,
         Command::Audit { command } => audit(command),
     }
 }
@@ -407,7 +410,7 @@ async fn serve(cfg: Config) -> i32 {
     }
 }
 
-async fn sandbox(listen: SocketAddr) -> i32 {
+async fn sandbox(listen: SocketAddr, rate_limit: u32) -> i32 {
     let listener = match tokio::net::TcpListener::bind(listen).await {
         Ok(l) => l,
         Err(e) => {
@@ -415,7 +418,11 @@ async fn sandbox(listen: SocketAddr) -> i32 {
             return 1;
         }
     };
-    match Sandbox::spawn(listener, SandboxOptions::default()).await {
+    let opts = SandboxOptions {
+        rate_limit,
+        ..SandboxOptions::default()
+    };
+    match Sandbox::spawn(listener, opts).await {
         Err(e) => {
             eprintln!("cannot start the sandbox: {e}");
             1

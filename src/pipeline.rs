@@ -34,7 +34,7 @@ use crate::metrics::Metrics;
 use crate::policy::{Team, ValidationMode, decide_on_behalf_of};
 use crate::proxy::body::{Finished, ObservedBody, OnFinish};
 use crate::proxy::{self, Outbound};
-use crate::quota::{Quotas, Refusal};
+use crate::quota::{NoSlot, Quotas, Refusal};
 use crate::spec::{Operation, RouteMatch};
 use crate::validate::{BodyError, QueryError, Validators};
 
@@ -591,8 +591,16 @@ impl Upstream<'_> {
             .quotas
             .upstream_slot()
             .await
-            .map_err(|wait| GatewayError::UpstreamRateLimited {
-                retry_after_secs: ceil_secs(wait),
+            .map_err(|no| match no {
+                NoSlot::Later(wait) => GatewayError::UpstreamRateLimited {
+                    retry_after_secs: ceil_secs(wait),
+                },
+                NoSlot::BackendUnavailable => {
+                    self.gw
+                        .metrics
+                        .quota_rejection(ctx.team(), &op.id, "backend");
+                    GatewayError::QuotaBackendUnavailable
+                }
             })?;
         let headers = proxy::upstream_headers(
             &self.parts.headers,

@@ -211,10 +211,7 @@ fn shipped_config_passes_and_summary_lists_every_team_credential_and_operation()
             .unwrap_or_else(|| panic!("no summary row for team {name}:\n{}", run.stdout));
         assert_eq!(row.split_whitespace().nth(1), Some(credential), "{row}");
         // Operations come last, in order, each possibly followed by its quota in parentheses.
-        let listed: Vec<&str> = row
-            .split([',', ' '])
-            .filter(|w| ops.contains(w))
-            .collect();
+        let listed: Vec<&str> = row.split([',', ' ']).filter(|w| ops.contains(w)).collect();
         assert_eq!(listed, ops, "row {row:?} should list {ops:?}");
         names.push(name);
     }

@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 
 use greenhouse_gateway::config::values::Rate;
 use greenhouse_gateway::quota::{
-    Backend, Limit, ManualClock, OnBackendError, OpLimits, QuotaOptions, QuotaSettings, Quotas,
-    Refusal, TeamLimits, UpstreamBudget, validate_backend, validate_concurrency, validate_daily,
-    validate_limit, validate_on_backend_error, validate_upstream,
+    Backend, Limit, ManualClock, NoSlot, OnBackendError, OpLimits, QuotaOptions, QuotaSettings,
+    Quotas, Refusal, TeamLimits, UpstreamBudget, validate_backend, validate_concurrency,
+    validate_daily, validate_limit, validate_on_backend_error, validate_upstream,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -640,7 +640,9 @@ async fn upstream_budget_refuses_at_once_when_no_slot_comes_within_max_wait() {
     let q = Quotas::new(upstream(per_sec(5), Duration::from_millis(10))).await;
     assert_eq!(q.upstream_slot().await, Ok(()));
     let started = Instant::now();
-    let retry_after = q.upstream_slot().await.unwrap_err();
+    let NoSlot::Later(retry_after) = q.upstream_slot().await.unwrap_err() else {
+        panic!("a memory budget cannot be unavailable")
+    };
     assert!(started.elapsed() < Duration::from_secs(1));
     assert!(
         retry_after > Duration::from_millis(100) && retry_after <= Duration::from_millis(200),
@@ -656,7 +658,10 @@ async fn upstream_feedback_with_nothing_remaining_holds_the_budget_until_the_win
     clock.advance(Duration::from_millis(10));
     assert_eq!(q.upstream_slot().await, Ok(()));
     q.upstream_feedback(Some(0), Some(Duration::from_secs(3)));
-    assert_eq!(q.upstream_slot().await, Err(Duration::from_secs(3)));
+    assert_eq!(
+        q.upstream_slot().await,
+        Err(NoSlot::Later(Duration::from_secs(3)))
+    );
     clock.advance(Duration::from_secs(3));
     assert_eq!(q.upstream_slot().await, Ok(()));
 }
@@ -1020,7 +1025,9 @@ async fn redis_upstream_budget_refuses_a_replica_when_no_shared_slot_comes_withi
     let a = redis_quotas(settings.clone()).await;
     let b = redis_quotas(settings).await;
     assert_eq!(a.upstream_slot().await, Ok(()));
-    let retry = b.upstream_slot().await.unwrap_err();
+    let NoSlot::Later(retry) = b.upstream_slot().await.unwrap_err() else {
+        panic!("redis is up: the budget answers")
+    };
     assert!(
         retry > Duration::from_millis(100) && retry <= Duration::from_millis(200),
         "{retry:?}"

@@ -623,10 +623,12 @@ pub fn validate(
                 }
                 Some(sf) => r.secret("quota.redis_url", sf, &base, secrets),
             };
-            if let Some(u) = &url
-                && !(u.expose().starts_with("redis://") || u.expose().starts_with("rediss://"))
-            {
-                r.add("quota.redis_url", "must start with redis:// or rediss://");
+            if let Some(u) = &url {
+                if u.expose().starts_with("rediss://") {
+                    r.add("quota.redis_url", "rediss:// (TLS) is not supported by this build: use redis:// on a trusted network, or a local TLS tunnel");
+                } else if !u.expose().starts_with("redis://") {
+                    r.add("quota.redis_url", "must start with redis://");
+                }
             }
             let key_prefix = q.key_prefix.clone().unwrap_or_else(|| "ghgw".to_string());
             if key_prefix.is_empty()

@@ -36,14 +36,16 @@ pub struct Rate {
     pub per: Duration,
 }
 
+/// Written so that [`parse_rate`] reads it back as the same rate.
 impl fmt::Display for Rate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let secs = self.per.as_secs();
-        match secs {
-            1 => write!(f, "{}/s", self.count),
-            60 => write!(f, "{}/m", self.count),
-            3600 => write!(f, "{}/h", self.count),
-            n => write!(f, "{}/{}s", self.count, n),
+        let ms = self.per.as_millis();
+        match ms {
+            1_000 => write!(f, "{}/s", self.count),
+            60_000 => write!(f, "{}/m", self.count),
+            3_600_000 => write!(f, "{}/h", self.count),
+            ms if ms % 1_000 == 0 => write!(f, "{}/{}s", self.count, ms / 1_000),
+            ms => write!(f, "{}/{}ms", self.count, ms),
         }
     }
 }
@@ -144,6 +146,17 @@ mod tests {
             parse_rate("50/10s").map(|r| r.to_string()),
             Ok("50/10s".to_string())
         );
+    }
+
+    #[test]
+    fn displayed_rates_parse_back_to_the_same_rate() {
+        for s in ["5/s", "5/m", "5/h", "50/10s", "5/500ms", "3/1500ms", "7/2d"] {
+            let r = parse_rate(s).unwrap_or(Rate {
+                count: 0,
+                per: Duration::ZERO,
+            });
+            assert_eq!(parse_rate(&r.to_string()), Ok(r), "{s} -> {r}");
+        }
     }
 
     #[test]

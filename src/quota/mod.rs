@@ -82,8 +82,6 @@ pub const DEFAULT_KEY_PREFIX: &str = "ghgw";
 pub const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(2);
 /// Default lifetime of a Redis concurrency lease that is never given back.
 pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(60);
-/// What [`Quotas::upstream_slot`] answers when Redis fails and `on_backend_error = "deny"`.
-const BACKEND_RETRY: Duration = Duration::from_secs(1);
 /// The longest block taken from upstream feedback.
 const MAX_FEEDBACK_BLOCK: Duration = Duration::from_secs(3600);
 
@@ -626,6 +624,15 @@ impl Lease {
 /// of the request: success and error paths both just drop it). Take the headers with
 /// `std::mem::take(&mut admission.headers)` — moving them out is refused by the compiler, which
 /// keeps the lease from being dropped early.
+/// Why [`Quotas::upstream_slot`] found no slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoSlot {
+    /// The budget is spent; the next slot comes after this.
+    Later(Duration),
+    /// Redis could not decide and `on_backend_error = "deny"`.
+    BackendUnavailable,
+}
+
 pub struct Admission {
     /// `RateLimit-Policy` and `RateLimit` for the response (empty when the team has no limits).
     pub headers: Vec<(&'static str, String)>,
@@ -991,9 +998,10 @@ impl Quotas {
     }
 
     /// A slot in the shared upstream budget: waits up to `max_wait` for it, or answers at once
-    /// with `Err(retry_after)` when none comes in time. `Ok` at once when no budget is
-    /// configured. With Redis, the budget is shared by all replicas.
-    pub async fn upstream_slot(&self) -> Result<(), Duration> {
+    /// with [`NoSlot::Later`] when none comes in time. `Ok` at once when no budget is configured.
+    /// With Redis, the budget is shared by all replicas; when Redis cannot decide and
+    /// `on_backend_error = "deny"`, [`NoSlot::BackendUnavailable`].
+    pub async fn upstream_slot(&self) -> Result<(), NoSlot> {
         let inner = &self.inner;
         let Some(up) = &inner.upstream else {
             return Ok(());
@@ -1005,7 +1013,7 @@ impl Quotas {
             }
             if decision.is_none() {
                 decision = Some(match inner.on_backend_error {
-                    OnBackendError::Deny => Err(BACKEND_RETRY),
+                    OnBackendError::Deny => return Err(NoSlot::BackendUnavailable),
                     OnBackendError::Allow => {
                         inner.allowed.fetch_add(1, Ordering::Relaxed);
                         Ok(Duration::ZERO)
@@ -1022,7 +1030,7 @@ impl Quotas {
                 }
                 Ok(())
             }
-            Err(retry_after) => Err(retry_after),
+            Err(retry_after) => Err(NoSlot::Later(retry_after)),
         }
     }
 
