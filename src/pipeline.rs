@@ -203,7 +203,7 @@ fn respond_forwarded(
                 }
             }
             if !f.complete {
-                ctx.record.code = Some("client_disconnected_or_upstream_broke".into());
+                ctx.record.code = Some("response_incomplete".into());
             }
             finish_record(&gw, ctx, started).await;
         })

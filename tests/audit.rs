@@ -113,6 +113,7 @@ async fn every_outcome_produces_exactly_one_record_with_the_right_fields() {
         upstream: Some(stub.base_url()),
         upstream_timeout: "500ms",
         teams,
+        extra: "[limits]\nmax_body_bytes = 2048\n".into(),
         ..Setup::default()
     })
     .await;
@@ -162,6 +163,9 @@ async fn every_outcome_produces_exactly_one_record_with_the_right_fields() {
     expect.push((id, "denied", 405, Some("method_not_allowed")));
     let (id, _) = send(Method::POST, "/v1/partner/candidates", a(), "{}").await;
     expect.push((id, "denied", 415, Some("unsupported_media_type")));
+    let big: &'static str = Box::leak("x".repeat(4096).into_boxed_str());
+    let (id, _) = send(Method::POST, "/v1/partner/candidates", json_a(), big).await;
+    expect.push((id, "denied", 413, Some("payload_too_large")));
     let (id, _) = send(
         Method::POST,
         "/v1/partner/candidates",
@@ -197,8 +201,8 @@ async fn every_outcome_produces_exactly_one_record_with_the_right_fields() {
     let (id, _) = send(Method::GET, "/v1/partner/jobs", a(), "").await;
     expect.push((id, "forwarded", 500, None));
 
-    let recs = records(&h, 12).await;
-    assert_eq!(recs.len(), 12, "one record per request, no more");
+    let recs = records(&h, 13).await;
+    assert_eq!(recs.len(), 13, "one record per request, no more");
     for r in &recs {
         let obj = r.as_object().unwrap();
         for f in FIELDS {
@@ -229,7 +233,46 @@ async fn every_outcome_produces_exactly_one_record_with_the_right_fields() {
     assert_eq!(ok["client_addr"], "127.0.0.1");
     assert_eq!(ok["response_bytes"], 2);
     let seqs: Vec<u64> = recs.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
-    assert_eq!(seqs, (1..=12).collect::<Vec<u64>>());
+    assert_eq!(seqs, (1..=13).collect::<Vec<u64>>());
+}
+
+#[tokio::test]
+async fn client_addr_comes_from_x_forwarded_for_only_through_a_trusted_proxy() {
+    for (trusted, want) in [(false, "127.0.0.1"), (true, "198.51.100.7")] {
+        let stub = Stub::start().await;
+        let listen_extra = if trusted {
+            "trusted_proxies = [\"127.0.0.1/32\", \"10.0.0.0/8\"]".to_string()
+        } else {
+            String::new()
+        };
+        let h = Harness::start_with(Setup {
+            upstream: Some(stub.base_url()),
+            listen_extra,
+            ..Setup::default()
+        })
+        .await;
+        let auth = format!("Bearer {}", h.sourcing_token());
+        // The client claims 203.0.113.1; a trusted 10.x proxy saw 198.51.100.7.
+        let xff = "203.0.113.1, 198.51.100.7, 10.1.2.3";
+        let r = h
+            .client
+            .send(
+                Method::GET,
+                &h.url("/v1/partner/jobs"),
+                &[("authorization", &auth), ("x-forwarded-for", xff)],
+                Bytes::new(),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK);
+        let recs = records(&h, 1).await;
+        assert_eq!(recs[0]["client_addr"], want, "trusted={trusted}");
+        // The upstream gets the gateway's own X-Forwarded-For, never the caller's.
+        assert_eq!(
+            stub.seen()[0].headers["x-forwarded-for"],
+            want,
+            "trusted={trusted}"
+        );
+    }
 }
 
 #[tokio::test]

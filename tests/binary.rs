@@ -118,4 +118,19 @@ async fn serve_on_sigterm_finishes_the_in_flight_request_and_exits_0() {
         panic!("the gateway did not exit within 5 s of SIGTERM")
     });
     assert_eq!(status.code(), Some(0));
+    // Shutdown flushed the audit trail: the in-flight request has its record, and it verifies.
+    let trail = std::fs::read_to_string(dir.path().join("audit/audit.jsonl")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(trail.lines().last().unwrap()).unwrap();
+    assert_eq!(last["operation"], "listPartnerJobs");
+    assert_eq!(last["status"], 200);
+    let verify = Command::new(support::binary())
+        .args(["audit", "verify"])
+        .arg(dir.path().join("audit/audit.jsonl"))
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
 }

@@ -673,3 +673,25 @@ fn secret_written_as_a_bare_string_is_refused_without_echoing_it() {
         run.all()
     );
 }
+
+#[test]
+fn spec_schema_that_cannot_compile_is_a_check_problem_not_a_runtime_error() {
+    let broken = TINY_SPEC.replace(
+        "items: {type: string}",
+        "items: {type: string, pattern: '(unclosed'}",
+    );
+    let teams = [("widgets", team("widgets", &["listWidgets"], "svc-widgets"))];
+    let dir = scenario(
+        &with_spec("uncompilable.yml"),
+        &teams,
+        &[("specs/uncompilable.yml", &broken)],
+    );
+    let run = check(&dir.path().join("gateway.toml"));
+    assert_eq!(run.code, Some(1), "{}", run.all());
+    let line = run.problem_lines().into_iter().find(|l| {
+        l.contains("uncompilable.yml")
+            && l.contains("schema does not compile")
+            && l.contains("listWidgets")
+    });
+    assert!(line.is_some(), "{}", run.stdout);
+}
