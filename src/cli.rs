@@ -394,7 +394,25 @@ async fn shutdown_signal() {
     }
 }
 
+/// SIGHUP would end the process by default; reload is not built yet, so say so instead.
+fn ignore_sighup() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut hup) = signal(SignalKind::hangup()) {
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    tracing::warn!(
+                        "SIGHUP received: configuration reload is not supported in this version; restart the gateway to apply changes"
+                    );
+                }
+            });
+        }
+    }
+}
+
 async fn serve(cfg: Config) -> i32 {
+    ignore_sighup();
     match crate::server::start(cfg).await {
         Err(e) => {
             eprintln!("cannot start: {e}");

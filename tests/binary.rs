@@ -96,6 +96,17 @@ async fn serve_on_sigterm_finishes_the_in_flight_request_and_exits_0() {
         1,
         "the request did not reach the upstream"
     );
+    // A SIGHUP (reload is not built yet) must not end the process.
+    let hup = Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "SIGHUP ended the gateway"
+    );
     let killed = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
