@@ -498,3 +498,75 @@ async fn admin_listener_serves_health_readiness_and_metrics() {
         .await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
 }
+
+#[tokio::test]
+async fn https_upstream_with_an_extra_ca_is_spoken_to_over_http2_when_it_offers_it() {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let dir = tempfile::tempdir().unwrap();
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let ca = dir.path().join("upstream-ca.pem");
+    std::fs::write(&ca, ck.cert.pem()).unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::try_from(ck.signing_key.serialize_der()).unwrap();
+    let mut tls = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![ck.cert.der().clone()], key)
+    .unwrap();
+    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(tls));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let versions = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let v2 = versions.clone();
+    let server = tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let (acceptor, versions) = (acceptor.clone(), v2.clone());
+            tokio::spawn(async move {
+                let Ok(stream) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let svc =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        versions.lock().unwrap().push(req.version());
+                        async {
+                            Ok::<_, std::convert::Infallible>(http::Response::new(
+                                http_body_util::Full::new(Bytes::from_static(b"[]")),
+                            ))
+                        }
+                    });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    let h = Harness::start_with(Setup {
+        upstream: Some(format!("https://localhost:{port}/v1/partner")),
+        extra: String::new(),
+        ..Setup::default()
+    })
+    .await;
+    // Without the extra CA the upstream's certificate is not trusted: 502.
+    let r = h.get("/v1/partner/jobs", &h.sourcing_token()).await;
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (StatusCode::BAD_GATEWAY, "upstream_error")
+    );
+    drop(h);
+    let h = Harness::start_with(Setup {
+        upstream: Some(format!("https://localhost:{port}/v1/partner")),
+        upstream_ca: Some(ca.display().to_string()),
+        ..Setup::default()
+    })
+    .await;
+    let r = h.get("/v1/partner/jobs", &h.sourcing_token()).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(versions.lock().unwrap().as_slice(), [http::Version::HTTP_2]);
+    server.abort();
+}

@@ -92,6 +92,8 @@ pub struct Setup {
     pub token_url: Option<String>,
     /// Wait for `/readyz` before returning (off for tests of a gateway that cannot get ready).
     pub wait_ready: bool,
+    /// `upstream.ca_file`.
+    pub upstream_ca: Option<String>,
 }
 
 impl Default for Setup {
@@ -108,6 +110,7 @@ impl Default for Setup {
             },
             token_url: None,
             wait_ready: true,
+            upstream_ca: None,
         }
     }
 }
@@ -224,6 +227,7 @@ addr = "127.0.0.1:0"
 base_url = "{upstream}"
 timeout = "{timeout}"
 connect_timeout = "2s"
+{ca}
 
 [credentials.default]
 kind = "oauth2_client_credentials"
@@ -248,6 +252,11 @@ refetch_cooldown = "1s"
 "#,
         listen_extra = setup.listen_extra,
         timeout = setup.upstream_timeout,
+        ca = setup
+            .upstream_ca
+            .as_ref()
+            .map(|c| format!("ca_file = \"{c}\""))
+            .unwrap_or_default(),
         token_url = setup
             .token_url
             .clone()
