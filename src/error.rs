@@ -32,6 +32,8 @@ pub struct FieldProblem {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GatewayError {
     BadRequest(&'static str),
+    /// The body did not arrive within `listen.body_read_timeout`.
+    BodyTimeout,
     /// Undeclared query parameters; the names come from the request but are reduced to a safe
     /// alphabet and length before they are ever shown.
     UndeclaredQuery(Vec<String>),
@@ -77,6 +79,7 @@ impl GatewayError {
         use GatewayError::*;
         match self {
             BadRequest(_) | UndeclaredQuery(_) | InvalidJson(_) => StatusCode::BAD_REQUEST,
+            BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             MissingToken | InvalidToken(_) => StatusCode::UNAUTHORIZED,
             UnknownTeam | OperationNotAllowed | OnBehalfOfNotAllowed(_) => StatusCode::FORBIDDEN,
             RouteNotFound => StatusCode::NOT_FOUND,
@@ -101,7 +104,7 @@ impl GatewayError {
     pub fn code(&self) -> &'static str {
         use GatewayError::*;
         match self {
-            BadRequest(_) | UndeclaredQuery(_) => "bad_request",
+            BadRequest(_) | UndeclaredQuery(_) | BodyTimeout => "bad_request",
             InvalidJson(_) => "invalid_json",
             MissingToken => "missing_token",
             InvalidToken(_) => "invalid_token",
@@ -141,6 +144,7 @@ impl GatewayError {
             | AuditUnavailable
             | Internal => Fault::Gateway,
             BadRequest(_)
+            | BodyTimeout
             | UndeclaredQuery(_)
             | InvalidJson(_)
             | MissingToken
@@ -163,6 +167,7 @@ impl GatewayError {
         use GatewayError::*;
         match self {
             BadRequest(_) | UndeclaredQuery(_) => "Bad request",
+            BodyTimeout => "The request body did not arrive in time",
             InvalidJson(_) => "Request body is not valid JSON",
             MissingToken => "A bearer token is required",
             InvalidToken(_) => "The bearer token is not valid",

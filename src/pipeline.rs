@@ -187,6 +187,8 @@ fn respond_forwarded(
         gw.quotas.upstream_feedback(Some(remaining), None);
     }
     let status = head.status.as_u16();
+    // A body that stalls longer than the upstream timeout is cut off (and recorded incomplete).
+    let idle = gw.config.upstream.timeout;
     set_headers(&mut head.headers, &ctx);
     let op = fwd.op;
     let on_finish: OnFinish = Box::new(move |f: Finished| {
@@ -213,7 +215,9 @@ fn respond_forwarded(
         .boxed();
     Response::from_parts(
         head,
-        ObservedBody::new(body, RESPONSE_COPY_LIMIT, on_finish, Some(fwd.guard)).boxed_unsync(),
+        ObservedBody::new(body, RESPONSE_COPY_LIMIT, on_finish, Some(fwd.guard))
+            .with_idle_timeout(idle)
+            .boxed_unsync(),
     )
 }
 
@@ -357,7 +361,12 @@ async fn decide_and_forward(
     // 6. Query and body against the spec.
     let query = check_query(gw, team, op, req.uri().query(), ctx)?;
     let (parts, body) = req.into_parts();
-    let body = read_body(body, cfg.limits.max_body_bytes).await?;
+    let body = tokio::time::timeout(
+        cfg.listen.body_read_timeout,
+        read_body(body, cfg.limits.max_body_bytes),
+    )
+    .await
+    .map_err(|_| GatewayError::BodyTimeout)??;
     check_body(gw, team, op, &parts, &body, ctx)?;
     ctx.record.candidate_ids = query_candidate_ids(query.as_deref());
 

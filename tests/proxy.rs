@@ -570,3 +570,21 @@ async fn https_upstream_with_an_extra_ca_is_spoken_to_over_http2_when_it_offers_
     assert_eq!(versions.lock().unwrap().as_slice(), [http::Version::HTTP_2]);
     server.abort();
 }
+
+#[tokio::test]
+async fn body_that_never_completes_is_408_after_the_body_read_timeout_without_upstream_call() {
+    let stub = Stub::start().await;
+    let h = Harness::start_with(Setup {
+        upstream: Some(stub.base_url()),
+        listen_extra: "body_read_timeout = \"300ms\"".into(),
+        ..Setup::default()
+    })
+    .await;
+    let t = h.sourcing_token();
+    let req = format!(
+        "POST /v1/partner/candidates HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {t}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"external_id\""
+    );
+    let out = raw_exchange(h.gateway.addr, req.as_bytes(), Duration::from_secs(10)).await;
+    assert!(out.starts_with("HTTP/1.1 408"), "{out}");
+    assert!(stub.seen().is_empty());
+}

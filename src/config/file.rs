@@ -74,6 +74,8 @@ pub struct ListenFile {
     pub tls: Option<TlsFile>,
     /// Time allowed for a client to send the request head (default `10s`).
     pub header_read_timeout: Option<String>,
+    /// Time allowed for a client to send the whole request body (default `30s`; then 408).
+    pub body_read_timeout: Option<String>,
     /// Largest request head accepted, in bytes (default 16384; larger gets 431).
     pub max_header_bytes: Option<u64>,
     /// How long in-flight requests may run after SIGTERM/SIGINT (default `30s`).

@@ -37,6 +37,7 @@ pub struct Listen {
     pub addr: SocketAddr,
     pub tls: Option<Tls>,
     pub header_read_timeout: Duration,
+    pub body_read_timeout: Duration,
     pub max_header_bytes: usize,
     pub shutdown_grace: Duration,
     pub trusted_proxies: Vec<ipnet::IpNet>,

@@ -377,6 +377,14 @@ pub fn validate(
     if header_read_timeout.is_zero() {
         r.add("listen.header_read_timeout", "must be longer than zero");
     }
+    let body_read_timeout = r.duration(
+        "listen.body_read_timeout",
+        gw.listen.body_read_timeout.as_deref(),
+        Duration::from_secs(30),
+    );
+    if body_read_timeout.is_zero() {
+        r.add("listen.body_read_timeout", "must be longer than zero");
+    }
     let max_header_bytes = gw.listen.max_header_bytes.unwrap_or(16 * 1024);
     if !(1024..=1024 * 1024).contains(&max_header_bytes) {
         r.add(
@@ -789,6 +797,7 @@ pub fn validate(
             addr,
             tls,
             header_read_timeout,
+            body_read_timeout,
             max_header_bytes: max_header_bytes as usize,
             shutdown_grace,
             trusted_proxies,

@@ -46,7 +46,21 @@ pub struct ObservedBody {
     done: bool,
     /// Kept alive until the body is finished or dropped (for example a concurrency lease).
     _guard: Option<Box<dyn Any + Send>>,
+    /// The longest wait for the next piece of the upstream body.
+    idle: Option<(std::time::Duration, Pin<Box<tokio::time::Sleep>>)>,
 }
+
+/// The upstream body stalled longer than the idle timeout.
+#[derive(Debug)]
+pub struct BodyIdleTimeout;
+
+impl std::fmt::Display for BodyIdleTimeout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the upstream response body stalled")
+    }
+}
+
+impl std::error::Error for BodyIdleTimeout {}
 
 impl ObservedBody {
     pub fn new(
@@ -66,7 +80,14 @@ impl ObservedBody {
             finishing: None,
             done: false,
             _guard: guard,
+            idle: None,
         }
+    }
+
+    /// Ends the body with an error when the upstream sends nothing for `idle`.
+    pub fn with_idle_timeout(mut self, idle: std::time::Duration) -> Self {
+        self.idle = Some((idle, Box::pin(tokio::time::sleep(idle))));
+        self
     }
 
     fn observe(&mut self, data: &Bytes) {
@@ -116,7 +137,23 @@ impl Body for ObservedBody {
                 }
                 return Poll::Ready(this.queued.pop_front().map(Ok));
             }
-            match Pin::new(&mut this.inner).poll_frame(cx) {
+            let polled = Pin::new(&mut this.inner).poll_frame(cx);
+            if let Some((limit, sleep)) = &mut this.idle {
+                if polled.is_pending() {
+                    if sleep.as_mut().poll(cx).is_ready() {
+                        tracing::warn!("upstream response body stalled; closing it");
+                        if let Some(fut) = this.finished(false) {
+                            tokio::spawn(fut);
+                        }
+                        this.done = true;
+                        this.held = None;
+                        return Poll::Ready(Some(Err(Box::new(BodyIdleTimeout))));
+                    }
+                } else {
+                    sleep.as_mut().reset(tokio::time::Instant::now() + *limit);
+                }
+            }
+            match polled {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                     Ok(data) => {
@@ -249,6 +286,68 @@ mod tests {
             ),
             "{f:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn stalled_body_ends_with_an_error_after_the_idle_timeout_and_finishes_incomplete() {
+        let (tx, rx) = tokio::sync::oneshot::channel::<Finished>();
+        let on_finish: OnFinish = Box::new(move |f| {
+            Box::pin(async move {
+                let _ = tx.send(f);
+            })
+        });
+        let stalled = chunks(&["ab"]).map_frame(|f| f);
+        let never = http_body_util::StreamBody::new(futures_util::stream::pending::<
+            Result<Frame<Bytes>, BoxError>,
+        >());
+        let inner = http_body_util::BodyExt::boxed(StreamChain {
+            first: Some(stalled),
+            then: never,
+        });
+        let mut body = ObservedBody::new(inner, 1024, on_finish, None)
+            .with_idle_timeout(std::time::Duration::from_millis(50));
+        let mut saw_error = false;
+        while let Some(frame) = body.frame().await {
+            if frame.is_err() {
+                saw_error = true;
+                break;
+            }
+        }
+        assert!(saw_error);
+        let f = rx.await.unwrap_or(Finished {
+            bytes: 0,
+            copy: None,
+            complete: true,
+        });
+        assert!(!f.complete);
+        assert_eq!(f.bytes, 2);
+    }
+
+    /// One body, then another (used to stall after some data).
+    struct StreamChain<A, B> {
+        first: Option<A>,
+        then: B,
+    }
+
+    impl<A, B> Body for StreamChain<A, B>
+    where
+        A: Body<Data = Bytes, Error = BoxError> + Unpin,
+        B: Body<Data = Bytes, Error = BoxError> + Unpin,
+    {
+        type Data = Bytes;
+        type Error = BoxError;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            if let Some(a) = &mut self.first {
+                match Pin::new(a).poll_frame(cx) {
+                    Poll::Ready(None) => self.first = None,
+                    other => return other,
+                }
+            }
+            Pin::new(&mut self.then).poll_frame(cx)
+        }
     }
 
     #[tokio::test]
