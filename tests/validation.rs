@@ -93,6 +93,73 @@ async fn audit_records(h: &Harness, n: usize) -> Vec<Value> {
     panic!("the audit file never held {n} records")
 }
 
+fn linker_team() -> (&'static str, String) {
+    (
+        "linker",
+        email(
+            r#"name = "linker"
+operations = ["createTrackingLink", "getCurrentPartnerUser"]
+[[members]]
+iss = "ISSUER"
+sub = "svc-linker"
+[on_behalf_of]
+default = "sourcing.bot(at)example.com"
+"#,
+        ),
+    )
+}
+
+#[tokio::test]
+async fn tracking_link_and_current_user_requests_pass_and_invalid_ones_are_refused() {
+    let (h, stub) = with_stub(Some(linker_team())).await;
+    let t = h.token("svc-linker", json!({}));
+    let body = br#"{"job_id": 7001, "source_id": 12,  "external_id": "campaign-7"}"#;
+    stub.set_reply(
+        201,
+        r#"{"url":"https://grnh.se/abc","expires_at":"2026-12-01T00:00:00Z"}"#,
+        Duration::ZERO,
+    );
+    let r = post_raw(
+        &h,
+        "/v1/partner/tracking_link",
+        &t,
+        Some("application/json"),
+        body,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
+    assert_eq!(&stub.seen()[0].body[..], &body[..]);
+    let bad = post_raw(
+        &h,
+        "/v1/partner/tracking_link",
+        &t,
+        Some("application/json"),
+        br#"{"job_id": "seven"}"#,
+    )
+    .await;
+    assert_eq!(bad.code(), "validation_failed");
+    assert_eq!(bad.json()["errors"][0]["pointer"], "/job_id");
+    stub.set_reply(
+        200,
+        r#"{"id":1,"name":"Bot","email":"bot@example.com"}"#,
+        Duration::ZERO,
+    );
+    assert_eq!(
+        h.get("/v1/partner/current_user", &t).await.status,
+        StatusCode::OK
+    );
+    let with_body = post_raw(
+        &h,
+        "/v1/partner/current_user",
+        &t,
+        Some("application/json"),
+        b"{}",
+    )
+    .await;
+    assert_eq!(with_body.status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(stub.seen().len(), 2);
+}
+
 #[tokio::test]
 async fn valid_bodies_reach_the_upstream_byte_identical() {
     let (h, stub) = with_stub(None).await;
