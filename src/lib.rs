@@ -1,12 +1,15 @@
 //! greenhouse-gateway: an authenticating reverse proxy for the Greenhouse Candidate Ingestion
 //! (Partner) API.
 //!
-//! The request path, in order (see [`pipeline`]):
-//! 1. framing, target, header and body-size sanity ([`server`]);
-//! 2. the caller's bearer JWT is verified against its issuer's keys ([`auth`]);
+//! The request path, in order (see [`pipeline`], where it fits on one screen):
+//! 1. framing, target, header and body-size sanity ([`server`], [`pipeline`]);
+//! 2. the caller's bearer JWT is verified against its issuer's keys ([`auth::jwt`]);
 //! 3. the route is found in the OpenAPI spec ([`spec`]);
 //! 4. the caller's team, the operation allow-list and `On-Behalf-Of` are decided ([`policy`]);
-//! 5. the request is forwarded with the upstream credential and clean headers ([`proxy`]).
+//! 5. the team's quotas admit it ([`quota`]);
+//! 6. query and body are checked against the spec's schemas ([`validate`]);
+//! 7. it is forwarded with the team's upstream credential ([`auth::upstream`], [`proxy`]);
+//! 8. every request ends in one tamper-evident audit record ([`audit`]).
 //!
 //! Every error a client can see is a [`error::GatewayError`], rendered in one place.
 
