@@ -121,7 +121,9 @@ impl Context {
 /// A forwarded response, before its body is wrapped.
 struct Forwarded {
     response: Response<Incoming>,
-    op: Operation,
+    /// The operation id (looked up again at the end: operations carry their schemas, too big to
+    /// clone per request).
+    op: String,
     /// Held until the response body is finished: the concurrency lease and the in-flight gauge.
     guard: Box<dyn std::any::Any + Send>,
 }
@@ -190,17 +192,19 @@ fn respond_forwarded(
     // A body that stalls longer than the upstream timeout is cut off (and recorded incomplete).
     let idle = gw.config.upstream.timeout;
     set_headers(&mut head.headers, &ctx);
-    let op = fwd.op;
+    let op_id = fwd.op;
     let on_finish: OnFinish = Box::new(move |f: Finished| {
         Box::pin(async move {
             ctx.record.response_bytes = f.bytes;
-            if let Some(copy) = f.copy.filter(|_| f.complete) {
-                let drift = gw.validators.check_response(&op, status, &copy);
+            let spec = gw.config.spec.clone();
+            if let (Some(copy), Some(op)) = (f.copy.filter(|_| f.complete), spec.operation(&op_id))
+            {
+                let drift = gw.validators.check_response(op, status, &copy);
                 if !drift.is_empty() {
                     gw.metrics.spec_drift(&op.id);
                     sample_drift(&op.id, &drift);
                 }
-                if (200..300).contains(&status) && returns_candidates(&op, status) {
+                if (200..300).contains(&status) && returns_candidates(op, status) {
                     merge_candidate_ids(&mut ctx.record.candidate_ids, &copy);
                 }
             }
@@ -408,7 +412,7 @@ async fn decide_and_forward(
     }
     Ok(Forwarded {
         response: resp,
-        op: op.clone(),
+        op: op.id.clone(),
         guard: Box::new((admission, inflight)),
     })
 }

@@ -16,6 +16,8 @@ use super::idp::KeyRing;
 use super::respond::unix_now;
 use super::{RecordedRequest, SandboxOptions, lock};
 
+/// How many created candidates the sandbox keeps (the oldest are forgotten first).
+pub const MAX_STORED_CANDIDATES: usize = 100_000;
 /// How many requests of each kind the log keeps (oldest dropped first).
 const LOG_CAPACITY: usize = 10_000;
 
@@ -105,7 +107,8 @@ struct Log {
 }
 
 struct Store {
-    candidates: Vec<Value>,
+    /// The newest [`MAX_STORED_CANDIDATES`]; older ones are forgotten (bounded memory under load).
+    candidates: std::collections::VecDeque<Value>,
     next_candidate_id: u64,
 }
 
@@ -150,7 +153,7 @@ impl Shared {
             tokens: Mutex::new(HashMap::new()),
             windows: Mutex::new(HashMap::new()),
             store: Mutex::new(Store {
-                candidates: Vec::new(),
+                candidates: std::collections::VecDeque::new(),
                 next_candidate_id: 50_000_001,
             }),
             log: Mutex::new(Log::default()),
@@ -263,7 +266,10 @@ impl Shared {
             store.next_candidate_id += 1;
             body.insert("id".to_owned(), Value::from(id));
             let stored = Value::Object(body);
-            store.candidates.push(stored.clone());
+            if store.candidates.len() >= MAX_STORED_CANDIDATES {
+                store.candidates.pop_front();
+            }
+            store.candidates.push_back(stored.clone());
             created.push(stored);
         }
         created
@@ -290,7 +296,7 @@ impl Shared {
     }
 
     pub(crate) fn all_candidates(&self) -> Vec<Value> {
-        lock(&self.store).candidates.clone()
+        lock(&self.store).candidates.iter().cloned().collect()
     }
 
     // ----- request log -----
