@@ -6,9 +6,8 @@
 mod support;
 
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -577,29 +576,8 @@ async fn sigkill_under_load_with_fsync_always_leaves_a_verifiable_trail_with_eve
         ..Setup::default()
     };
     support::write_config(dir.path(), &sandbox, &setup);
-    let mut child = Command::new(support::binary())
-        .args(["serve", "--log-json", "--config"])
-        .arg(dir.path().join("gateway.toml"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let addr = loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("the gateway starts");
-        let v: Value = serde_json::from_str(&line).unwrap_or_default();
-        if v["fields"]["message"] == "gateway listening" {
-            break v["fields"]["addr"].as_str().unwrap().to_string();
-        }
-    };
+    let mut served = support::spawn_serve(&dir.path().join("gateway.toml"));
+    let addr = served.addr.clone();
     let token = sandbox.mint_token(
         json!({"sub": "svc-sourcing-bot", "aud": support::AUDIENCE}),
         Duration::from_secs(60),
@@ -648,11 +626,11 @@ async fn sigkill_under_load_with_fsync_always_leaves_a_verifiable_trail_with_eve
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let killed = Command::new("kill")
-        .args(["-KILL", &child.id().to_string()])
+        .args(["-KILL", &served.child.id().to_string()])
         .status()
         .unwrap();
     assert!(killed.success());
-    let _ = child.wait();
+    let _ = served.child.wait();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for w in workers {
         let _ = w.await;

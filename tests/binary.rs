@@ -3,8 +3,7 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -26,34 +25,8 @@ async fn serve_on_sigterm_finishes_the_in_flight_request_and_exits_0() {
     };
     support::write_config(dir.path(), &sandbox, &setup);
 
-    let mut child = Command::new(support::binary())
-        .args(["serve", "--log-json", "--config"])
-        .arg(dir.path().join("gateway.toml"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let listening = loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("the gateway logs that it listens");
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-        if v["fields"]["message"] == "gateway listening" {
-            break v;
-        }
-    };
-    let addr = listening["fields"]["addr"].as_str().unwrap().to_string();
-    let admin = listening["fields"]["admin_addr"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let mut served = support::spawn_serve(&dir.path().join("gateway.toml"));
+    let (addr, admin) = (served.addr.clone(), served.admin.clone());
     let client = TestClient::new();
     for _ in 0..200 {
         let r = client
@@ -98,17 +71,17 @@ async fn serve_on_sigterm_finishes_the_in_flight_request_and_exits_0() {
     );
     // A SIGHUP (reload is not built yet) must not end the process.
     let hup = Command::new("kill")
-        .args(["-HUP", &child.id().to_string()])
+        .args(["-HUP", &served.child.id().to_string()])
         .status()
         .unwrap();
     assert!(hup.success());
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(
-        child.try_wait().unwrap().is_none(),
+        served.child.try_wait().unwrap().is_none(),
         "SIGHUP ended the gateway"
     );
     let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &served.child.id().to_string()])
         .status()
         .unwrap();
     assert!(killed.success());
@@ -118,14 +91,14 @@ async fn serve_on_sigterm_finishes_the_in_flight_request_and_exits_0() {
     assert_eq!(r.text(), "[\"finished\"]");
     let mut status = None;
     for _ in 0..200 {
-        if let Some(s) = child.try_wait().unwrap() {
+        if let Some(s) = served.child.try_wait().unwrap() {
             status = Some(s);
             break;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     let status = status.unwrap_or_else(|| {
-        let _ = child.kill();
+        let _ = served.child.kill();
         panic!("the gateway did not exit within 5 s of SIGTERM")
     });
     assert_eq!(status.code(), Some(0));

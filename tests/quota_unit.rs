@@ -6,10 +6,11 @@
 //! drop), else use `REDIS_URL`, else fail. Tests that stop or pause the server need their own.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+
+use support::redis::{RedisServer, free_port, test_redis};
+
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -109,119 +110,6 @@ async fn concurrent_admits(replicas: &[Quotas], team: &str, op: &str, n: usize) 
         }
     }
     ok
-}
-
-// --- Redis servers
-
-fn redis_server_on_path() -> bool {
-    std::env::var_os("PATH").is_some_and(|paths| {
-        std::env::split_paths(&paths).any(|dir| dir.join("redis-server").is_file())
-    })
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A `redis-server` of this test's own, killed on drop.
-struct RedisServer {
-    child: Child,
-    port: u16,
-}
-
-impl RedisServer {
-    fn start() -> RedisServer {
-        assert!(
-            redis_server_on_path(),
-            "this test stops or pauses its Redis: it needs redis-server on PATH"
-        );
-        for _ in 0..5 {
-            if let Some(s) = RedisServer::start_on(free_port()) {
-                return s;
-            }
-        }
-        panic!("redis-server did not start on any of 5 free ports");
-    }
-
-    /// Starts on `port` and returns once it accepts connections (its log says so).
-    fn start_on(port: u16) -> Option<RedisServer> {
-        let mut child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server runs");
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let ready = lines
-            .by_ref()
-            .map_while(Result::ok)
-            .any(|l| l.contains("Ready to accept connections"));
-        if !ready {
-            let _ = child.kill();
-            let _ = child.wait();
-            return None;
-        }
-        // keep draining the log so the server never blocks on a full pipe
-        std::thread::spawn(move || lines.for_each(drop));
-        Some(RedisServer { child, port })
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-
-    fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    fn signal(&self, sig: &str) {
-        let status = Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .expect("kill runs");
-        assert!(status.success(), "kill {sig} failed");
-    }
-
-    fn pause(&self) {
-        self.signal("-STOP");
-    }
-
-    fn resume(&self) {
-        self.signal("-CONT");
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A Redis for tests that do not stop it: our own server, else `REDIS_URL`.
-struct TestRedis {
-    url: String,
-    _server: Option<RedisServer>,
-}
-
-fn test_redis() -> TestRedis {
-    if redis_server_on_path() {
-        let server = RedisServer::start();
-        return TestRedis {
-            url: server.url(),
-            _server: Some(server),
-        };
-    }
-    match std::env::var("REDIS_URL") {
-        Ok(url) => TestRedis { url, _server: None },
-        Err(_) => panic!("Redis tests need redis-server on PATH or REDIS_URL"),
-    }
 }
 
 fn prefix(test: &str) -> String {

@@ -10,10 +10,7 @@
 mod support;
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -21,7 +18,8 @@ use greenhouse_gateway::sandbox::Sandbox;
 use greenhouse_gateway::server::{self, Running};
 use http::{Method, StatusCode};
 use serde_json::{Value, json};
-use support::{AUDIENCE, Reply, Setup, Stub, TestClient, email};
+use support::redis::{RedisServer, free_port, test_redis};
+use support::{AUDIENCE, Reply, ServeProcess, Setup, Stub, TestClient, email, spawn_serve};
 
 /// A generous bound for "answered, not hung".
 const NO_HANG: Duration = Duration::from_secs(2);
@@ -359,125 +357,6 @@ async fn admin_team_quota(gw: &Gw, team: &str) -> Value {
         .clone()
 }
 
-// ---------------------------------------------------------------------------------------------
-// Redis servers
-
-fn redis_server_on_path() -> bool {
-    std::env::var_os("PATH").is_some_and(|paths| {
-        std::env::split_paths(&paths).any(|dir| dir.join("redis-server").is_file())
-    })
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A `redis-server` of this test's own, killed on drop.
-struct RedisServer {
-    child: Child,
-    port: u16,
-}
-
-impl RedisServer {
-    fn start() -> RedisServer {
-        assert!(
-            redis_server_on_path(),
-            "this test stops or pauses its Redis: it needs redis-server on PATH"
-        );
-        for _ in 0..5 {
-            if let Some(s) = RedisServer::start_on(free_port()) {
-                return s;
-            }
-        }
-        panic!("redis-server did not start on any of 5 free ports");
-    }
-
-    /// Starts on `port` and returns once it accepts connections (its log says so).
-    fn start_on(port: u16) -> Option<RedisServer> {
-        let mut child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server runs");
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let ready = lines
-            .by_ref()
-            .map_while(Result::ok)
-            .any(|l| l.contains("Ready to accept connections"));
-        if !ready {
-            let _ = child.kill();
-            let _ = child.wait();
-            return None;
-        }
-        // keep draining the log so the server never blocks on a full pipe
-        std::thread::spawn(move || lines.for_each(drop));
-        Some(RedisServer { child, port })
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-
-    fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// A fresh, empty server on the same port.
-    fn restart(&mut self) {
-        self.stop();
-        for _ in 0..20 {
-            if let Some(s) = RedisServer::start_on(self.port) {
-                *self = s;
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        panic!("redis-server did not restart on port {}", self.port);
-    }
-
-    fn signal(&self, sig: &str) {
-        let status = Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .expect("kill runs");
-        assert!(status.success(), "kill {sig} failed");
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A Redis for tests that do not stop it: our own server, else `REDIS_URL`.
-struct TestRedis {
-    url: String,
-    _server: Option<RedisServer>,
-}
-
-fn test_redis() -> TestRedis {
-    if redis_server_on_path() {
-        let server = RedisServer::start();
-        return TestRedis {
-            url: server.url(),
-            _server: Some(server),
-        };
-    }
-    match std::env::var("REDIS_URL") {
-        Ok(url) => TestRedis { url, _server: None },
-        Err(_) => panic!("Redis tests need redis-server on PATH or REDIS_URL"),
-    }
-}
-
 fn key_prefix(test: &str) -> String {
     format!("qt-{test}-{:08x}", rand::random::<u32>())
 }
@@ -578,57 +457,6 @@ async fn two_gateways_sharing_redis_admit_exactly_the_burst_together() {
     assert_eq!(stub.seen().len(), 5);
 }
 
-/// A `greenhouse-gateway serve` process, killed on drop.
-struct Proc {
-    child: Child,
-    addr: String,
-    admin: String,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Runs `serve` with `config` and returns once it logs its addresses.
-fn spawn_serve(config: &str) -> Proc {
-    let mut child = Command::new(support::binary())
-        .args(["serve", "--log-json", "--config", config])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let mut proc = Proc {
-        child,
-        addr: String::new(),
-        admin: String::new(),
-    };
-    let listening = loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("the gateway logs that it listens");
-        let v: Value = serde_json::from_str(&line).unwrap_or_default();
-        if v["fields"]["message"] == "gateway listening" {
-            break v;
-        }
-    };
-    proc.addr = listening["fields"]["addr"].as_str().unwrap().to_string();
-    proc.admin = listening["fields"]["admin_addr"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    proc
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_gateway_processes_sharing_redis_admit_exactly_the_burst_together() {
     let redis = test_redis();
@@ -643,9 +471,16 @@ async fn three_gateway_processes_sharing_redis_admit_exactly_the_burst_together(
         ..Setup::default()
     };
     let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let procs: Vec<Proc> = dirs
+    let procs: Vec<ServeProcess> = dirs
         .iter()
-        .map(|d| spawn_serve(&write_config(d.path(), &sandbox, &setup, "")))
+        .map(|d| {
+            spawn_serve(std::path::Path::new(&write_config(
+                d.path(),
+                &sandbox,
+                &setup,
+                "",
+            )))
+        })
         .collect();
     let client = TestClient::new();
     for p in &procs {

@@ -2,9 +2,13 @@
 //! a temporary folder, a recording stub upstream and a small real HTTP client.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod redis;
+
 use std::convert::Infallible;
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -521,4 +525,58 @@ impl Drop for Stub {
 /// The path to the built binary (cargo builds it for integration tests).
 pub fn binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_greenhouse-gateway"))
+}
+
+/// A `greenhouse-gateway serve` process, killed on drop.
+pub struct ServeProcess {
+    pub child: Child,
+    /// The gateway listener, `IP:PORT`.
+    pub addr: String,
+    /// The admin listener, `IP:PORT`.
+    pub admin: String,
+}
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `serve` with `config` and returns once it logs its addresses.
+pub fn spawn_serve(config: &Path) -> ServeProcess {
+    let mut child = Command::new(binary())
+        .args(["serve", "--log-json", "--config"])
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut proc = ServeProcess {
+        child,
+        addr: String::new(),
+        admin: String::new(),
+    };
+    let listening = loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the gateway logs that it listens");
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        if v["fields"]["message"] == "gateway listening" {
+            break v;
+        }
+    };
+    proc.addr = listening["fields"]["addr"].as_str().unwrap().to_string();
+    proc.admin = listening["fields"]["admin_addr"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    proc
 }
