@@ -14,38 +14,9 @@ use bytes::Bytes;
 use greenhouse_gateway::sandbox::{Sandbox, SandboxOptions};
 use http::{Method, StatusCode};
 use serde_json::{Value, json};
-use support::{Harness, Setup, Stub, TestClient, default_teams, email, raw_exchange};
-
-const FIELDS: [&str; 28] = [
-    "ts",
-    "seq",
-    "request_id",
-    "team",
-    "subject",
-    "issuer",
-    "client_addr",
-    "method",
-    "operation",
-    "path",
-    "on_behalf_of",
-    "credential",
-    "decision",
-    "code",
-    "status",
-    "upstream_status",
-    "duration_ms",
-    "upstream_duration_ms",
-    "request_bytes",
-    "response_bytes",
-    "body_sha256",
-    "external_ids",
-    "candidate_ids",
-    "validation",
-    "quota",
-    "prev_hash",
-    "hash",
-    "hash",
-];
+use support::{
+    AUDIT_FIELDS as FIELDS, Harness, Setup, Stub, TestClient, default_teams, email, raw_exchange,
+};
 
 fn audit_path(h: &Harness) -> PathBuf {
     h.dir.path().join("audit/audit.jsonl")

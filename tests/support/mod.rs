@@ -28,6 +28,38 @@ pub fn email(s: &str) -> String {
     s.replace("(at)", "@")
 }
 
+/// The audit record's fields in DESIGN 1.5 order, written out independently of the
+/// implementation so the tests are an oracle for it.
+pub const AUDIT_FIELDS: [&str; 27] = [
+    "ts",
+    "seq",
+    "request_id",
+    "team",
+    "subject",
+    "issuer",
+    "client_addr",
+    "method",
+    "operation",
+    "path",
+    "on_behalf_of",
+    "credential",
+    "decision",
+    "code",
+    "status",
+    "upstream_status",
+    "duration_ms",
+    "upstream_duration_ms",
+    "request_bytes",
+    "response_bytes",
+    "body_sha256",
+    "external_ids",
+    "candidate_ids",
+    "validation",
+    "quota",
+    "prev_hash",
+    "hash",
+];
+
 pub const AUDIENCE: &str = "greenhouse-gateway";
 
 /// Team files used by most tests (the same shape as the shipped examples).
