@@ -119,11 +119,17 @@ impl TeamSlot {
 
     /// All of a request's checks against the in-process state; spends in every counter or in
     /// none. A concurrency lease, when admitted, must be given back with `release`.
-    pub fn admit(&self, op: Option<usize>, now: Duration) -> Verdict {
-        let now_ns = nanos(now);
-        let (day, until_reset) = day_and_reset(now);
+    ///
+    /// The clock is read under the team's lock, so the order of decisions is the order of their
+    /// times: with `now` read before the lock, a request that waited for it would be judged at
+    /// an earlier time than the one decided before it, and both would report the same remaining
+    /// count.
+    pub fn admit(&self, op: Option<usize>, now: impl FnOnce() -> Duration) -> Verdict {
         let op_plan = op.and_then(|i| self.plan.ops.get(i));
         let mut st = lock(&self.state);
+        let now = now();
+        let now_ns = nanos(now);
+        let (day, until_reset) = day_and_reset(now);
         let team_tat = st.tat;
         let op_state = op.and_then(|i| st.ops.get(i).copied()).unwrap_or_default();
 

@@ -916,7 +916,7 @@ impl Quotas {
             status,
             retry_after,
             obs,
-        } = slot.admit(op.map(|(i, _)| i), self.inner.clock.now());
+        } = slot.admit(op.map(|(i, _)| i), || self.inner.clock.now());
         let headers = render(&slot.plan, op.map(|(_, p)| p), Some(&obs));
         if status != Status::Admitted {
             return Err(refusal(status, retry_after, headers));
