@@ -257,13 +257,9 @@ impl Metrics {
             .inc();
     }
 
-    /// Sets the count of requests admitted by `on_backend_error = "allow"` (kept by the limiter).
-    pub fn set_quota_backend_allowed(&self, total: u64) {
-        let c = &self.0.quota_backend_allowed;
-        let now = c.get();
-        if total > now {
-            c.inc_by(total - now);
-        }
+    /// One request admitted without a quota decision (`on_backend_error = "allow"`).
+    pub fn quota_backend_allowed(&self) {
+        self.0.quota_backend_allowed.inc();
     }
 
     pub fn validation_failure(&self, team: &str, operation: &str, mode: &str) {

@@ -427,8 +427,11 @@ async fn admit(
         Ok(a) => {
             ctx.ratelimit = a.headers.clone();
             ctx.record.quota = Some(json!({"decision": "admitted", "source": a.source()}));
-            gw.metrics
-                .set_quota_backend_allowed(gw.quotas.backend_errors_allowed());
+            // Counted per event: copying the limiter's running total into the counter raced
+            // between concurrent requests and could count twice.
+            if a.source() == "allowed" {
+                gw.metrics.quota_backend_allowed();
+            }
             Ok(a)
         }
         Err(refusal) => {
