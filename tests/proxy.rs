@@ -251,12 +251,14 @@ async fn slow_request_head_is_cut_off_by_the_header_read_timeout() {
 
 #[tokio::test]
 async fn upstream_down_is_502_upstream_error() {
+    // A port freed on 127.0.0.2: every other server in the tests binds 127.0.0.1, so nothing
+    // can take this address again while the test runs (a freed 127.0.0.1 port could be).
     let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let l = std::net::TcpListener::bind("127.0.0.2:0").unwrap();
         l.local_addr().unwrap().port()
     };
     let h = Harness::start_with(Setup {
-        upstream: Some(format!("http://127.0.0.1:{port}/v1/partner")),
+        upstream: Some(format!("http://127.0.0.2:{port}/v1/partner")),
         ..Setup::default()
     })
     .await;
