@@ -45,6 +45,12 @@ pub enum Command {
         /// Partner API requests per credential per 10 s window; 0 switches the limit off.
         #[arg(long, default_value_t = SandboxOptions::default().rate_limit)]
         rate_limit: u32,
+        /// Compress Partner API answers (`br` or `gzip`, as the request accepts), as real servers do.
+        #[arg(long)]
+        compress: bool,
+        /// The status of a successful create: 201 (the seed spec) or 200 (Greenhouse's "200-level").
+        #[arg(long, default_value_t = 201, value_parser = clap::value_parser!(u16).range(200..=201))]
+        create_status: u16,
     },
     /// Validate config, team policies and spec without touching the network.
     Check {
@@ -131,7 +137,21 @@ pub async fn run(cli: Cli) -> i32 {
             None => 1,
             Some(cfg) => dev(cfg).await,
         },
-        Command::Sandbox { listen, rate_limit } => sandbox(listen, rate_limit).await,
+        Command::Sandbox {
+            listen,
+            rate_limit,
+            compress,
+            create_status,
+        } => {
+            let opts = SandboxOptions {
+                rate_limit,
+                compress,
+                create_status: http::StatusCode::from_u16(create_status)
+                    .unwrap_or(http::StatusCode::CREATED),
+                ..SandboxOptions::default()
+            };
+            sandbox(listen, opts).await
+        }
         Command::Audit { command } => audit(command),
     }
 }
@@ -394,7 +414,8 @@ async fn shutdown_signal() {
     }
 }
 
-/// SIGHUP would end the process by default; reload is not built yet, so say so instead.
+/// SIGHUP would end the process by default; reload is not built yet, so say so instead
+/// (`serve`, `dev` and `sandbox` alike).
 fn ignore_sighup() {
     #[cfg(unix)]
     {
@@ -428,17 +449,14 @@ async fn serve(cfg: Config) -> i32 {
     }
 }
 
-async fn sandbox(listen: SocketAddr, rate_limit: u32) -> i32 {
+async fn sandbox(listen: SocketAddr, opts: SandboxOptions) -> i32 {
+    ignore_sighup();
     let listener = match tokio::net::TcpListener::bind(listen).await {
         Ok(l) => l,
         Err(e) => {
             eprintln!("cannot bind {listen}: {e}");
             return 1;
         }
-    };
-    let opts = SandboxOptions {
-        rate_limit,
-        ..SandboxOptions::default()
     };
     match Sandbox::spawn(listener, opts).await {
         Err(e) => {
@@ -482,6 +500,7 @@ pub fn sandbox_options_for(cfg: &Config) -> SandboxOptions {
 }
 
 async fn dev(cfg: Config) -> i32 {
+    ignore_sighup();
     let up = &cfg.upstream.base_url;
     let Some(sandbox_addr) = up
         .authority()

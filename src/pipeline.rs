@@ -33,7 +33,7 @@ use crate::http_client::HttpClient;
 use crate::metrics::Metrics;
 use crate::policy::{Team, ValidationMode, decide_on_behalf_of};
 use crate::proxy::body::{Finished, ObservedBody, OnFinish};
-use crate::proxy::{self, Outbound};
+use crate::proxy::{self, Outbound, encoding, target};
 use crate::quota::{NoSlot, Quotas, Refusal};
 use crate::spec::{Operation, RouteMatch};
 use crate::validate::{BodyError, QueryError, Validators};
@@ -139,10 +139,25 @@ pub async fn handle(
     let mut ctx = Context::default();
     ctx.record.request_id = request_id.clone();
     ctx.record.method = req.method().to_string();
-    ctx.record.path =
-        AuditRecord::sanitize_path(req.uri().path_and_query().map_or("", |pq| pq.as_str()));
     ctx.record.client_addr = Some(client_addr(&gw.config, peer.ip(), req.headers()).to_string());
-    match decide_and_forward(&gw, req, peer, &request_id, &mut ctx).await {
+    // The route is looked up once, here, so that even a request refused before routing (an
+    // invalid token, say) is recorded by its route and the ids it names, never by raw URL.
+    let routed = route(&gw.config, &req);
+    let op = routed.as_ref().ok().copied();
+    let (cfg, uri) = (&gw.config, req.uri());
+    ctx.record.path = AuditRecord::sanitize_path(&target::audit_path(
+        &cfg.spec,
+        &cfg.upstream.prefix,
+        uri.path(),
+        uri.query(),
+        op,
+    ));
+    if let Some(op) = op {
+        let ids = target::query_ids(op, uri.query());
+        ctx.record.candidate_ids = ids.candidate_ids;
+        ctx.record.external_ids = ids.external_ids;
+    }
+    match decide_and_forward(&gw, req, routed, peer, &request_id, &mut ctx).await {
         Ok(fwd) => respond_forwarded(gw, ctx, fwd, started),
         Err(e) => respond_error(&gw, ctx, e, started).await,
     }
@@ -193,18 +208,26 @@ fn respond_forwarded(
     let idle = gw.config.upstream.timeout;
     set_headers(&mut head.headers, &ctx);
     let op_id = fwd.op;
+    // The copy is read decoded; the caller gets the bytes as Greenhouse encoded them.
+    let mut coding = http::HeaderMap::new();
+    for v in head.headers.get_all(header::CONTENT_ENCODING) {
+        coding.append(header::CONTENT_ENCODING, v.clone());
+    }
     let on_finish: OnFinish = Box::new(move |f: Finished| {
         Box::pin(async move {
             ctx.record.response_bytes = f.bytes;
             let spec = gw.config.spec.clone();
-            if let (Some(copy), Some(op)) = (f.copy.filter(|_| f.complete), spec.operation(&op_id))
+            if let (Some(raw), Some(op)) = (f.copy.filter(|_| f.complete), spec.operation(&op_id))
+                && let Some(copy) = decoded(&coding, &raw, op)
             {
                 let drift = gw.validators.check_response(op, status, &copy);
                 if !drift.is_empty() {
                     gw.metrics.spec_drift(&op.id);
                     sample_drift(&op.id, &drift);
                 }
-                if (200..300).contains(&status) && returns_candidates(op, status) {
+                // Greenhouse documents its answers only as "200-level": ids are taken from any
+                // 2xx answer of an operation that returns candidates.
+                if (200..300).contains(&status) && returns_candidates(op) {
                     merge_candidate_ids(&mut ctx.record.candidate_ids, &copy);
                 }
             }
@@ -267,6 +290,21 @@ fn set_headers(h: &mut http::HeaderMap, ctx: &Context) {
     }
 }
 
+/// The response copy, decoded; `None` (logged, never with content) when it cannot be.
+fn decoded<'a>(
+    coding: &http::HeaderMap,
+    raw: &'a [u8],
+    op: &Operation,
+) -> Option<std::borrow::Cow<'a, [u8]>> {
+    match encoding::decode(coding, raw, RESPONSE_COPY_LIMIT) {
+        Ok(copy) => Some(copy),
+        Err(why) => {
+            tracing::warn!(operation = %op.id, problem = ?why, "upstream response could not be decoded for inspection");
+            None
+        }
+    }
+}
+
 /// Logs where a response differed from the spec: pointers and keywords, at most one line per
 /// second per process (sampled), never values.
 fn sample_drift(operation: &str, problems: &[FieldProblem]) {
@@ -286,15 +324,18 @@ fn sample_drift(operation: &str, problems: &[FieldProblem]) {
     }
 }
 
-/// Whether the documented response is a candidate (or a list of them): its objects declare an
-/// `external_id`, which in the Partner API only candidates have. Read from the spec, so no path
-/// is named here.
-fn returns_candidates(op: &Operation, status: u16) -> bool {
-    let Some(Some(schema)) = op.responses.get(&status.to_string()) else {
-        return false;
-    };
-    let object = schema.get("items").unwrap_or(schema);
-    object.pointer("/properties/external_id").is_some()
+/// Whether a documented success response is a candidate (or a list of them): its objects
+/// declare an `external_id`, which in the Partner API only candidates have. Read from the spec,
+/// so no path is named here.
+fn returns_candidates(op: &Operation) -> bool {
+    op.responses
+        .iter()
+        .filter(|(status, _)| status.starts_with('2'))
+        .filter_map(|(_, schema)| schema.as_ref())
+        .any(|schema| {
+            let object = schema.get("items").unwrap_or(schema);
+            object.pointer("/properties/external_id").is_some()
+        })
 }
 
 /// Candidate ids from a successful response: `id` of the object or of each array element.
@@ -318,6 +359,7 @@ fn merge_candidate_ids(ids: &mut Vec<i64>, body: &[u8]) {
 async fn decide_and_forward(
     gw: &Gateway,
     req: Request<Incoming>,
+    routed: Result<&Operation, GatewayError>,
     peer: SocketAddr,
     request_id: &str,
     ctx: &mut Context,
@@ -339,8 +381,8 @@ async fn decide_and_forward(
     ctx.record.subject = token.subject.clone();
     ctx.record.issuer = Some(token.issuer.clone());
 
-    // 3. Which operation.
-    let op = route(cfg, &req)?;
+    // 3. Which operation (looked up in `handle`).
+    let op = routed?;
     ctx.record.operation = Some(op.id.clone());
 
     // 4. Which team, may it call this, on whose behalf.
@@ -372,7 +414,6 @@ async fn decide_and_forward(
     .await
     .map_err(|_| GatewayError::BodyTimeout)??;
     check_body(gw, team, op, &parts, &body, ctx)?;
-    ctx.record.candidate_ids = query_candidate_ids(query.as_deref());
 
     // 7. Forward, unless the audit trail cannot record it.
     if gw.audit.on_error() == AuditOnError::Reject && !gw.audit.healthy() {
@@ -547,20 +588,6 @@ fn check_body(
     }
 }
 
-/// `candidate_ids` named in the query (the audit's "which candidates").
-fn query_candidate_ids(query: Option<&str>) -> Vec<i64> {
-    let Some(q) = query else { return Vec::new() };
-    form_urlencoded::parse(q.as_bytes())
-        .filter(|(k, _)| k == "candidate_ids")
-        .flat_map(|(_, v)| {
-            v.split(',')
-                .filter_map(|x| x.trim().parse::<i64>().ok())
-                .collect::<Vec<_>>()
-        })
-        .take(1000)
-        .collect()
-}
-
 /// The caller's address: the socket peer, or, when the peer is a trusted proxy, the nearest
 /// untrusted address in `X-Forwarded-For` (read right to left).
 fn client_addr(cfg: &Config, peer: IpAddr, headers: &http::HeaderMap) -> IpAddr {
@@ -690,6 +717,10 @@ fn check_target(req: &Request<Incoming>) -> Result<(), GatewayError> {
         return Err(GatewayError::BadRequest(
             "the request target must be a path",
         ));
+    }
+    // Routed and forwarded byte for byte: a path others could read differently is refused.
+    if let Some(why) = target::non_canonical(uri.path()) {
+        return Err(GatewayError::BadRequest(why));
     }
     if req.version() <= Version::HTTP_11 {
         if uri.scheme().is_some() || uri.authority().is_some() {

@@ -653,3 +653,244 @@ async fn sigkill_under_load_with_fsync_always_leaves_a_verifiable_trail_with_eve
         "a keyed chain must not verify without its key"
     );
 }
+
+/// Waits until a trail file holds `n` records.
+async fn records_in(path: &Path, n: usize) -> Vec<Value> {
+    for _ in 0..300 {
+        let recs = read_records(path);
+        if recs.len() >= n {
+            return recs;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the audit trail never held {n} records")
+}
+
+#[tokio::test]
+async fn tokens_emails_and_phones_in_urls_reach_neither_the_trail_nor_the_log() {
+    let sandbox = Sandbox::start_local(SandboxOptions::default())
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    support::write_config(dir.path(), &sandbox, &Setup::default());
+    let served =
+        support::spawn_serve_with_env(&dir.path().join("gateway.toml"), &[("RUST_LOG", "debug")]);
+    let client = TestClient::new();
+    let base = format!("http://{}", served.addr);
+    let token = sandbox.mint_token(
+        json!({"sub": "svc-sourcing-bot", "aud": support::AUDIENCE}),
+        Duration::from_secs(600),
+    );
+    let auth = format!("Bearer {token}");
+    let signature = token.rsplit('.').next().unwrap().to_string();
+    let url_email = email("canary.person(at)example.com");
+    let encoded_email = url_email.replace('@', "%40");
+    let cases: Vec<(String, bool, u16)> = vec![
+        // A token in the query, refused before routing.
+        (format!("/v1/partner/jobs?access_token={token}"), false, 401),
+        // A token as a path segment.
+        (format!("/v1/partner/{token}"), true, 404),
+        // PII in undeclared query parameters (enforce mode refuses them).
+        (
+            format!("/v1/partner/candidates?email={encoded_email}&phone=%2B1-555-0199"),
+            true,
+            400,
+        ),
+        // PII as a path segment.
+        (format!("/v1/partner/candidates/{url_email}"), true, 404),
+        // A lookup by external id and Greenhouse id: those are recorded, in their own fields.
+        (
+            "/v1/partner/candidates?external_ids=ext-canary-1,ext-canary-2&candidate_ids=77"
+                .to_string(),
+            true,
+            200,
+        ),
+    ];
+    for (path, with_token, want) in &cases {
+        let headers: Vec<(&str, &str)> = if *with_token {
+            vec![("authorization", auth.as_str())]
+        } else {
+            vec![]
+        };
+        let r = client
+            .send(
+                Method::GET,
+                &format!("{base}{path}"),
+                &headers,
+                Bytes::new(),
+            )
+            .await;
+        assert_eq!(r.status.as_u16(), *want, "{path}: {}", r.text());
+    }
+    let trail = dir.path().join("audit/audit.jsonl");
+    let recs = records_in(&trail, cases.len()).await;
+    let paths: Vec<&str> = recs.iter().map(|r| r["path"].as_str().unwrap()).collect();
+    assert_eq!(
+        paths,
+        [
+            "/v1/partner/jobs?*",
+            "/v1/partner/*",
+            "/v1/partner/candidates?*&*",
+            "/v1/partner/candidates/*",
+            "/v1/partner/candidates?external_ids&candidate_ids",
+        ]
+    );
+    let lookup = &recs[4];
+    assert_eq!(
+        lookup["external_ids"],
+        json!(["ext-canary-1", "ext-canary-2"])
+    );
+    assert_eq!(lookup["candidate_ids"], json!([77]));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let text = std::fs::read_to_string(&trail).unwrap();
+    let log = served.log_text();
+    assert!(log.contains("gateway listening"), "the log was captured");
+    for canary in [
+        signature.as_str(),
+        token.as_str(),
+        "canary.person",
+        "canary.person%40",
+        "555-0199",
+        "access_token",
+    ] {
+        assert!(!text.contains(canary), "the audit trail holds {canary:?}");
+        assert!(!log.contains(canary), "the log holds {canary:?}");
+    }
+    // `audit query --external-id` finds the lookup.
+    let out = Command::new(support::binary())
+        .args(["audit", "query", "--external-id", "ext-canary-2"])
+        .arg(&trail)
+        .output()
+        .unwrap();
+    let found: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(found.len(), 1, "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(found[0]["operation"], "listPartnerCandidates");
+}
+
+/// The value of one metric sample on the admin listener (0 when absent).
+async fn metric(h: &Harness, line_prefix: &str) -> f64 {
+    let r = h
+        .client
+        .send(Method::GET, &h.admin_url("/metrics"), &[], Bytes::new())
+        .await;
+    r.text()
+        .lines()
+        .find(|l| l.starts_with(line_prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+async fn create_through(
+    h: &Harness,
+    accept_encoding: Option<&str>,
+    external_id: &str,
+) -> (u16, Value, http::HeaderMap) {
+    let auth = format!("Bearer {}", h.sourcing_token());
+    let mut headers = vec![
+        ("authorization", auth.as_str()),
+        ("content-type", "application/json"),
+    ];
+    if let Some(ae) = accept_encoding {
+        headers.push(("accept-encoding", ae));
+    }
+    let body = json!({"external_id": external_id, "first_name": "A", "last_name": "B"});
+    let r = h
+        .client
+        .send(
+            Method::POST,
+            &h.url("/v1/partner/candidates"),
+            &headers,
+            Bytes::from(body.to_string()),
+        )
+        .await;
+    (r.status.as_u16(), r.json(), r.headers)
+}
+
+#[tokio::test]
+async fn a_create_answered_with_200_records_its_candidate_id_and_counts_as_drift() {
+    let h = Harness::start_with(Setup {
+        sandbox: SandboxOptions {
+            rate_limit: 0,
+            create_status: StatusCode::OK,
+            ..SandboxOptions::default()
+        },
+        ..Setup::default()
+    })
+    .await;
+    let drift = r#"gateway_spec_drift_total{operation="createPartnerCandidate"}"#;
+    let (status, body, _) = create_through(&h, None, "ext-200-1").await;
+    assert_eq!(status, 200, "{body}");
+    let id = body["id"].as_i64().unwrap();
+    let recs = records(&h, 1).await;
+    assert_eq!(recs[0]["candidate_ids"], json!([id]));
+    assert_eq!(recs[0]["upstream_status"], 200);
+    assert_eq!(metric(&h, drift).await, 1.0, "an undocumented 2xx is drift");
+}
+
+#[tokio::test]
+async fn compressed_upstream_answers_are_read_decoded_and_forwarded_as_encoded() {
+    let h = Harness::start_with(Setup {
+        sandbox: SandboxOptions {
+            rate_limit: 0,
+            compress: true,
+            ..SandboxOptions::default()
+        },
+        ..Setup::default()
+    })
+    .await;
+    let drift = r#"gateway_spec_drift_total{operation="createPartnerCandidate"}"#;
+    // What Node's fetch and Python requests send by default, then brotli alone, then a coding
+    // the gateway cannot decode beside one it can.
+    let mut ids = Vec::new();
+    for (i, (ae, want)) in [
+        ("gzip, deflate, br", "gzip"),
+        ("br", "br"),
+        ("zstd, gzip;q=0.5", "gzip"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (status, _, headers) = create_through(&h, Some(ae), &format!("ext-gz-{i}")).await;
+        assert_eq!(status, 201);
+        assert_eq!(
+            headers["content-encoding"], want,
+            "forwarded as Greenhouse encoded it"
+        );
+        let recs = records(&h, i + 1).await;
+        let got = recs[i]["candidate_ids"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(got.len(), 1, "{ae}: {}", recs[i]);
+        ids.push(got[0].as_i64().unwrap());
+    }
+    assert_eq!(
+        metric(&h, drift).await,
+        0.0,
+        "decoded answers match the spec"
+    );
+    let sent: Vec<String> = h
+        .sandbox
+        .received()
+        .iter()
+        .filter(|r| r.method == "POST")
+        .map(|r| r.header("accept-encoding").unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(
+        sent,
+        ["gzip, deflate, br", "br", "gzip;q=0.5"],
+        "only decodable codings are asked for"
+    );
+    // The candidates really exist under those ids (decoded by the test, independently).
+    let lookup = format!(
+        "/v1/partner/candidates?candidate_ids={}",
+        ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",")
+    );
+    let r = h.get(&lookup, &h.sourcing_token()).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.json().as_array().map(Vec::len), Some(3), "{}", r.text());
+}

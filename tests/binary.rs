@@ -118,3 +118,105 @@ async fn serve_on_sigterm_finishes_the_in_flight_request_and_exits_0() {
         String::from_utf8_lossy(&verify.stdout)
     );
 }
+
+/// The shipped playground config, moved to free ports in a temporary copy of `policies/`.
+fn playground_copy() -> (tempfile::TempDir, [u16; 3]) {
+    let dir = tempfile::tempdir().unwrap();
+    let ports = [
+        support::redis::free_port(),
+        support::redis::free_port(),
+        support::redis::free_port(),
+    ];
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+    std::fs::create_dir_all(dir.path().join("teams")).unwrap();
+    let moved = |text: String| {
+        text.replace("127.0.0.1:8080", &format!("127.0.0.1:{}", ports[0]))
+            .replace("127.0.0.1:8089", &format!("127.0.0.1:{}", ports[1]))
+            .replace("127.0.0.1:9090", &format!("127.0.0.1:{}", ports[2]))
+    };
+    for name in ["gateway.toml", "greenhouse-partner.openapi.yml"] {
+        let text = std::fs::read_to_string(src.join(name)).unwrap_or_default();
+        std::fs::write(dir.path().join(name), moved(text)).unwrap();
+    }
+    for entry in std::fs::read_dir(src.join("teams")).unwrap() {
+        let entry = entry.unwrap();
+        let text = std::fs::read_to_string(entry.path()).unwrap();
+        std::fs::write(
+            dir.path().join("teams").join(entry.file_name()),
+            moved(text),
+        )
+        .unwrap();
+    }
+    (dir, ports)
+}
+
+#[tokio::test]
+async fn dev_and_sandbox_survive_sighup() {
+    use std::io::{BufRead, BufReader};
+    let (dir, ports) = playground_copy();
+    let sandbox_port = support::redis::free_port();
+    let mut children = Vec::new();
+    for args in [
+        vec![
+            "dev".to_string(),
+            "--config".to_string(),
+            dir.path().join("gateway.toml").display().to_string(),
+        ],
+        vec![
+            "sandbox".to_string(),
+            "--listen".to_string(),
+            format!("127.0.0.1:{sandbox_port}"),
+        ],
+    ] {
+        let mut child = Command::new(support::binary())
+            .args(&args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // Both print their addresses once they serve.
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let ready = loop {
+            match rx.recv_timeout(Duration::from_secs(30)) {
+                Ok(line) if line.contains("export ") || line.contains("sandbox listening") => {
+                    break true;
+                }
+                Ok(_) => continue,
+                Err(_) => break false,
+            }
+        };
+        assert!(ready, "{args:?} did not start");
+        children.push((args[0].clone(), child, rx));
+    }
+    for (name, child, _) in &mut children {
+        for _ in 0..2 {
+            let hup = Command::new("kill")
+                .args(["-HUP", &child.id().to_string()])
+                .status()
+                .unwrap();
+            assert!(hup.success());
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+        assert!(child.try_wait().unwrap().is_none(), "SIGHUP ended `{name}`");
+    }
+    // The playground still answers after the signals.
+    let r = TestClient::new()
+        .send(
+            Method::GET,
+            &format!("http://127.0.0.1:{}/healthz", ports[2]),
+            &[],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    for (_, mut child, _) in children {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}

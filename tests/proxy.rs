@@ -590,3 +590,78 @@ async fn body_that_never_completes_is_408_after_the_body_read_timeout_without_up
     assert!(out.starts_with("HTTP/1.1 408"), "{out}");
     assert!(stub.seen().is_empty());
 }
+
+#[tokio::test]
+async fn headers_with_underscores_never_reach_the_upstream() {
+    let (h, stub) = with_stub().await;
+    let auth = format!("Bearer {}", h.sourcing_token());
+    let r = h
+        .client
+        .send(
+            Method::GET,
+            &h.url("/v1/partner/jobs"),
+            &[
+                ("authorization", auth.as_str()),
+                ("on_behalf_of", "spoofed.user@example.com"),
+                ("x_forwarded_for", "6.6.6.6"),
+                ("x_custom_thing", "1"),
+                ("x-custom-thing", "kept"),
+            ],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let seen = stub.seen();
+    let got = &seen[0];
+    let underscored: Vec<&str> = got
+        .headers
+        .keys()
+        .map(|k| k.as_str())
+        .filter(|k| k.contains('_'))
+        .collect();
+    assert!(underscored.is_empty(), "forwarded: {underscored:?}");
+    assert_eq!(got.headers["x-custom-thing"], "kept");
+    assert_eq!(got.headers.get_all("on-behalf-of").iter().count(), 1);
+    assert_eq!(
+        got.headers["on-behalf-of"],
+        email("sourcing.bot(at)example.com")
+    );
+}
+
+#[tokio::test]
+async fn ambiguous_paths_are_refused_and_canonical_ones_forwarded_exactly_as_routed() {
+    let (h, stub) = with_stub().await;
+    let t = h.sourcing_token();
+    for path in [
+        "/v1/partner//jobs",
+        "//v1/partner/jobs",
+        "/v1/partner/./jobs",
+        "/v1/partner/x/../jobs",
+        "/v1/partner/%2e/jobs",
+        "/v1/partner/%2E%2E/v1/partner/jobs",
+        "/v1/partner/x%2f..%2fjobs",
+        "/v1/partner/x%5c..%5cjobs",
+        "/v1/partner/jobs;a=b",
+        "/v1/partner/jobs%3b",
+    ] {
+        let r = h.get(path, &t).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{path}: {}", r.text());
+        assert_eq!(r.code(), "bad_request", "{path}");
+        assert!(!r.text().contains(path), "the error echoes the path");
+    }
+    assert!(
+        stub.seen().is_empty(),
+        "an ambiguous path reached the upstream"
+    );
+    let r = h.get("/v1/partner/jobs/", &t).await;
+    assert_eq!(
+        r.status,
+        StatusCode::NOT_FOUND,
+        "a trailing slash is another path"
+    );
+    let r = h.get("/v1/partner/candidates?candidate_ids=1,2", &t).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let seen = stub.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].uri, "/v1/partner/candidates?candidate_ids=1,2");
+}

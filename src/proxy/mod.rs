@@ -1,6 +1,8 @@
 //! Forwarding: header hygiene in both directions and the upstream call.
 
 pub mod body;
+pub mod encoding;
+pub mod target;
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -83,6 +85,17 @@ pub fn upstream_headers(inbound: &HeaderMap, out: Outbound<'_>) -> Result<Header
     for name in forwarded {
         h.remove(name);
     }
+    // `On_Behalf_Of` is `On-Behalf-Of` to every framework that folds `_` into `-`: headers with
+    // an underscore never reach Greenhouse (nginx and Envoy drop them the same way).
+    let underscored: Vec<HeaderName> = h
+        .keys()
+        .filter(|k| k.as_str().contains('_'))
+        .cloned()
+        .collect();
+    for name in underscored {
+        h.remove(name);
+    }
+    encoding::accept_only_decodable(&mut h);
     h.insert(header::HOST, out.upstream_host.clone());
     h.insert(header::AUTHORIZATION, out.authorization);
     let obo = HeaderValue::from_str(out.on_behalf_of).map_err(|_| GatewayError::Internal)?;

@@ -29,6 +29,8 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use http::StatusCode;
+
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
@@ -56,6 +58,12 @@ pub struct SandboxOptions {
     pub rate_window: Duration,
     /// The dev IdP's issuer; `http://<bound addr>` when `None`.
     pub issuer: Option<String>,
+    /// Encode Partner API answers the way real servers do: `br` or `gzip`, whichever the
+    /// request's `Accept-Encoding` lists first.
+    pub compress: bool,
+    /// The status of a successful `POST /candidates`: 201 (the seed spec) or 200 (what
+    /// Greenhouse's documentation allows, "200-level").
+    pub create_status: StatusCode,
 }
 
 impl Default for SandboxOptions {
@@ -67,6 +75,8 @@ impl Default for SandboxOptions {
             rate_limit: 50,
             rate_window: Duration::from_secs(10),
             issuer: None,
+            compress: false,
+            create_status: StatusCode::CREATED,
         }
     }
 }

@@ -197,7 +197,7 @@ fn create_candidates(shared: &Shared, body: &Bytes) -> Response<Body> {
     } else {
         created.pop().unwrap_or_default()
     };
-    json(StatusCode::CREATED, &body)
+    json(shared.create_status, &body)
 }
 
 /// Checks a seed-shape `PartnerCandidate`, pushing one error entry per problem.

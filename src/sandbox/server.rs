@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Limited};
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -90,10 +90,15 @@ async fn handle(
             .is_some_and(|rest| rest.starts_with('/'));
     let resp = if is_partner {
         shared.record_partner(recorded(&parts, &body));
-        if too_large {
+        let resp = if too_large {
             payload_too_large()
         } else {
             partner::handle(&shared, &parts, &body).await
+        };
+        if shared.compress {
+            compress(resp, &parts.headers)
+        } else {
+            resp
         }
     } else if path == "/oauth/token" {
         shared.record_token(recorded(&parts, &body));
@@ -119,8 +124,55 @@ async fn handle(
     } else {
         partner::not_found()
     };
-    tracing::debug!(method = %parts.method, path = %path, status = resp.status().as_u16(), "sandbox request");
+    // Never the path itself: in `dev` this log is the gateway's, and a URL can carry a value.
+    let surface = if is_partner { "partner" } else { "other" };
+    tracing::debug!(method = %parts.method, surface, status = resp.status().as_u16(), "sandbox request");
     Ok(resp)
+}
+
+/// Encodes a response body with the first of `br` and `gzip` that the request accepts (any
+/// weight above zero), as real servers do; `Vary: Accept-Encoding` either way.
+fn compress(mut resp: Response<Body>, request: &http::HeaderMap) -> Response<Body> {
+    use std::io::Write;
+    resp.headers_mut()
+        .insert(header::VARY, HeaderValue::from_static("Accept-Encoding"));
+    let coding = request
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter(|item| !item.replace(' ', "").ends_with(";q=0"))
+        .map(|item| {
+            item.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        })
+        .find(|c| c == "br" || c == "gzip");
+    let Some(coding) = coding else { return resp };
+    let (mut parts, body) = resp.into_parts();
+    let plain = futures_util::FutureExt::now_or_never(body.collect())
+        .and_then(Result::ok)
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    if plain.is_empty() {
+        return Response::from_parts(parts, Full::new(plain));
+    }
+    let mut out = Vec::new();
+    if coding == "br" {
+        let mut w = brotli::CompressorWriter::new(&mut out, 4096, 5, 22);
+        let _ = w.write_all(&plain);
+    } else {
+        let mut w = flate2::write::GzEncoder::new(&mut out, flate2::Compression::fast());
+        let _ = w.write_all(&plain);
+        let _ = w.finish();
+    }
+    parts.headers.remove(header::CONTENT_LENGTH);
+    if let Ok(v) = HeaderValue::from_str(&coding) {
+        parts.headers.insert(header::CONTENT_ENCODING, v);
+    }
+    Response::from_parts(parts, Full::new(Bytes::from(out)))
 }
 
 fn payload_too_large() -> Response<Body> {

@@ -64,6 +64,15 @@ impl Operation {
     pub fn declares_query(&self, name: &str) -> bool {
         self.query_params().any(|p| p.name == name)
     }
+
+    /// Whether a path's segments (relative to the prefix, split at `/`) match this template.
+    fn fits(&self, parts: &[&str]) -> bool {
+        self.segments.len() == parts.len()
+            && self.segments.iter().zip(parts).all(|(s, p)| match s {
+                Segment::Literal(l) => l == p,
+                Segment::Param => !p.is_empty(),
+            })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -178,19 +187,35 @@ impl Spec {
         self.operations.iter().find(|o| o.id == id)
     }
 
+    /// A form of a path (relative to the prefix) that cannot carry a value, for the audit trail
+    /// and logs: the template of the operation it matches (whatever the method), or else each
+    /// segment that is literally a segment of some template, with every other segment `*`.
+    pub fn redacted_path(&self, path: &str) -> String {
+        let parts: Vec<&str> = path.strip_prefix('/').unwrap_or(path).split('/').collect();
+        if let Some(op) = self.operations.iter().find(|op| op.fits(&parts)) {
+            return op.path.clone();
+        }
+        let known = |p: &str| {
+            self.operations.iter().any(|op| {
+                op.segments
+                    .iter()
+                    .any(|s| matches!(s, Segment::Literal(l) if l == p))
+            })
+        };
+        let mut out = String::with_capacity(path.len());
+        for p in parts {
+            out.push('/');
+            out.push_str(if p.is_empty() || known(p) { p } else { "*" });
+        }
+        out
+    }
+
     /// Finds the operation for a method and a path relative to the prefix (`/candidates`).
     pub fn route(&self, method: &Method, path: &str) -> RouteMatch<'_> {
-        let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        let parts: Vec<&str> = path.strip_prefix('/').unwrap_or(path).split('/').collect();
         let mut allow = Vec::new();
         for op in &self.operations {
-            if op.segments.len() != parts.len() {
-                continue;
-            }
-            let fits = op.segments.iter().zip(&parts).all(|(s, p)| match s {
-                Segment::Literal(l) => l == p,
-                Segment::Param => !p.is_empty(),
-            });
-            if !fits {
+            if !op.fits(&parts) {
                 continue;
             }
             if op.method == *method {

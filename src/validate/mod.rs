@@ -364,7 +364,8 @@ impl Validators {
     }
 
     /// Checks an upstream response against the schema documented for its status (exact, then
-    /// `2XX`, then `default`). Report only: an empty list when it matches or nothing is documented.
+    /// `2XX`, then `default`). Report only: an empty list when it matches or nothing is documented,
+    /// except that an undocumented success status is itself a problem (keyword `status`).
     pub fn check_response(&self, op: &Operation, status: u16, body: &[u8]) -> Vec<FieldProblem> {
         let Some(ov) = self.ops.get(&op.id) else {
             return Vec::new();
@@ -381,8 +382,18 @@ impl Validators {
                     .find(|(s, _)| s.eq_ignore_ascii_case(&range))
             })
             .or_else(|| ov.responses.iter().find(|(s, _)| s == "default"));
-        let Some((_, Some(schema))) = documented else {
-            return Vec::new();
+        let schema = match documented {
+            Some((_, Some(schema))) => schema,
+            // A success the spec does not document is drift; undocumented errors are not (the
+            // spec documents almost none of Greenhouse's).
+            None if (200..300).contains(&status) => {
+                return vec![FieldProblem {
+                    pointer: String::new(),
+                    keyword: "status".into(),
+                    message: "is a success status the spec does not document".into(),
+                }];
+            }
+            _ => return Vec::new(),
         };
         let value: Value = match serde_json::from_slice(body) {
             Ok(v) => v,

@@ -566,6 +566,14 @@ pub struct ServeProcess {
     pub addr: String,
     /// The admin listener, `IP:PORT`.
     pub admin: String,
+    /// Every line the process wrote to stderr (its log), as it arrives.
+    pub log: Arc<Mutex<Vec<String>>>,
+}
+
+impl ServeProcess {
+    pub fn log_text(&self) -> String {
+        self.log.lock().expect("lock").join("\n")
+    }
 }
 
 impl Drop for ServeProcess {
@@ -577,17 +585,26 @@ impl Drop for ServeProcess {
 
 /// Runs `serve` with `config` and returns once it logs its addresses.
 pub fn spawn_serve(config: &Path) -> ServeProcess {
+    spawn_serve_with_env(config, &[])
+}
+
+/// Like [`spawn_serve`], with extra environment variables (`RUST_LOG`, say).
+pub fn spawn_serve_with_env(config: &Path, env: &[(&str, &str)]) -> ServeProcess {
     let mut child = Command::new(binary())
         .args(["serve", "--log-json", "--config"])
         .arg(config)
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let stderr = child.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let log: Arc<Mutex<Vec<String>>> = Arc::default();
+    let kept = log.clone();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            kept.lock().expect("lock").push(line.clone());
             let _ = tx.send(line);
         }
     });
@@ -595,6 +612,7 @@ pub fn spawn_serve(config: &Path) -> ServeProcess {
         child,
         addr: String::new(),
         admin: String::new(),
+        log,
     };
     let listening = loop {
         let line = rx
