@@ -501,39 +501,101 @@ async fn no_upstream_budget_gives_a_slot_at_once() {
     assert_eq!(q.upstream_slot().await, Ok(()));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn upstream_budget_paces_requests_that_fit_in_max_wait() {
-    let q = Quotas::new(upstream(per_sec(20), Duration::from_secs(2))).await;
-    let started = Instant::now();
-    let tasks: Vec<_> = (0..6)
-        .map(|_| {
-            let q = q.clone();
-            tokio::spawn(async move { (q.upstream_slot().await, started.elapsed()) })
-        })
-        .collect();
-    let mut ends = Vec::new();
-    for t in tasks {
-        let (r, at) = t.await.unwrap();
-        assert_eq!(r, Ok(()));
-        ends.push(at);
+#[tokio::test]
+async fn upstream_budget_admits_its_whole_count_at_once_then_waits_for_the_oldest_to_leave() {
+    let (q, clock) = at(
+        NOON,
+        upstream(rate(5, Duration::from_secs(10)), Duration::ZERO),
+    );
+    for i in 0..5 {
+        assert_eq!(q.upstream_slot().await, Ok(()), "slot {i} of 5 waits");
     }
-    ends.sort();
-    // one slot per 50 ms: the sixth starts no earlier than 250 ms after the first
-    assert!(ends[5] >= Duration::from_millis(245), "{ends:?}");
-    assert!(ends[5] < Duration::from_secs(5), "{ends:?}");
+    assert_eq!(
+        q.upstream_slot().await,
+        Err(NoSlot::Later(Duration::from_secs(10)))
+    );
+    clock.advance(Duration::from_secs(4));
+    assert_eq!(
+        q.upstream_slot().await,
+        Err(NoSlot::Later(Duration::from_secs(6))),
+        "refusals spend nothing"
+    );
+    clock.advance(Duration::from_secs(6));
+    assert_eq!(q.upstream_slot().await, Ok(()));
+}
+
+/// Whether any span of `per` holds more than `count` of the (sorted) start times.
+fn most_in_any_window(starts: &[Duration], per: Duration) -> usize {
+    (0..starts.len())
+        .map(|i| {
+            starts[i..]
+                .iter()
+                .take_while(|s| **s < starts[i] + per)
+                .count()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+#[tokio::test(start_paused = true)]
+async fn upstream_budget_never_starts_more_than_its_count_in_any_window_and_waits_only_when_full() {
+    // Arrivals in clumps and gaps (a fixed pseudo-random walk), each taking the slot it is given
+    // within max_wait.
+    let per = Duration::from_secs(10);
+    let (q, clock) = at(NOON, upstream(rate(5, per), Duration::from_secs(3)));
+    let mut starts: Vec<Duration> = Vec::new();
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut now = Duration::ZERO;
+    let (mut at_once, mut waited, mut refused) = (0, 0, 0);
+    for _ in 0..400 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let step = Duration::from_millis(seed % 4000);
+        clock.advance(step);
+        now += step;
+        let before = tokio::time::Instant::now();
+        if q.upstream_slot().await.is_err() {
+            refused += 1;
+            continue;
+        }
+        // The slot starts after the delay the limiter chose and the caller slept: tokio's
+        // paused clock makes that sleep exact (and instant).
+        let slept = before.elapsed();
+        if slept.is_zero() {
+            at_once += 1;
+        } else {
+            // It waited: the budget really was used up, 5 starts within the last `per`.
+            let in_window = starts.iter().filter(|s| **s + per > now).count();
+            assert!(in_window >= 5, "waited with only {in_window} of 5 used");
+            waited += 1;
+        }
+        starts.push(now + slept);
+    }
+    assert!(
+        at_once > 0 && waited > 0 && refused > 0,
+        "{at_once} {waited} {refused}"
+    );
+    starts.sort();
+    assert!(
+        most_in_any_window(&starts, per) <= 5,
+        "more than 5 starts within 10 s"
+    );
 }
 
 #[tokio::test]
 async fn upstream_budget_refuses_at_once_when_no_slot_comes_within_max_wait() {
     let q = Quotas::new(upstream(per_sec(5), Duration::from_millis(10))).await;
-    assert_eq!(q.upstream_slot().await, Ok(()));
+    for _ in 0..5 {
+        assert_eq!(q.upstream_slot().await, Ok(()));
+    }
     let started = Instant::now();
     let NoSlot::Later(retry_after) = q.upstream_slot().await.unwrap_err() else {
         panic!("a memory budget cannot be unavailable")
     };
     assert!(started.elapsed() < Duration::from_secs(1));
     assert!(
-        retry_after > Duration::from_millis(100) && retry_after <= Duration::from_millis(200),
+        retry_after > Duration::from_millis(10) && retry_after <= Duration::from_secs(1),
         "{retry_after:?}"
     );
 }
@@ -846,7 +908,7 @@ async fn every_redis_key_has_a_ttl_after_a_run() {
         format!("{p}:team:sourcing:op:createPartnerCandidate:rate"),
         format!("{p}:team:sourcing:rate"),
         format!("{p}:upstream:blocked"),
-        format!("{p}:upstream:rate"),
+        format!("{p}:upstream:window"),
     ];
     assert_eq!(keys, expected);
     for key in &keys {
@@ -860,17 +922,46 @@ async fn every_redis_key_has_a_ttl_after_a_run() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_upstream_budget_is_shared_by_replicas_and_paces_them() {
+async fn redis_upstream_budget_is_one_window_for_all_replicas() {
     let r = test_redis();
     let mut settings = redis_settings(
         &r.url,
-        &prefix("up-pace"),
+        &prefix("up-window"),
         vec![],
         OnBackendError::Deny,
         Duration::from_secs(2),
     );
     settings.upstream = Some(UpstreamBudget {
-        rate: per_sec(10),
+        rate: rate(3, Duration::from_secs(30)),
+        max_wait: Duration::ZERO,
+    });
+    let replicas = [
+        redis_quotas(settings.clone()).await,
+        redis_quotas(settings).await,
+    ];
+    let mut admitted = Vec::new();
+    for i in 0..8 {
+        admitted.push(replicas[i % 2].upstream_slot().await.is_ok());
+    }
+    // The first three, whichever replica asked; then nothing for the rest of the window.
+    assert_eq!(
+        admitted,
+        [true, true, true, false, false, false, false, false]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_upstream_budget_reserves_ahead_when_the_window_is_full() {
+    let r = test_redis();
+    let mut settings = redis_settings(
+        &r.url,
+        &prefix("up-reserve"),
+        vec![],
+        OnBackendError::Deny,
+        Duration::from_secs(2),
+    );
+    settings.upstream = Some(UpstreamBudget {
+        rate: rate(2, Duration::from_millis(500)),
         max_wait: Duration::from_secs(3),
     });
     let replicas = [
@@ -891,8 +982,10 @@ async fn redis_upstream_budget_is_shared_by_replicas_and_paces_them() {
         ends.push(at);
     }
     ends.sort();
-    // six slots 100 ms apart across both replicas: the last starts 500 ms after the first
-    assert!(ends[5] >= Duration::from_millis(490), "{ends:?}");
+    // Two per 500 ms window, across both replicas: the 3rd and 4th wait for the first window to
+    // pass, the 5th and 6th for the second (lower bounds the sleeps guarantee).
+    assert!(ends[2] >= Duration::from_millis(490), "{ends:?}");
+    assert!(ends[4] >= Duration::from_millis(990), "{ends:?}");
     assert!(ends[5] < Duration::from_secs(6), "{ends:?}");
 }
 
@@ -912,12 +1005,14 @@ async fn redis_upstream_budget_refuses_a_replica_when_no_shared_slot_comes_withi
     });
     let a = redis_quotas(settings.clone()).await;
     let b = redis_quotas(settings).await;
-    assert_eq!(a.upstream_slot().await, Ok(()));
+    for _ in 0..5 {
+        assert_eq!(a.upstream_slot().await, Ok(()));
+    }
     let NoSlot::Later(retry) = b.upstream_slot().await.unwrap_err() else {
         panic!("redis is up: the budget answers")
     };
     assert!(
-        retry > Duration::from_millis(100) && retry <= Duration::from_millis(200),
+        retry > Duration::from_millis(10) && retry <= Duration::from_secs(1),
         "{retry:?}"
     );
 }

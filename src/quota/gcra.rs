@@ -48,27 +48,6 @@ impl Gcra {
         }
     }
 
-    /// Reserves the next slot no earlier than `not_before`, if it starts within `max_wait` of
-    /// `now`: `Ok((new_tat, delay))`, or `Err(delay)` with the delay a request would have had.
-    /// Used for the upstream budget, where requests wait for their slot instead of failing.
-    pub fn reserve(
-        &self,
-        tat: u64,
-        now: u64,
-        not_before: u64,
-        max_wait: u64,
-    ) -> Result<(u64, u64), u64> {
-        let start = now.max(not_before);
-        let new_tat = tat.max(start).saturating_add(self.interval);
-        let allow_at = new_tat.saturating_sub(self.window()).max(start);
-        let delay = allow_at - now;
-        if delay > max_wait {
-            Err(delay)
-        } else {
-            Ok((new_tat, delay))
-        }
-    }
-
     /// What is left at `now`: requests admissible right away, and the time until one more is
     /// regained (0 when the burst is whole).
     pub fn observe(&self, tat: u64, now: u64) -> (u32, u64) {
@@ -130,17 +109,6 @@ mod tests {
         // one spent: three left, the fourth comes back after one interval
         assert_eq!(g.observe(tat, now), (3, 100_000_000));
         assert_eq!(g.observe(tat, now + 40_000_000), (3, 60_000_000));
-    }
-
-    #[test]
-    fn reservation_waits_within_max_wait_and_refuses_beyond() {
-        let g = per_second(5, 1);
-        let now = 10_000_000_000;
-        let (tat, d0) = g.reserve(0, now, 0, 0).unwrap();
-        assert_eq!(d0, 0);
-        let (tat, d1) = g.reserve(tat, now, 0, 500_000_000).unwrap();
-        assert_eq!(d1, 200_000_000);
-        assert_eq!(g.reserve(tat, now, 0, 300_000_000), Err(400_000_000));
     }
 
     #[test]

@@ -11,11 +11,13 @@
 //!
 //! Rates use GCRA (the generic cell rate algorithm, a "theoretical arrival time" per limit):
 //! `burst` requests are admitted at once from idle, then one per `per / count`; there are no
-//! windows, so there is no double burst at a window edge. The upstream budget is GCRA with a
-//! burst of one (pure pacing): at most `count` requests start in any span of `per`, which keeps a
-//! fixed-window upstream limit such as Greenhouse's 50 per 10 s from ever answering 429. A
-//! request that would start within `max_wait` reserves its slot and sleeps until it; one that
-//! would start later is refused at once with the delay it would have had.
+//! windows, so there is no double burst at a window edge. The upstream budget is a sliding
+//! window over slot start times: up to `count` requests start at once, and a request waits only
+//! when `count` have started within the last `per`, so no span of `per` ever holds more than
+//! `count` starts. That keeps a fixed-window upstream limit such as Greenhouse's 50 per 10 s from
+//! ever answering 429 without making anybody wait while budget is left. A request that would
+//! start within `max_wait` reserves its slot and sleeps until it; one that would start later is
+//! refused at once with the delay it would have had.
 //!
 //! # Backends
 //!
@@ -60,7 +62,7 @@ mod memory;
 mod plan;
 mod redis_store;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -71,7 +73,7 @@ use serde_json::{Map, Value, json};
 use crate::config::values::{Rate, parse_duration, parse_rate};
 use gcra::Gcra;
 use memory::{Status, TeamSlot, Verdict, lock, nanos};
-use plan::{DailyObs, MICROS, NANOS, Observation, OpPlan, RateObs, TeamPlan, render};
+use plan::{DailyObs, MICROS, Observation, OpPlan, RateObs, TeamPlan, render};
 use redis_store::{AdmitReply, RedisStore};
 
 /// Default deadline for one Redis call.
@@ -694,33 +696,50 @@ impl fmt::Debug for Admission {
 
 #[derive(Debug, Default)]
 struct UpState {
-    tat: u64,
+    /// The start times (ns) of the last `count` slots, oldest first; never decreasing.
+    starts: VecDeque<u64>,
     blocked_until: u64,
 }
 
 struct Upstream {
     budget: UpstreamBudget,
-    ns: Gcra,
-    us: Gcra,
     state: Mutex<UpState>,
+}
+
+/// The sliding-window rule, written once for both backends (`lua/upstream.lua` is its Redis
+/// twin): a slot starts at `now`, or when the `count`-th most recent start leaves the window,
+/// or when a block ends, whichever is latest. So `count` slots start at once from idle, and no
+/// span of `per` ever holds more than `count` starts (any `count + 1` consecutive starts are
+/// `per` apart).
+fn window_start(now: u64, blocked_until: u64, count_th_latest: Option<u64>, per: u64) -> u64 {
+    let mut start = now.max(blocked_until);
+    if let Some(oldest) = count_th_latest {
+        start = start.max(oldest.saturating_add(per));
+    }
+    start
 }
 
 impl Upstream {
     fn reserve_local(&self, now: Duration) -> Result<Duration, Duration> {
         let now_ns = nanos(now);
+        let count = usize::try_from(self.budget.rate.count.max(1)).unwrap_or(usize::MAX);
         let mut st = lock(&self.state);
-        match self.ns.reserve(
-            st.tat,
+        let oldest = (st.starts.len() >= count).then(|| st.starts[st.starts.len() - count]);
+        let start = window_start(
             now_ns,
             st.blocked_until,
-            nanos(self.budget.max_wait),
-        ) {
-            Ok((tat, delay)) => {
-                st.tat = tat;
-                Ok(Duration::from_nanos(delay))
-            }
-            Err(delay) => Err(Duration::from_nanos(delay)),
+            oldest,
+            nanos(self.budget.rate.per),
+        );
+        let delay = Duration::from_nanos(start - now_ns);
+        if delay > self.budget.max_wait {
+            return Err(delay);
         }
+        st.starts.push_back(start);
+        while st.starts.len() > count {
+            st.starts.pop_front();
+        }
+        Ok(delay)
     }
 
     fn block_local(&self, now: Duration, len: Duration) {
@@ -844,8 +863,6 @@ impl Quotas {
             .collect();
         let upstream = settings.upstream.map(|budget| Upstream {
             budget,
-            ns: Gcra::new(budget.rate, 1, NANOS),
-            us: Gcra::new(budget.rate, 1, MICROS),
             state: Mutex::new(UpState::default()),
         });
         Quotas {
@@ -1009,7 +1026,7 @@ impl Quotas {
         let mut decision = None;
         if let Some(store) = &inner.redis {
             if store.should_try() {
-                decision = store.upstream(up.us, up.budget.max_wait).await.ok();
+                decision = store.upstream(up.budget).await.ok();
             }
             if decision.is_none() {
                 decision = Some(match inner.on_backend_error {

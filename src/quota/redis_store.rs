@@ -10,7 +10,7 @@
 //! - `{prefix}:team:{team}:op:{operation}:rate`: operation GCRA arrival time
 //! - `{prefix}:team:{team}:op:{operation}:daily`: HASH `d` (UTC day number) and `n` (admitted);
 //!   expires one hour after the UTC day ends
-//! - `{prefix}:upstream:rate`, `{prefix}:upstream:blocked`: the shared upstream budget
+//! - `{prefix}:upstream:window` (a list of slot start times), `{prefix}:upstream:blocked`: the shared upstream budget
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -20,7 +20,6 @@ use std::time::{Duration, Instant};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, RedisError, Script};
 
-use super::gcra::Gcra;
 use super::memory::{Status, lock};
 use super::plan::{OpPlan, TeamPlan};
 
@@ -112,7 +111,7 @@ pub(crate) struct RedisStore {
     upstream_script: Script,
     feedback_script: Script,
     health: Health,
-    pub upstream_rate_key: String,
+    pub upstream_window_key: String,
     pub upstream_block_key: String,
     /// Redis server time minus local clock time (µs), from the last reply; lets `snapshot`
     /// estimate what is left now from the arrival times it last saw.
@@ -144,7 +143,7 @@ impl RedisStore {
                 recheck,
                 last_error: Mutex::new(None),
             },
-            upstream_rate_key: format!("{prefix}:upstream:rate"),
+            upstream_window_key: format!("{prefix}:upstream:window"),
             upstream_block_key: format!("{prefix}:upstream:blocked"),
             clock_offset_us: AtomicI64::new(0),
         }
@@ -268,16 +267,16 @@ impl RedisStore {
     /// `Ok(Err(delay))` no slot within `max_wait`.
     pub async fn upstream(
         self: &Arc<Self>,
-        gcra: Gcra,
-        max_wait: Duration,
+        budget: super::UpstreamBudget,
     ) -> Result<Result<Duration, Duration>, String> {
         let mut conn = self.connection_or_fail()?;
         let mut inv = self.upstream_script.prepare_invoke();
-        inv.key(&self.upstream_rate_key)
+        let us = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        inv.key(&self.upstream_window_key)
             .key(&self.upstream_block_key)
-            .arg(gcra.interval)
-            .arg(gcra.burst)
-            .arg(u64::try_from(max_wait.as_micros()).unwrap_or(u64::MAX));
+            .arg(budget.rate.count.max(1))
+            .arg(us(budget.rate.per))
+            .arg(us(budget.max_wait));
         let v: Vec<i64> = self.bounded(inv.invoke_async(&mut conn)).await?;
         let delay =
             Duration::from_micros(u64::try_from(v.get(1).copied().unwrap_or(0)).unwrap_or(0));
