@@ -49,6 +49,9 @@ pub enum GatewayError {
     },
     PayloadTooLarge {
         limit: u64,
+        /// The operation's body carries base64 attachments: the answer says how large a file
+        /// fits.
+        attachments: bool,
     },
     UnsupportedMediaType,
     ValidationFailed(Vec<FieldProblem>),
@@ -203,7 +206,17 @@ impl GatewayError {
             UndeclaredQuery(names) => {
                 Some(format!("undeclared query parameters: {}", names.join(", ")))
             }
-            PayloadTooLarge { limit } => Some(format!("the limit is {limit} bytes")),
+            PayloadTooLarge {
+                limit,
+                attachments: false,
+            } => Some(format!("the limit is {limit} bytes")),
+            PayloadTooLarge {
+                limit,
+                attachments: true,
+            } => Some(format!(
+                "the limit is {limit} bytes; attachments count in base64 (4/3 of the file), so a file of at most {} bytes fits",
+                crate::validate::largest_attachment_fitting(*limit)
+            )),
             ValidationFailed(p) => Some(format!(
                 "{} problem{}",
                 p.len(),
@@ -313,7 +326,10 @@ mod tests {
 
     #[test]
     fn payload_too_large_maps_to_413_with_stable_code() {
-        let e = GatewayError::PayloadTooLarge { limit: 10 };
+        let e = GatewayError::PayloadTooLarge {
+            limit: 10,
+            attachments: false,
+        };
         assert_eq!(e.status(), StatusCode::PAYLOAD_TOO_LARGE);
         assert_eq!(e.code(), "payload_too_large");
     }

@@ -371,9 +371,7 @@ async fn decide_and_forward(
     if let Some(len) = declared_length(&req)?
         && len > cfg.limits.max_body_bytes
     {
-        return Err(GatewayError::PayloadTooLarge {
-            limit: cfg.limits.max_body_bytes,
-        });
+        return Err(too_large(gw, routed.as_ref().ok().copied()));
     }
 
     // 2. Who is calling.
@@ -412,7 +410,11 @@ async fn decide_and_forward(
         read_body(body, cfg.limits.max_body_bytes),
     )
     .await
-    .map_err(|_| GatewayError::BodyTimeout)??;
+    .map_err(|_| GatewayError::BodyTimeout)?
+    .map_err(|e| match e {
+        GatewayError::PayloadTooLarge { .. } => too_large(gw, Some(op)),
+        other => other,
+    })?;
     check_body(gw, team, op, &parts, &body, ctx)?;
 
     // 7. Forward, unless the audit trail cannot record it.
@@ -572,9 +574,7 @@ fn check_body(
         }
         Err(BodyError::UnsupportedMediaType) => Err(GatewayError::UnsupportedMediaType),
         Err(BodyError::InvalidJson(why)) => Err(GatewayError::InvalidJson(why)),
-        Err(BodyError::PayloadTooLarge) => Err(GatewayError::PayloadTooLarge {
-            limit: gw.config.limits.max_body_bytes,
-        }),
+        Err(BodyError::PayloadTooLarge) => Err(too_large(gw, Some(op))),
         Err(BodyError::Invalid(problems)) => {
             gw.metrics
                 .validation_failure(&team.name, &op.id, team.validation.as_str());
@@ -585,6 +585,15 @@ fn check_body(
                 Err(GatewayError::ValidationFailed(problems))
             }
         }
+    }
+}
+
+/// 413 for this gateway's body limit, saying how large an attachment fits when the operation
+/// takes them.
+fn too_large(gw: &Gateway, op: Option<&Operation>) -> GatewayError {
+    GatewayError::PayloadTooLarge {
+        limit: gw.config.limits.max_body_bytes,
+        attachments: op.is_some_and(|op| gw.validators.takes_attachments(op)),
     }
 }
 
@@ -844,6 +853,7 @@ async fn read_body(body: Incoming, limit: u64) -> Result<Bytes, GatewayError> {
         {
             Err(GatewayError::PayloadTooLarge {
                 limit: limit as u64,
+                attachments: false,
             })
         }
         Err(_) => Err(GatewayError::BadRequest(

@@ -695,3 +695,91 @@ fn spec_schema_that_cannot_compile_is_a_check_problem_not_a_runtime_error() {
     });
     assert!(line.is_some(), "{}", run.stdout);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Messages that say what to do
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn a_literal_string_where_a_secret_goes_names_the_key_and_shows_what_a_secret_looks_like() {
+    let text = gateway(ORIGIN).replace(
+        "client_secret = { value = \"test-client-secret\" }",
+        &format!("client_secret = \"{CANARY}-literal\""),
+    );
+    let dir = scenario(&text, &one_team(), &[]);
+    let run = check(&dir.path().join("gateway.toml"));
+    assert_eq!(run.code, Some(1), "{}", run.all());
+    assert_problem(
+        &run,
+        "gateway.toml",
+        "credentials.default.client_secret",
+        "{ env = 'NAME' }",
+    );
+    assert!(!run.all().contains(CANARY), "{}", run.all());
+    assert!(!run.all().contains("SecretFile"), "{}", run.all());
+}
+
+#[test]
+fn unknown_keys_do_not_hide_the_files_other_problems() {
+    let text = gateway(ORIGIN)
+        .replace(
+            "client_id = \"gateway-test\"",
+            "client_id = \"gateway-test\"\nclient_sercet = 1",
+        )
+        .replace("[upstream]\n", "[upstream]\ntimeout = \"soon\"\n")
+        + "\n[limits]\nmax_body_bytes = \"ten\"\n\n[bogus]\nx = 1\n";
+    let mut teams = one_team();
+    teams[0].1.push_str("\nmystery = true\n");
+    let dir = scenario(&text, &teams, &[]);
+    let run = check(&dir.path().join("gateway.toml"));
+    assert_eq!(run.code, Some(1), "{}", run.all());
+    assert_problem(
+        &run,
+        "gateway.toml",
+        "credentials.default.client_sercet",
+        "unknown field",
+    );
+    assert_problem(&run, "gateway.toml", "bogus", "unknown field");
+    assert_problem(
+        &run,
+        "gateway.toml",
+        "limits.max_body_bytes",
+        "invalid type",
+    );
+    assert_problem(&run, "gateway.toml", "upstream.timeout", "soon");
+    assert_problem(&run, "sourcing.toml", "", "mystery");
+}
+
+#[test]
+fn an_admin_token_shorter_than_32_bytes_is_refused() {
+    for (token, refused) in [("short-token", true), (&"x".repeat(32)[..], false)] {
+        let text = gateway(ORIGIN).replace(
+            "addr = \"127.0.0.1:19090\"",
+            &format!("addr = \"127.0.0.1:19090\"\ntoken = {{ value = \"{token}\" }}"),
+        );
+        let dir = scenario(&text, &one_team(), &[]);
+        let run = check(&dir.path().join("gateway.toml"));
+        if refused {
+            assert_eq!(run.code, Some(1), "{}", run.all());
+            assert_problem(&run, "gateway.toml", "admin.token", "at least 32 bytes");
+            assert!(!run.all().contains(token));
+        } else {
+            assert_eq!(run.code, Some(0), "{}", run.all());
+        }
+    }
+}
+
+#[test]
+fn an_attachment_limit_whose_base64_cannot_fit_in_the_body_limit_is_refused() {
+    let text =
+        gateway(ORIGIN) + "\n[limits]\nmax_body_bytes = 1048576\nmax_attachment_bytes = 1048576\n";
+    let dir = scenario(&text, &one_team(), &[]);
+    let run = check(&dir.path().join("gateway.toml"));
+    assert_eq!(run.code, Some(1), "{}", run.all());
+    assert_problem(
+        &run,
+        "gateway.toml",
+        "limits.max_attachment_bytes",
+        "base64",
+    );
+}

@@ -469,3 +469,39 @@ async fn drifting_upstream_response_is_counted_but_never_blocks() {
         "a matching response is not drift"
     );
 }
+
+#[tokio::test]
+async fn with_the_default_limits_a_resume_of_the_maximum_attachment_size_goes_through() {
+    use base64::Engine;
+    let (h, stub) = with_stub(None).await;
+    let t = h.sourcing_token();
+    let candidate = |file_bytes: usize| {
+        let content = base64::engine::general_purpose::STANDARD.encode(vec![0x25u8; file_bytes]);
+        json!({"external_id": "ext-big", "first_name": "A", "last_name": "B",
+               "attachments": [{"filename": "cv.pdf", "type": "resume", "content": content,
+                                "content_type": "application/pdf"}]})
+    };
+    // The documented maximum, 5 MiB, fits in the default 10 MiB body (base64 is 4/3 of it).
+    let r = h
+        .post_json("/v1/partner/candidates", &t, &candidate(5 * 1024 * 1024))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(stub.seen().len(), 1);
+    // One byte more is the attachment rule's 422, not a 413.
+    let r = h
+        .post_json(
+            "/v1/partner/candidates",
+            &t,
+            &candidate(5 * 1024 * 1024 + 1),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.text());
+    // A body over the body limit is 413, and says that attachments count in base64.
+    let r = h
+        .post_json("/v1/partner/candidates", &t, &candidate(8 * 1024 * 1024))
+        .await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE, "{}", r.text());
+    let detail = r.json()["detail"].as_str().unwrap_or("").to_string();
+    assert!(detail.contains("attachments count in base64"), "{detail}");
+    assert_eq!(stub.seen().len(), 1);
+}

@@ -123,34 +123,36 @@ pub struct UpstreamFile {
     pub max_wait: Option<String>,
 }
 
-/// `[credentials.NAME]`.
+/// `[credentials.NAME]`: one flat table whose `kind` says which keys it needs, so that every
+/// problem is reported at its own key (validation checks the keys per kind).
 #[derive(Debug, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
-pub enum CredentialFile {
-    #[serde(rename = "oauth2_client_credentials")]
-    OAuth2ClientCredentials {
-        token_url: String,
-        client_id: String,
-        client_secret: SecretFile,
-        scope: Option<String>,
-        /// `basic` (default) or `post`.
-        client_auth: Option<String>,
-        /// Refresh the token this long before it expires (default `60s`).
-        refresh_before: Option<String>,
-        /// Token endpoint request timeout (default `5s`).
-        timeout: Option<String>,
-        /// Extra form parameters sent with the token request.
-        #[serde(default)]
-        extra_params: BTreeMap<String, String>,
-    },
-    Basic {
-        api_key: SecretFile,
-    },
+#[serde(deny_unknown_fields)]
+pub struct CredentialFile {
+    /// `oauth2_client_credentials` or `basic`.
+    pub kind: String,
+    // kind = "oauth2_client_credentials"
+    pub token_url: Option<String>,
+    pub client_id: Option<String>,
+    pub client_secret: Option<SecretFile>,
+    pub scope: Option<String>,
+    /// `basic` (default) or `post`.
+    pub client_auth: Option<String>,
+    /// Refresh the token this long before it expires (default `60s`).
+    pub refresh_before: Option<String>,
+    /// Token endpoint request timeout (default `5s`).
+    pub timeout: Option<String>,
+    /// Extra form parameters sent with the token request.
+    pub extra_params: Option<BTreeMap<String, String>>,
+    // kind = "basic"
+    pub api_key: Option<SecretFile>,
 }
 
 /// A secret: `{ env = "NAME" }`, `{ file = "path" }` or, for development only, `{ value = "..." }`.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a secret table: { env = 'NAME' }, { file = 'path' } or, for development only, { value = '...' }"
+)]
 pub struct SecretFile {
     pub env: Option<String>,
     pub file: Option<String>,

@@ -71,9 +71,31 @@ pub fn load(path: &Path) -> Result<Config, Vec<Problem>> {
     };
     let text = std::fs::read_to_string(path)
         .map_err(|e| vec![problem(path, format!("cannot read: {e}"))])?;
-    let gw: GatewayFile = toml::from_str(&text).map_err(|e| vec![toml_problem(path, &text, &e)])?;
-
     let mut problems = Vec::new();
+    let (gw, parse_problems) = parse_toml::<GatewayFile>(path, &text);
+    problems.extend(parse_problems);
+    let Some(gw) = gw else {
+        // Still check the team files where they would be, so one run shows what it can.
+        let raw: Option<toml::Table> = toml::from_str(&text).ok();
+        let teams = raw
+            .as_ref()
+            .and_then(|t| t.get("teams"))
+            .and_then(toml::Value::as_str)
+            .unwrap_or("teams");
+        if let Ok(entries) = std::fs::read_dir(base.join(teams)) {
+            let mut paths: Vec<PathBuf> = entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+                .collect();
+            paths.sort();
+            for p in paths {
+                if let Ok(t) = std::fs::read_to_string(&p) {
+                    problems.extend(parse_toml::<TeamFile>(&p, &t).1);
+                }
+            }
+        }
+        return Err(problems);
+    };
     let (spec_path, spec_text) = match &gw.spec {
         None => (
             PathBuf::from("<built-in seed spec>"),
@@ -120,24 +142,84 @@ pub fn load(path: &Path) -> Result<Config, Vec<Problem>> {
             for p in paths {
                 match std::fs::read_to_string(&p) {
                     Err(e) => problems.push(problem(&p, format!("cannot read: {e}"))),
-                    Ok(t) => match toml::from_str::<TeamFile>(&t) {
-                        Ok(tf) => team_files.push((p, tf)),
-                        Err(e) => problems.push(toml_problem(&p, &t, &e)),
-                    },
+                    Ok(t) => {
+                        let (tf, list) = parse_toml::<TeamFile>(&p, &t);
+                        problems.extend(list);
+                        if let Some(tf) = tf {
+                            team_files.push((p, tf));
+                        }
+                    }
                 }
             }
         }
     }
 
     // A broken spec still lets every other file be checked, so one run shows every problem.
+    // A key already reported while parsing is not reported again by validation (it was set
+    // aside, so validation would only say it is missing).
     match validate(path, &gw, spec, &team_files, &RealSecrets) {
         Ok(cfg) if problems.is_empty() => Ok(cfg),
         Ok(_) => Err(problems),
         Err(more) => {
-            problems.extend(more);
+            let reported: BTreeSet<(PathBuf, String)> = problems
+                .iter()
+                .map(|p| (p.file.clone(), p.key.clone()))
+                .collect();
+            problems.extend(
+                more.into_iter()
+                    .filter(|p| !reported.contains(&(p.file.clone(), p.key.clone()))),
+            );
             Err(problems)
         }
     }
+}
+
+/// Parses a TOML file. A problem does not hide the file's other problems: an unknown key (its
+/// line, or for an unknown table its whole table) or a value of the wrong type is reported, set
+/// aside, and parsing goes on, so one run names every such key and validation then checks the
+/// rest. Line numbers stay those of the original text. `None` when the file cannot be parsed
+/// even so (a syntax error, a missing required key).
+fn parse_toml<T: serde::de::DeserializeOwned>(
+    file: &Path,
+    text: &str,
+) -> (Option<T>, Vec<Problem>) {
+    let mut problems = Vec::new();
+    let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+    let mut current = text.to_string();
+    for _ in 0..64 {
+        let e = match toml::from_str::<T>(&current) {
+            Ok(v) => return (Some(v), problems),
+            Err(e) => e,
+        };
+        problems.push(toml_problem(file, &current, &e));
+        let msg = e.message();
+        let unknown = msg.starts_with("unknown field");
+        let wrong = msg.starts_with("invalid type") || msg.starts_with("invalid value");
+        let Some(span) = e.span().filter(|_| unknown || wrong) else {
+            return (None, problems);
+        };
+        let line = current[..span.start.min(current.len())]
+            .matches('\n')
+            .count();
+        let is_table = lines
+            .get(line)
+            .is_some_and(|l| l.trim_start().starts_with('['));
+        if is_table && !unknown {
+            return (None, problems);
+        }
+        let end = if is_table {
+            (line + 1..lines.len())
+                .find(|&i| lines[i].trim_start().starts_with('['))
+                .unwrap_or(lines.len())
+        } else {
+            line + 1
+        };
+        for l in lines.iter_mut().take(end).skip(line) {
+            l.clear();
+        }
+        current = lines.join("\n");
+    }
+    (None, problems)
 }
 
 fn toml_problem(file: &Path, text: &str, e: &toml::de::Error) -> Problem {
@@ -212,6 +294,142 @@ fn redact_quoted(msg: &str) -> String {
         }
     }
     out
+}
+
+/// One `[credentials.NAME]` table, checked for its `kind`: the keys it needs, and none of the
+/// other kind's.
+fn credential(
+    r: &mut Report<'_>,
+    key: &str,
+    c: &CredentialFile,
+    base: &Path,
+    secrets: &dyn SecretSource,
+) -> Option<Credential> {
+    const OAUTH2_ONLY: [&str; 8] = [
+        "token_url",
+        "client_id",
+        "client_secret",
+        "scope",
+        "client_auth",
+        "refresh_before",
+        "timeout",
+        "extra_params",
+    ];
+    let oauth2_set = [
+        c.token_url.is_some(),
+        c.client_id.is_some(),
+        c.client_secret.is_some(),
+        c.scope.is_some(),
+        c.client_auth.is_some(),
+        c.refresh_before.is_some(),
+        c.timeout.is_some(),
+        c.extra_params.is_some(),
+    ];
+    match c.kind.as_str() {
+        "basic" => {
+            for (name, set) in OAUTH2_ONLY.iter().zip(oauth2_set) {
+                if set {
+                    r.add(
+                        format!("{key}.{name}"),
+                        "is only for kind = \"oauth2_client_credentials\"",
+                    );
+                }
+            }
+            let Some(api_key) = &c.api_key else {
+                r.add(
+                    format!("{key}.api_key"),
+                    "is required for kind = \"basic\": the partner API key, as a secret such as { env = \"GREENHOUSE_API_KEY\" }",
+                );
+                return None;
+            };
+            r.secret(&format!("{key}.api_key"), api_key, base, secrets)
+                .map(|api_key| Credential::Basic { api_key })
+        }
+        "oauth2_client_credentials" => {
+            if c.api_key.is_some() {
+                r.add(format!("{key}.api_key"), "is only for kind = \"basic\"");
+            }
+            let token_url = match &c.token_url {
+                Some(u) => secure_url(r, &format!("{key}.token_url"), u),
+                None => {
+                    r.add(
+                        format!("{key}.token_url"),
+                        "is required for kind = \"oauth2_client_credentials\"",
+                    );
+                    None
+                }
+            };
+            let secret = match &c.client_secret {
+                Some(s) => r.secret(&format!("{key}.client_secret"), s, base, secrets),
+                None => {
+                    r.add(
+                        format!("{key}.client_secret"),
+                        "is required for kind = \"oauth2_client_credentials\": a secret such as { env = \"GREENHOUSE_CLIENT_SECRET\" }",
+                    );
+                    None
+                }
+            };
+            let client_id = c.client_id.clone().unwrap_or_default();
+            if client_id.is_empty() {
+                r.add(
+                    format!("{key}.client_id"),
+                    "is required and must not be empty",
+                );
+            }
+            let client_auth = match c.client_auth.as_deref() {
+                None | Some("basic") => ClientAuth::Basic,
+                Some("post") => ClientAuth::Post,
+                Some(_) => {
+                    r.add(
+                        format!("{key}.client_auth"),
+                        "must be \"basic\" or \"post\"",
+                    );
+                    ClientAuth::Basic
+                }
+            };
+            let extra_params = c.extra_params.clone().unwrap_or_default();
+            for reserved in ["grant_type", "client_id", "client_secret", "scope"] {
+                if extra_params.contains_key(reserved) {
+                    r.add(
+                        format!("{key}.extra_params.{reserved}"),
+                        "is set by the gateway and cannot be overridden",
+                    );
+                }
+            }
+            let refresh_before = r.duration(
+                &format!("{key}.refresh_before"),
+                c.refresh_before.as_deref(),
+                Duration::from_secs(60),
+            );
+            let timeout = r.duration(
+                &format!("{key}.timeout"),
+                c.timeout.as_deref(),
+                Duration::from_secs(5),
+            );
+            match (token_url, secret) {
+                (Some(token_url), Some(client_secret)) if !client_id.is_empty() => {
+                    Some(Credential::OAuth2(OAuth2Credential {
+                        token_url,
+                        client_id,
+                        client_secret,
+                        scope: c.scope.clone(),
+                        client_auth,
+                        refresh_before,
+                        timeout,
+                        extra_params,
+                    }))
+                }
+                _ => None,
+            }
+        }
+        _ => {
+            r.add(
+                format!("{key}.kind"),
+                "must be \"oauth2_client_credentials\" or \"basic\"",
+            );
+            None
+        }
+    }
 }
 
 /// Collects problems for one file.
@@ -409,6 +627,14 @@ pub fn validate(
         .token
         .as_ref()
         .and_then(|t| r.secret("admin.token", t, &base, secrets));
+    if let Some(t) = &admin_token
+        && t.expose().len() < 32
+    {
+        r.add(
+            "admin.token",
+            "must be at least 32 bytes: a guessable token opens /metrics and /admin (make one with `openssl rand -hex 32`)",
+        );
+    }
     if let Some(a) = admin_addr
         && !a.ip().is_loopback()
         && admin_token.is_none()
@@ -488,76 +714,7 @@ pub fn validate(
     }
     for (name, c) in &gw.credentials {
         let key = format!("credentials.{name}");
-        let cred = match c {
-            CredentialFile::Basic { api_key } => r
-                .secret(&format!("{key}.api_key"), api_key, &base, secrets)
-                .map(|api_key| Credential::Basic { api_key }),
-            CredentialFile::OAuth2ClientCredentials {
-                token_url,
-                client_id,
-                client_secret,
-                scope,
-                client_auth,
-                refresh_before,
-                timeout,
-                extra_params,
-            } => {
-                let token_url = secure_url(&mut r, &format!("{key}.token_url"), token_url);
-                let secret = r.secret(
-                    &format!("{key}.client_secret"),
-                    client_secret,
-                    &base,
-                    secrets,
-                );
-                if client_id.is_empty() {
-                    r.add(format!("{key}.client_id"), "must not be empty");
-                }
-                let client_auth = match client_auth.as_deref() {
-                    None | Some("basic") => ClientAuth::Basic,
-                    Some("post") => ClientAuth::Post,
-                    Some(_) => {
-                        r.add(
-                            format!("{key}.client_auth"),
-                            "must be \"basic\" or \"post\"",
-                        );
-                        ClientAuth::Basic
-                    }
-                };
-                for reserved in ["grant_type", "client_id", "client_secret", "scope"] {
-                    if extra_params.contains_key(reserved) {
-                        r.add(
-                            format!("{key}.extra_params.{reserved}"),
-                            "is set by the gateway and cannot be overridden",
-                        );
-                    }
-                }
-                let refresh_before = r.duration(
-                    &format!("{key}.refresh_before"),
-                    refresh_before.as_deref(),
-                    Duration::from_secs(60),
-                );
-                let timeout = r.duration(
-                    &format!("{key}.timeout"),
-                    timeout.as_deref(),
-                    Duration::from_secs(5),
-                );
-                match (token_url, secret) {
-                    (Some(token_url), Some(client_secret)) => {
-                        Some(Credential::OAuth2(OAuth2Credential {
-                            token_url,
-                            client_id: client_id.clone(),
-                            client_secret,
-                            scope: scope.clone(),
-                            client_auth,
-                            refresh_before,
-                            timeout,
-                            extra_params: extra_params.clone(),
-                        }))
-                    }
-                    _ => None,
-                }
-            }
-        };
+        let cred = credential(&mut r, &key, c, &base, secrets);
         if let Some(cred) = cred {
             credentials.insert(name.clone(), cred);
         }
@@ -587,14 +744,23 @@ pub fn validate(
         r.add("limits.max_body_bytes", "must be between 1 and 268435456");
     }
 
-    // Decoded attachments count against the body limit, so a larger attachment limit could never
-    // be reached; by default it is 5 MiB or the body limit, whichever is smaller.
+    // An attachment travels in base64 inside the body, so the largest one allowed must fit in a
+    // body with room for the rest of the candidate; by default 5 MiB, or what fits.
+    let fits = crate::validate::largest_attachment_fitting(max_body_bytes);
     let max_attachment_bytes = gw
         .limits
         .max_attachment_bytes
-        .unwrap_or((5 * 1024 * 1024).min(max_body_bytes));
+        .unwrap_or((5 * 1024 * 1024).min(fits));
     if max_attachment_bytes == 0 {
         r.add("limits.max_attachment_bytes", "must be at least 1");
+    } else if max_attachment_bytes > fits {
+        r.add(
+            "limits.max_attachment_bytes",
+            format!(
+                "an attachment of {max_attachment_bytes} bytes is {} bytes in base64, more than a body of limits.max_body_bytes ({max_body_bytes}) can carry with the rest of the candidate: at most {fits}, or raise max_body_bytes",
+                crate::validate::base64_len(max_attachment_bytes)
+            ),
+        );
     }
     let max_json_depth = gw.limits.max_json_depth.unwrap_or(64);
     if !(2..=128).contains(&max_json_depth) {

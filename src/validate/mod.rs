@@ -47,7 +47,7 @@ pub struct ValidationOptions {
     pub max_depth: usize,
     /// Largest decoded size of one attachment's base64 `content`.
     pub max_attachment_bytes: usize,
-    /// The body's length plus the decoded size of all its attachments must stay within this.
+    /// The body's length (attachments count as their base64) must stay within this.
     pub max_body_bytes: usize,
 }
 
@@ -59,6 +59,20 @@ impl Default for ValidationOptions {
             max_body_bytes: 10 * 1024 * 1024,
         }
     }
+}
+
+/// What a body needs besides its attachments' base64: the candidate's other fields.
+pub const ATTACHMENT_HEADROOM_BYTES: u64 = 64 * 1024;
+
+/// The base64 length of `n` bytes (padded).
+pub fn base64_len(n: u64) -> u64 {
+    n.div_ceil(3).saturating_mul(4)
+}
+
+/// The largest attachment (decoded bytes) whose base64 fits in a body of `max_body_bytes` with
+/// [`ATTACHMENT_HEADROOM_BYTES`] to spare.
+pub fn largest_attachment_fitting(max_body_bytes: u64) -> u64 {
+    max_body_bytes.saturating_sub(ATTACHMENT_HEADROOM_BYTES) / 4 * 3
 }
 
 /// Why a query string was refused.
@@ -78,7 +92,7 @@ pub enum BodyError {
     UnsupportedMediaType,
     /// 400: not strict JSON; the reason is one of [`reason`]'s fixed texts.
     InvalidJson(&'static str),
-    /// 413: the body plus its decoded attachments exceed `max_body_bytes`.
+    /// 413: the body exceeds `max_body_bytes`.
     PayloadTooLarge,
     /// 422: schema or attachment rule violations, sorted by pointer then keyword.
     Invalid(Vec<FieldProblem>),
@@ -307,6 +321,14 @@ impl Validators {
     }
 
     /// Checks a request body: media type, strict JSON, schema, attachments.
+    /// Whether an operation's request body can carry attachments (base64 `content`).
+    pub fn takes_attachments(&self, op: &Operation) -> bool {
+        self.ops
+            .get(&op.id)
+            .and_then(|ov| ov.body.as_ref())
+            .is_some_and(|b| b.media.iter().any(|m| !m.attachment_sites.is_empty()))
+    }
+
     pub fn check_body(
         &self,
         op: &Operation,
@@ -343,19 +365,9 @@ impl Validators {
         if !media.schema.validator.is_valid(&value) {
             collect_problems(&media.schema, &value, "", &mut problems);
         }
-        let mut decoded_total = 0usize;
         let mut pointer = String::new();
         for site in &media.attachment_sites {
-            self.walk_attachments(
-                &value,
-                site,
-                &mut pointer,
-                &mut decoded_total,
-                &mut problems,
-            );
-        }
-        if body.len().saturating_add(decoded_total) > self.opts.max_body_bytes {
-            return Err(BodyError::PayloadTooLarge);
+            self.walk_attachments(&value, site, &mut pointer, &mut problems);
         }
         if !problems.is_empty() {
             return Err(BodyError::Invalid(finish(problems)));
@@ -419,11 +431,10 @@ impl Validators {
         value: &Value,
         steps: &[Step],
         pointer: &mut String,
-        decoded_total: &mut usize,
         problems: &mut Vec<FieldProblem>,
     ) {
         let Some((step, rest)) = steps.split_first() else {
-            self.check_attachment(value, pointer, decoded_total, problems);
+            self.check_attachment(value, pointer, problems);
             return;
         };
         let len = pointer.len();
@@ -432,7 +443,7 @@ impl Validators {
                 if let Some(child) = value.as_object().and_then(|o| o.get(name)) {
                     pointer.push('/');
                     push_escaped(pointer, name);
-                    self.walk_attachments(child, rest, pointer, decoded_total, problems);
+                    self.walk_attachments(child, rest, pointer, problems);
                     pointer.truncate(len);
                 }
             }
@@ -441,7 +452,7 @@ impl Validators {
                     for (i, item) in items.iter().enumerate() {
                         pointer.push('/');
                         pointer.push_str(itoa_usize(i).as_str());
-                        self.walk_attachments(item, rest, pointer, decoded_total, problems);
+                        self.walk_attachments(item, rest, pointer, problems);
                         pointer.truncate(len);
                     }
                 }
@@ -449,13 +460,7 @@ impl Validators {
         }
     }
 
-    fn check_attachment(
-        &self,
-        item: &Value,
-        pointer: &str,
-        decoded_total: &mut usize,
-        problems: &mut Vec<FieldProblem>,
-    ) {
+    fn check_attachment(&self, item: &Value, pointer: &str, problems: &mut Vec<FieldProblem>) {
         // A non-object item is the schema's `type` problem, already reported.
         let Some(obj) = item.as_object() else { return };
         let content = obj.get("content").filter(|v| !v.is_null());
@@ -469,7 +474,6 @@ impl Validators {
         }
         if let Some(Value::String(c)) = content {
             let decoded = decoded_len(c);
-            *decoded_total = decoded_total.saturating_add(decoded);
             if decoded > self.opts.max_attachment_bytes {
                 problems.push(problem(
                     format!("{pointer}/content"),
