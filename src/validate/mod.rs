@@ -61,8 +61,11 @@ impl Default for ValidationOptions {
     }
 }
 
-/// What a body needs besides its attachments' base64: the candidate's other fields.
-pub const ATTACHMENT_HEADROOM_BYTES: u64 = 64 * 1024;
+/// What a body needs besides its attachments' base64 (the candidate's other fields): 64 KiB, or
+/// an eighth of a smaller body limit.
+pub fn attachment_headroom(max_body_bytes: u64) -> u64 {
+    (64 * 1024).min(max_body_bytes / 8)
+}
 
 /// The base64 length of `n` bytes (padded).
 pub fn base64_len(n: u64) -> u64 {
@@ -70,9 +73,9 @@ pub fn base64_len(n: u64) -> u64 {
 }
 
 /// The largest attachment (decoded bytes) whose base64 fits in a body of `max_body_bytes` with
-/// [`ATTACHMENT_HEADROOM_BYTES`] to spare.
+/// [`attachment_headroom`] to spare.
 pub fn largest_attachment_fitting(max_body_bytes: u64) -> u64 {
-    max_body_bytes.saturating_sub(ATTACHMENT_HEADROOM_BYTES) / 4 * 3
+    max_body_bytes.saturating_sub(attachment_headroom(max_body_bytes)) / 4 * 3
 }
 
 /// Why a query string was refused.
