@@ -393,10 +393,12 @@ async fn decide_and_forward(
         drop(resp);
         let fresh = gw
             .credentials
-            .after_unauthorized(&team.credential, &authorization)
+            .after_unauthorized(&team.credential, &authorization, &on_behalf_of)
             .await?;
-        resp = upstream.send(op, fresh, ctx).await?;
+        resp = upstream.send(op, fresh.clone(), ctx).await?;
         if resp.status() == StatusCode::UNAUTHORIZED {
+            gw.credentials
+                .refused_after_replay(&team.credential, &fresh, &on_behalf_of);
             tracing::error!(request_id, credential = %team.credential, "Greenhouse refused a fresh token (or the On-Behalf-Of user)");
             return Err(GatewayError::UpstreamRejectedCredentials);
         }
