@@ -105,7 +105,8 @@ pub struct IssuerConfig {
     /// Background refresh period, used when the JWKS response has no `Cache-Control: max-age`
     /// (a `max-age` is honoured, clamped to 1 minute .. 1 hour).
     pub refresh_interval: Duration,
-    /// Minimum time between two fetches triggered by an unknown `kid`.
+    /// Minimum time after a successful fetch triggered by an unknown `kid` before another one
+    /// (failed fetches back off by [`MIN_FAILURE_BACKOFF`]..[`MAX_FAILURE_BACKOFF`] instead).
     pub refetch_cooldown: Duration,
 }
 
