@@ -375,7 +375,7 @@ async fn decide_and_forward(
     }
 
     // 2. Who is calling.
-    let token = authenticate(gw, &req).await?;
+    let token = authenticate(gw, &req, request_id).await?;
     ctx.record.subject = token.subject.clone();
     ctx.record.issuer = Some(token.issuer.clone());
 
@@ -436,10 +436,12 @@ async fn decide_and_forward(
         drop(resp);
         let fresh = gw
             .credentials
-            .after_unauthorized(&team.credential, &authorization)
+            .after_unauthorized(&team.credential, &authorization, &on_behalf_of)
             .await?;
-        resp = upstream.send(op, fresh, ctx).await?;
+        resp = upstream.send(op, fresh.clone(), ctx).await?;
         if resp.status() == StatusCode::UNAUTHORIZED {
+            gw.credentials
+                .refused_after_replay(&team.credential, &fresh, &on_behalf_of);
             tracing::error!(request_id, credential = %team.credential, "Greenhouse refused a fresh token (or the On-Behalf-Of user)");
             return Err(GatewayError::UpstreamRejectedCredentials);
         }
@@ -771,6 +773,7 @@ fn declared_length(req: &Request<Incoming>) -> Result<Option<u64>, GatewayError>
 async fn authenticate(
     gw: &Gateway,
     req: &Request<Incoming>,
+    request_id: &str,
 ) -> Result<Arc<VerifiedToken>, GatewayError> {
     let mut values = req.headers().get_all(header::AUTHORIZATION).iter();
     let value = match (values.next(), values.next()) {
@@ -783,11 +786,19 @@ async fn authenticate(
         }
     };
     let token = bearer_token(value)?;
-    gw.verifier.verify(token).await.map_err(|e| match e {
+    let verified = gw.verifier.verify_detailed(token).await;
+    verified.map_err(|r| match r.error {
         AuthError::JwksUnavailable => GatewayError::JwksUnavailable,
         AuthError::Invalid(reason) => {
             gw.metrics.jwt_rejection(reason.as_str());
-            tracing::info!(reason = reason.as_str(), "caller token refused");
+            // `alg` is a known name or a short alphanumeric value, `issuer` a configured one.
+            tracing::info!(
+                request_id,
+                reason = reason.as_str(),
+                alg = r.alg.as_deref().unwrap_or("-"),
+                issuer = r.issuer.as_deref().unwrap_or("-"),
+                "caller token refused"
+            );
             GatewayError::InvalidToken(reason_text(reason))
         }
     })

@@ -684,3 +684,151 @@ fn base64_of(s: &str) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(s)
 }
+
+// ---------------------------------------------------------------------------------------------
+// One team's unknown On-Behalf-Of user must not churn the token every team shares.
+
+/// The default teams plus `marketing`, whose default `On-Behalf-Of` user the sandbox (like
+/// Greenhouse) does not know, so every call it makes is answered 401.
+fn teams_with_an_unknown_user() -> Vec<(&'static str, String)> {
+    let mut teams = support::default_teams();
+    teams.push((
+        "marketing",
+        support::email(
+            r#"name = "marketing"
+operations = ["listPartnerJobs"]
+credential = "default"
+[[members]]
+iss = "ISSUER"
+sub = "svc-marketing"
+[on_behalf_of]
+default = "nobody.greenhouse.knows(at)example.com"
+"#,
+        ),
+    ));
+    teams
+}
+
+#[tokio::test]
+async fn unknown_on_behalf_of_user_causes_at_most_one_extra_token_fetch_and_other_teams_keep_the_token()
+ {
+    logs();
+    let h = Harness::start_with(Setup {
+        teams: teams_with_an_unknown_user(),
+        ..Setup::default()
+    })
+    .await;
+    let good = h.sourcing_token();
+    let bad = h.token("svc-marketing", json!({}));
+    assert_eq!(
+        h.get("/v1/partner/jobs", &good).await.status,
+        StatusCode::OK
+    );
+    let fetches = h.sandbox.token_requests().len();
+    h.sandbox.clear_received();
+
+    // Sequential, then concurrent, calls on behalf of the unknown user.
+    for i in 0..5 {
+        let r = h.get("/v1/partner/jobs", &bad).await;
+        assert_eq!(
+            (r.status, r.code().as_str()),
+            (StatusCode::BAD_GATEWAY, "upstream_rejected_credentials"),
+            "bad call {i}: {}",
+            r.text()
+        );
+    }
+    let concurrent =
+        futures_util::future::join_all((0..5).map(|_| h.get("/v1/partner/jobs", &bad))).await;
+    for r in &concurrent {
+        assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.text());
+    }
+    assert!(
+        h.sandbox.token_requests().len() <= fetches + 1,
+        "10 calls with an unknown On-Behalf-Of caused {} token fetches",
+        h.sandbox.token_requests().len() - fetches
+    );
+    let upstream_calls = h.sandbox.received().len();
+    assert!(
+        upstream_calls <= 10 + 1,
+        "10 bad calls made {upstream_calls} upstream calls (one replay at most)"
+    );
+
+    // Another team's calls keep working, with the token the bad calls last used.
+    let token_in_use = h
+        .sandbox
+        .received()
+        .last()
+        .unwrap()
+        .header("authorization")
+        .map(str::to_owned);
+    for _ in 0..3 {
+        let r = h.get("/v1/partner/jobs", &good).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    }
+    let after = h.sandbox.received();
+    assert_eq!(after.len(), upstream_calls + 3, "good calls: no replay");
+    assert_eq!(
+        after
+            .last()
+            .unwrap()
+            .header("authorization")
+            .map(str::to_owned),
+        token_in_use,
+        "the good team uses the same token"
+    );
+    assert!(h.sandbox.token_requests().len() <= fetches + 1);
+}
+
+#[tokio::test]
+async fn token_refetches_after_upstream_401s_have_a_floor_per_credential() {
+    logs();
+    let stub = Stub::start().await;
+    stub.set_reply(
+        401,
+        r#"{"errors":[{"message":"Invalid On-Behalf-Of"}]}"#,
+        Duration::ZERO,
+    );
+    let h = Harness::start_with(Setup {
+        upstream: Some(stub.base_url()),
+        ..Setup::default()
+    })
+    .await;
+    let fetches = h.sandbox.token_requests().len();
+    let t = h.sourcing_token();
+    // Each call names another user, so none is recognised as the user's fault; the floor still
+    // holds the credential to one 401-triggered fetch.
+    for (i, user) in [
+        "sourcing.bot(at)example.com",
+        "recruiter.one(at)example.com",
+    ]
+    .iter()
+    .cycle()
+    .take(6)
+    .enumerate()
+    {
+        let obo = support::email(user);
+        let r = h
+            .client
+            .send(
+                Method::GET,
+                &h.url("/v1/partner/jobs"),
+                &[
+                    ("authorization", &format!("Bearer {t}")),
+                    ("on-behalf-of", &obo),
+                ],
+                Bytes::new(),
+            )
+            .await;
+        assert_eq!(
+            (r.status, r.code().as_str()),
+            (StatusCode::BAD_GATEWAY, "upstream_rejected_credentials"),
+            "call {i}"
+        );
+    }
+    assert_eq!(
+        h.sandbox.token_requests().len(),
+        fetches + 1,
+        "one 401-triggered token fetch within the floor"
+    );
+    assert_eq!(stub.seen().len(), 6 + 1, "one replay, with the fresh token");
+}

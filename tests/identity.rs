@@ -1062,6 +1062,250 @@ async fn issuer_that_never_had_keys_gives_503_jwks_unavailable_and_readyz_names_
     );
 }
 
+/// A harness whose gateway.toml was edited (by `edit`) before the gateway loaded it.
+async fn start_edited(setup: Setup, edit: impl FnOnce(String) -> String) -> Harness {
+    let sandbox = greenhouse_gateway::sandbox::Sandbox::start_local(setup.sandbox.clone())
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    support::write_config(dir.path(), &sandbox, &setup);
+    let path = dir.path().join("gateway.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, edit(text)).unwrap();
+    let config = greenhouse_gateway::config::load(&path).unwrap();
+    let gateway = greenhouse_gateway::server::start(config).await.unwrap();
+    if setup.wait_ready {
+        tokio::time::timeout(Duration::from_secs(10), gateway.wait_ready())
+            .await
+            .expect("gateway ready");
+    }
+    Harness {
+        sandbox,
+        gateway,
+        dir,
+        client: TestClient::new(),
+    }
+}
+
+fn long_cooldown(text: String) -> String {
+    assert!(text.contains(r#"refetch_cooldown = "1s""#));
+    text.replace(r#"refetch_cooldown = "1s""#, r#"refetch_cooldown = "30s""#)
+}
+
+#[tokio::test]
+async fn withdrawn_key_stops_working_through_the_verified_token_cache_at_the_next_refresh() {
+    let h = Harness::start().await;
+    tokio::time::sleep(PAST_COOLDOWN).await;
+    let token = h.sourcing_token();
+    let r = h.get("/v1/partner/jobs", &token).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let r = h.get("/v1/partner/jobs", &token).await;
+    assert_eq!(r.status, StatusCode::OK, "cached: {}", r.text());
+    let checks = h.gateway.gateway.verifier.signature_checks();
+
+    // The provider withdraws the key; a token under its new key makes the gateway refresh.
+    h.sandbox.rotate_signing_key(false);
+    let before = h.sandbox.jwks_requests();
+    let r = h.get("/v1/partner/jobs", &h.sourcing_token()).await;
+    assert_eq!(r.status, StatusCode::OK, "new-key token: {}", r.text());
+    assert_eq!(h.sandbox.jwks_requests(), before + 1, "the refresh");
+    assert!(h.gateway.gateway.verifier.signature_checks() > checks);
+
+    let r = h.get("/v1/partner/jobs", &token).await;
+    assert_invalid_token(
+        "cached token under the withdrawn key",
+        &r,
+        std::slice::from_ref(&token),
+    );
+}
+
+#[tokio::test]
+async fn token_under_a_key_published_at_the_moment_of_signing_is_accepted_on_first_use() {
+    // Cooldown 30 s, and the start-up fetch just happened: the new kid must still be fetched.
+    let h = start_edited(Setup::default(), long_cooldown).await;
+    h.sandbox.rotate_signing_key(true);
+    let before = h.sandbox.jwks_requests();
+    let r = h.get("/v1/partner/jobs", &h.sourcing_token()).await;
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "first new-kid token: {}",
+        r.text()
+    );
+    assert_eq!(h.sandbox.jwks_requests(), before + 1);
+}
+
+#[tokio::test]
+async fn new_key_is_accepted_as_soon_as_the_jwks_is_back_after_failed_fetches() {
+    let h = start_edited(Setup::default(), |text| {
+        text.replace(r#"refetch_cooldown = "1s""#, r#"refetch_cooldown = "3s""#)
+    })
+    .await;
+    // Whatever the start-up fetch counts for, it is out of the cooldown now.
+    tokio::time::sleep(Duration::from_millis(3100)).await;
+    // The provider restarts: its JWKS fails, and it comes back with a rotated key.
+    h.sandbox.faults().set_jwks_available(false);
+    h.sandbox.rotate_signing_key(false);
+    let token = h.sourcing_token();
+    for _ in 0..5 {
+        let r = h.get("/v1/partner/jobs", &token).await;
+        assert_invalid_token("while the JWKS is down", &r, std::slice::from_ref(&token));
+    }
+    h.sandbox.faults().set_jwks_available(true);
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(1500);
+    let mut last = StatusCode::UNAUTHORIZED;
+    while tokio::time::Instant::now() < deadline && last != StatusCode::OK {
+        last = h.get("/v1/partner/jobs", &token).await.status;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        last,
+        StatusCode::OK,
+        "still refused 1.5 s after the JWKS came back: the failed fetches consumed the 3 s cooldown"
+    );
+}
+
+#[tokio::test]
+async fn readyz_names_the_refused_connection_when_the_jwks_port_refuses() {
+    // 127.0.0.2: no other test server can take the port.
+    let closed = std::net::TcpListener::bind("127.0.0.2:0").unwrap();
+    let dead = format!("http://{}/jwks.json", closed.local_addr().unwrap());
+    drop(closed);
+    let setup = Setup {
+        wait_ready: false,
+        ..Setup::default()
+    };
+    let h = start_edited(setup, |text| {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("jwks_url"))
+            .unwrap()
+            .to_string();
+        text.replace(&line, &format!("jwks_url = \"{dead}\""))
+    })
+    .await;
+    let admin = TestClient::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let ready = loop {
+        let ready = admin
+            .send(Method::GET, &h.admin_url("/readyz"), &[], Bytes::new())
+            .await;
+        if ready.text().contains("JWKS") || tokio::time::Instant::now() > deadline {
+            break ready;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE);
+    let reasons = ready.json()["reasons"].to_string();
+    assert!(reasons.contains(&h.sandbox.issuer()), "{reasons}");
+    assert!(
+        reasons.to_ascii_lowercase().contains("connection refused"),
+        "readyz must name the refused connection: {reasons}"
+    );
+    assert!(!reasons.contains("usable keys"), "{reasons}");
+}
+
+// Log capture for the refusal-log test: every log line of this test binary, as JSON.
+#[derive(Clone)]
+struct LogBuf(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuf {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn json_logs() -> &'static LogBuf {
+    static LOGS: std::sync::OnceLock<LogBuf> = std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        let buf = LogBuf(std::sync::Arc::default());
+        let writer = buf.clone();
+        let _ = tracing_subscriber::fmt()
+            .json()
+            .with_max_level(tracing::Level::INFO)
+            .with_writer(move || writer.clone())
+            .try_init();
+        buf
+    })
+}
+
+/// The captured log lines whose `request_id` field is `id`.
+fn log_lines_of(id: &str) -> Vec<Value> {
+    let text = String::from_utf8_lossy(&json_logs().0.lock().unwrap()).into_owned();
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["fields"]["request_id"] == id)
+        .collect()
+}
+
+#[tokio::test]
+async fn algorithm_refusal_is_logged_with_request_id_algorithm_and_configured_issuer_only() {
+    json_logs();
+    let h = Harness::start().await;
+    let id = format!("alg-refusal-{}", random_hex());
+    // RS256 is a real algorithm this issuer does not accept (it is configured with ES256).
+    let token = edit_header(&h.sourcing_token(), |hd| {
+        hd.insert("alg".into(), json!("RS256"));
+    });
+    let r = send_with(
+        &h,
+        Method::GET,
+        "/v1/partner/jobs",
+        &[
+            ("authorization", &format!("Bearer {token}")),
+            ("x-request-id", &id),
+        ],
+    )
+    .await;
+    assert_invalid_token("RS256 token", &r, std::slice::from_ref(&token));
+    let lines = log_lines_of(&id);
+    let refused = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "caller token refused")
+        .unwrap_or_else(|| panic!("no refusal log line with the request id: {lines:?}"));
+    assert_eq!(refused["fields"]["reason"], "algorithm", "{refused}");
+    assert_eq!(refused["fields"]["alg"], "RS256", "{refused}");
+    assert_eq!(
+        refused["fields"]["issuer"],
+        h.sandbox.issuer().as_str(),
+        "{refused}"
+    );
+
+    // An issuer the gateway does not know is the sender's choice: never logged.
+    let id2 = format!("alg-refusal-{}", random_hex());
+    let hostile_iss = "https://evil.example/\u{1b}[31mFAKE-LOG-LINE";
+    let token2 = edit_payload(&token, |p| {
+        p.insert("iss".into(), json!(hostile_iss));
+    });
+    let r = send_with(
+        &h,
+        Method::GET,
+        "/v1/partner/jobs",
+        &[
+            ("authorization", &format!("Bearer {token2}")),
+            ("x-request-id", &id2),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    let lines = log_lines_of(&id2);
+    let refused = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "caller token refused")
+        .unwrap_or_else(|| panic!("no refusal log line: {lines:?}"));
+    assert_eq!(refused["fields"]["alg"], "RS256", "{refused}");
+    assert_eq!(refused["fields"]["issuer"], "-", "{refused}");
+    let all = String::from_utf8_lossy(&json_logs().0.lock().unwrap()).into_owned();
+    assert!(
+        !all.contains("FAKE-LOG-LINE"),
+        "an unconfigured issuer was logged"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // 5.-6. Teams and operations
 

@@ -167,7 +167,11 @@ struct JwksServer {
 
 impl JwksServer {
     async fn start(keys: Vec<Value>) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on(TcpListener::bind("127.0.0.1:0").await.unwrap(), keys)
+    }
+
+    /// Serves on `listener` (for a server that comes up at an address that refused connections).
+    fn start_on(listener: TcpListener, keys: Vec<Value>) -> Self {
         let url = format!("http://{}/jwks.json", listener.local_addr().unwrap());
         let state = Arc::new(Mutex::new(ServerState {
             keys,
@@ -855,6 +859,194 @@ async fn random_kid_flood_causes_at_most_one_refetch_within_cooldown() {
     assert_eq!(server.hits(), 2);
 }
 
+/// A verifier whose refetch cooldown is long (30 s), so anything accepted within a test's few
+/// seconds was not waiting for a cooldown to pass.
+async fn setup_long_cooldown(signers: &[&Signer]) -> (JwksServer, Verifier) {
+    let server = JwksServer::start(signers.iter().map(|s| s.jwk.clone()).collect()).await;
+    let mut c = config(&server.url);
+    c.refetch_cooldown = Duration::from_secs(30);
+    let v = verifier(vec![c]);
+    v.start().await;
+    assert!(v.not_ready().is_empty(), "{:?}", v.not_ready());
+    (server, v)
+}
+
+/// Polls `token` until it verifies or `within` passes; how long it took.
+async fn accepted_within(v: &Verifier, token: &str, within: Duration) -> Option<Duration> {
+    let started = std::time::Instant::now();
+    while started.elapsed() < within {
+        if check(v, token).await.is_ok() {
+            return Some(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
+}
+
+#[tokio::test]
+async fn cached_verification_of_a_withdrawn_key_is_refused_at_the_refresh_that_withdraws_it() {
+    let old = ec_signer("withdrawn");
+    let kept = ec_signer("kept");
+    let next = ec_signer("next");
+    let (server, v) = setup(&[&old, &kept]).await;
+    let old_token = good_token(&old);
+    let kept_token = good_token(&kept);
+    assert_eq!(check(&v, &old_token).await, Ok(()));
+    assert_eq!(check(&v, &kept_token).await, Ok(()));
+    assert_eq!(check(&v, &old_token).await, Ok(()), "served from the cache");
+    let checks = v.signature_checks();
+    assert_eq!(checks, 2);
+
+    // The provider withdraws the old key and publishes a new one; a token under the new kid makes
+    // the gateway refetch (the way a refresh happens in a test).
+    server.set_keys(vec![kept.jwk.clone(), next.jwk.clone()]);
+    tokio::time::sleep(COOLDOWN + Duration::from_millis(50)).await;
+    assert_eq!(check(&v, &good_token(&next)).await, Ok(()));
+    assert_eq!(server.hits(), 2);
+
+    assert_eq!(
+        check(&v, &old_token).await,
+        rejected(RejectReason::UnknownKey),
+        "a cached verification must not outlive its key's withdrawal"
+    );
+    // A key still published keeps its cached verifications: no new signature check.
+    let before = v.signature_checks();
+    assert_eq!(check(&v, &kept_token).await, Ok(()));
+    assert_eq!(
+        v.signature_checks(),
+        before,
+        "kept key's entry still cached"
+    );
+}
+
+#[tokio::test]
+async fn key_replaced_under_the_same_kid_drops_cached_verifications_of_the_old_material() {
+    let first = ec_signer("same-kid");
+    let second = ec_signer("same-kid");
+    let other = ec_signer("other");
+    let (server, v) = setup(&[&first]).await;
+    let token = good_token(&first);
+    assert_eq!(check(&v, &token).await, Ok(()));
+    server.set_keys(vec![second.jwk.clone(), other.jwk.clone()]);
+    tokio::time::sleep(COOLDOWN + Duration::from_millis(50)).await;
+    assert_eq!(check(&v, &good_token(&other)).await, Ok(()));
+    assert_eq!(
+        check(&v, &token).await,
+        rejected(RejectReason::Signature),
+        "the kid is still published, but not the key that signed this token"
+    );
+}
+
+#[tokio::test]
+async fn new_kid_published_at_the_moment_of_signing_is_accepted_on_first_use() {
+    // The start-up fetch was a moment ago: it must not count as the cooldown's refetch.
+    let old = ec_signer("old");
+    let new = ec_signer("new-at-once");
+    let (server, v) = setup_long_cooldown(&[&old]).await;
+    server.set_keys(vec![old.jwk.clone(), new.jwk.clone()]);
+    assert_eq!(
+        check(&v, &good_token(&new)).await,
+        Ok(()),
+        "first token under a just-published key"
+    );
+    assert_eq!(server.hits(), 2, "one refetch for the new kid");
+    // The cooldown still bounds made-up kids after that refetch.
+    for i in 0..5 {
+        assert_eq!(
+            check(&v, &good_token(&ec_signer(&format!("made-up-{i}")))).await,
+            rejected(RejectReason::UnknownKey)
+        );
+    }
+    assert_eq!(
+        server.hits(),
+        2,
+        "made-up kids inside the cooldown: no fetch"
+    );
+}
+
+#[tokio::test]
+async fn failed_fetches_during_an_idp_restart_do_not_consume_the_cooldown() {
+    let old = ec_signer("before-restart");
+    let new = ec_signer("after-restart");
+    let server = JwksServer::start(vec![old.jwk.clone()]).await;
+    let mut c = config(&server.url);
+    c.refetch_cooldown = Duration::from_secs(3);
+    let v = verifier(vec![c]);
+    v.start().await;
+    // Whatever the start-up fetch counts for, it is out of the cooldown now.
+    tokio::time::sleep(Duration::from_millis(3100)).await;
+    // The provider restarts (answers 500) and comes back with a rotated set.
+    server.set_mode(Mode::Fail);
+    server.set_keys(vec![new.jwk.clone()]);
+    let token = good_token(&new);
+    assert_eq!(
+        check(&v, &token).await,
+        rejected(RejectReason::UnknownKey),
+        "while the provider is down"
+    );
+    let hits_down = server.hits();
+    assert_eq!(hits_down, 2, "one failed refetch");
+    // Failed fetches back off: a burst of requests does not hammer the provider.
+    for _ in 0..20 {
+        assert_eq!(check(&v, &token).await, rejected(RejectReason::UnknownKey));
+    }
+    assert!(
+        server.hits() <= hits_down + 1,
+        "{} fetches for 20 requests while down",
+        server.hits() - hits_down
+    );
+    assert_eq!(check(&v, &good_token(&old)).await, Ok(()), "old keys kept");
+
+    server.set_mode(Mode::Serve);
+    let took = accepted_within(&v, &token, Duration::from_millis(1500)).await;
+    assert!(
+        took.is_some(),
+        "new-kid token still refused 1.5 s after the provider came back: the failed fetch \
+         consumed the 3 s cooldown"
+    );
+}
+
+#[tokio::test]
+async fn refused_connections_during_an_idp_restart_do_not_consume_the_cooldown() {
+    let new = ec_signer("after");
+    // 127.0.0.2: no other test server can take the port while it refuses connections.
+    let closed = TcpListener::bind("127.0.0.2:0").await.unwrap();
+    let addr = closed.local_addr().unwrap();
+    drop(closed);
+    let url = format!("http://{addr}/jwks.json");
+    let mut c = config(&url);
+    c.refetch_cooldown = Duration::from_secs(30);
+    let v = verifier(vec![c]);
+    v.start().await;
+    assert_eq!(
+        check(&v, &good_token(&new)).await,
+        Err(AuthError::JwksUnavailable)
+    );
+    for _ in 0..10 {
+        assert_eq!(
+            check(&v, &good_token(&new)).await,
+            Err(AuthError::JwksUnavailable)
+        );
+    }
+    let fetches_down = v.jwks_fetches();
+    assert!(
+        fetches_down <= 3,
+        "{fetches_down} fetch attempts for 11 requests against a refused port"
+    );
+    // The provider comes up on that address.
+    let server = JwksServer::start_on(
+        TcpListener::bind(addr).await.unwrap(),
+        vec![new.jwk.clone()],
+    );
+    assert_eq!(server.url, url);
+    let took = accepted_within(&v, &good_token(&new), Duration::from_secs(3)).await;
+    assert!(
+        took.is_some(),
+        "token refused 3 s after the provider came back (cooldown 30 s)"
+    );
+    assert!(v.not_ready().is_empty());
+}
+
 #[tokio::test]
 async fn jwks_outage_with_cached_keys_still_verifies() {
     let s = ec_signer("ec-1");
@@ -880,7 +1072,7 @@ async fn jwks_never_available_gives_jwks_unavailable_and_not_ready() {
     v.start().await;
     assert_eq!(
         v.not_ready(),
-        vec![format!("jwks: issuer {ISS} has no usable keys")]
+        vec![format!("jwks: issuer {ISS}: JWKS fetch failed: status 500")]
     );
     assert_eq!(
         check(&v, &good_token(&s)).await,
@@ -894,6 +1086,11 @@ async fn jwks_never_available_gives_jwks_unavailable_and_not_ready() {
     let v2 = verifier(vec![config(&dead_url)]);
     v2.start().await;
     assert_eq!(v2.not_ready().len(), 1);
+    assert!(
+        v2.not_ready()[0].contains("Connection refused"),
+        "the reason names the refused connection: {:?}",
+        v2.not_ready()
+    );
     assert_eq!(
         check(&v2, &good_token(&s)).await,
         Err(AuthError::JwksUnavailable)

@@ -2,9 +2,21 @@
 //!
 //! Each configured issuer owns one [`IssuerKeys`]: the last good set of verification keys, fetched
 //! from a URL (or re-read from a file) at start, refreshed in the background and, for an unknown
-//! `kid`, refetched on demand at most once per cooldown. Every fetch is single-flight: concurrent
-//! callers wait on the one fetch in progress instead of starting their own. A failed fetch (error,
-//! timeout, non-200, oversized, garbage, or no usable key) never replaces the last good keys.
+//! `kid`, refetched on demand. Every fetch is single-flight: concurrent callers wait on the one
+//! fetch in progress instead of starting their own. A failed fetch (error, timeout, non-200,
+//! oversized, garbage, or no usable key) never replaces the last good keys.
+//!
+//! On-demand refetches are bounded two ways: after a refetch that succeeded, at most one more per
+//! `refetch_cooldown` (so a flood of made-up `kid`s costs one fetch per cooldown); after a fetch
+//! that failed, the next attempt waits a short backoff of its own ([`MIN_FAILURE_BACKOFF`]
+//! doubling to [`MAX_FAILURE_BACKOFF`], never more than the cooldown), so an identity provider that
+//! is restarting is neither hammered nor left unconsulted for a whole cooldown once it is back.
+//! Start-up and background fetches do not consume the cooldown: a provider that signs with a new
+//! key the moment it publishes it gets its first token accepted.
+//!
+//! Every key carries a liveness flag shared by the same key (same `kid` and material) across
+//! fetches; a fetch whose set no longer holds a key clears its flag, which is how verifications
+//! cached under that key stop being honoured at that very refresh.
 //!
 //! Keys are parsed by hand so that one odd key cannot spoil the set: unsupported key types
 //! (`oct` shared secrets included), curves and algorithms, encryption keys, short RSA moduli and
@@ -12,7 +24,7 @@
 
 use std::path::PathBuf;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
@@ -43,6 +55,10 @@ pub const MIN_MAX_AGE: Duration = Duration::from_secs(60);
 pub const MAX_MAX_AGE: Duration = Duration::from_secs(3600);
 /// Longest `kid` accepted, in a token header or in a JWKS.
 pub const MAX_KID_LEN: usize = 256;
+/// First wait before an on-demand refetch after a failed fetch.
+pub const MIN_FAILURE_BACKOFF: Duration = Duration::from_millis(250);
+/// Longest wait before an on-demand refetch after failed fetches (also capped by the cooldown).
+pub const MAX_FAILURE_BACKOFF: Duration = Duration::from_secs(5);
 
 /// Most JWKS members examined; the rest of an oversized set is ignored.
 const MAX_JWKS_MEMBERS: usize = 256;
@@ -89,7 +105,8 @@ pub struct IssuerConfig {
     /// Background refresh period, used when the JWKS response has no `Cache-Control: max-age`
     /// (a `max-age` is honoured, clamped to 1 minute .. 1 hour).
     pub refresh_interval: Duration,
-    /// Minimum time between two fetches triggered by an unknown `kid`.
+    /// Minimum time after a successful fetch triggered by an unknown `kid` before another one
+    /// (failed fetches back off by [`MIN_FAILURE_BACKOFF`]..[`MAX_FAILURE_BACKOFF`] instead).
     pub refetch_cooldown: Duration,
 }
 
@@ -131,6 +148,11 @@ pub(crate) struct VerificationKey {
     /// The algorithms this key may verify (its `alg` when published, else all its type allows).
     pub(crate) algs: Vec<Algorithm>,
     pub(crate) key: DecodingKey,
+    /// `kid`, key type and public material: the same key in two fetches has the same identity.
+    identity: String,
+    /// True while the key is in the issuer's current set; shared with the same key of later
+    /// fetches and with the verifications cached under it.
+    pub(crate) live: Arc<AtomicBool>,
 }
 
 impl VerificationKey {
@@ -157,6 +179,24 @@ pub(crate) enum KeyMatch<'a> {
 impl KeySet {
     pub(crate) fn len(&self) -> usize {
         self.keys.len()
+    }
+
+    /// Makes the keys of `self` that `previous` also held share its liveness flags, and clears the
+    /// flags of the keys of `previous` that `self` no longer holds. Returns how many were removed.
+    fn succeed(&mut self, previous: &KeySet) -> usize {
+        for key in &mut self.keys {
+            if let Some(old) = previous.keys.iter().find(|o| o.identity == key.identity) {
+                key.live = old.live.clone();
+            }
+        }
+        let mut removed = 0;
+        for old in &previous.keys {
+            if !self.keys.iter().any(|k| k.identity == old.identity) {
+                old.live.store(false, Ordering::Release);
+                removed += 1;
+            }
+        }
+        removed
     }
 
     pub(crate) fn select(&self, kid: Option<&str>, alg: Algorithm) -> KeyMatch<'_> {
@@ -275,6 +315,7 @@ fn parse_key(member: &Value) -> Result<VerificationKey, &'static str> {
         },
         Some(_) => return Err("non-string alg"),
     };
+    let material: String;
     let (possible, key): (Vec<Algorithm>, DecodingKey) = match kty {
         "EC" => {
             let crv = obj.get("crv").and_then(Value::as_str).ok_or("no crv")?;
@@ -289,6 +330,7 @@ fn parse_key(member: &Value) -> Result<VerificationKey, &'static str> {
                 return Err("EC coordinates of the wrong length");
             }
             let key = DecodingKey::from_ec_components(x, y).map_err(|_| "bad EC key")?;
+            material = format!("EC {crv} {x} {y}");
             (vec![alg], key)
         }
         "RSA" => {
@@ -303,6 +345,7 @@ fn parse_key(member: &Value) -> Result<VerificationKey, &'static str> {
                 return Err("bad RSA exponent");
             }
             let key = DecodingKey::from_rsa_components(n, e).map_err(|_| "bad RSA key")?;
+            material = format!("RSA {n} {e}");
             (RSA_ALGS.to_vec(), key)
         }
         "OKP" => {
@@ -315,6 +358,7 @@ fn parse_key(member: &Value) -> Result<VerificationKey, &'static str> {
                 return Err("Ed25519 key of the wrong length");
             }
             let key = DecodingKey::from_ed_components(x).map_err(|_| "bad Ed25519 key")?;
+            material = format!("OKP {crv} {x}");
             (vec![Algorithm::EdDSA], key)
         }
         _ => return Err("unsupported kty"),
@@ -324,7 +368,14 @@ fn parse_key(member: &Value) -> Result<VerificationKey, &'static str> {
         Some(_) => return Err("alg does not fit the key type"),
         None => possible,
     };
-    Ok(VerificationKey { kid, algs, key })
+    let identity = format!("{} {material}", kid.as_deref().unwrap_or(""));
+    Ok(VerificationKey {
+        kid,
+        algs,
+        key,
+        identity,
+        live: Arc::new(AtomicBool::new(true)),
+    })
 }
 
 /// Reads `max-age` from a `Cache-Control` header, clamped to [`MIN_MAX_AGE`]..[`MAX_MAX_AGE`].
@@ -351,7 +402,15 @@ struct Snapshot {
     keys: Option<Arc<KeySet>>,
     /// Incremented at the end of every fetch attempt, good or bad.
     generation: u64,
-    last_attempt: Option<Instant>,
+    /// When the last on-demand refetch that succeeded started: the cooldown counts from it.
+    last_refetch: Option<Instant>,
+    /// Fetches failed in a row (any kind); zero after a success.
+    failures: u32,
+    /// After a failed fetch: no on-demand refetch before this.
+    retry_at: Option<Instant>,
+    /// Why the last fetch failed, while it is the latest outcome (never a secret: no URL, no
+    /// body, only a status, a size or the transport error's kind).
+    last_error: Option<String>,
 }
 
 /// The key cache of one issuer.
@@ -372,7 +431,10 @@ impl IssuerKeys {
             state: RwLock::new(Snapshot {
                 keys: None,
                 generation: 0,
-                last_attempt: None,
+                last_refetch: None,
+                failures: 0,
+                retry_at: None,
+                last_error: None,
             }),
             fetch_lock: tokio::sync::Mutex::new(()),
             fetches,
@@ -393,6 +455,15 @@ impl IssuerKeys {
             .is_some()
     }
 
+    /// Why the latest fetch failed, when it did.
+    pub(crate) fn last_error(&self) -> Option<String> {
+        self.state
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .last_error
+            .clone()
+    }
+
     /// Unconditional fetch (start and background refresh), single-flight with every other fetch.
     /// Returns how long to wait before the next background refresh.
     pub(crate) async fn refresh(&self) -> Duration {
@@ -401,26 +472,44 @@ impl IssuerKeys {
     }
 
     /// On-demand refetch after a key lookup missed at `seen_generation`. Fetches only when no
-    /// fetch finished since (else the caller just uses that fetch's result) and the last attempt
-    /// is older than the cooldown. Returns the keys as they are afterwards.
+    /// fetch finished since (else the caller just uses that fetch's result) and, if the latest
+    /// fetch failed, its backoff has passed, or else the last successful on-demand refetch is
+    /// older than the cooldown. Returns the keys as they are afterwards.
     pub(crate) async fn refetch_if_allowed(&self, seen_generation: u64) -> Option<Arc<KeySet>> {
         let _guard = self.fetch_lock.lock().await;
         let fetch_now = {
             let s = self.state.read().unwrap_or_else(PoisonError::into_inner);
+            let now = Instant::now();
             s.generation == seen_generation
-                && s.last_attempt
-                    .is_none_or(|at| at.elapsed() >= self.config.refetch_cooldown)
+                && if s.failures > 0 {
+                    s.retry_at.is_none_or(|at| now >= at)
+                } else {
+                    s.last_refetch
+                        .is_none_or(|at| now.duration_since(at) >= self.config.refetch_cooldown)
+                }
         };
         if fetch_now {
             tracing::debug!(issuer = %self.config.issuer, "jwks: on-demand refetch");
+            let started = Instant::now();
             self.fetch_locked().await;
+            let mut s = self.state.write().unwrap_or_else(PoisonError::into_inner);
+            if s.failures == 0 {
+                s.last_refetch = Some(started);
+            }
         }
         self.current().0
     }
 
+    /// The wait before an on-demand refetch after `failures` failed fetches in a row.
+    fn failure_backoff(&self, failures: u32) -> Duration {
+        let cap = MAX_FAILURE_BACKOFF.min(self.config.refetch_cooldown);
+        MIN_FAILURE_BACKOFF
+            .saturating_mul(1u32 << failures.clamp(1, 16).saturating_sub(1))
+            .min(cap)
+    }
+
     /// One fetch attempt; the caller holds `fetch_lock`.
     async fn fetch_locked(&self) -> Duration {
-        let started = Instant::now();
         self.fetches.fetch_add(1, Ordering::Relaxed);
         let outcome = match self.load().await {
             Ok((body, hint)) => parse_jwks(&body).map(|set| (set, hint)),
@@ -428,14 +517,20 @@ impl IssuerKeys {
         };
         let mut s = self.state.write().unwrap_or_else(PoisonError::into_inner);
         s.generation = s.generation.wrapping_add(1);
-        s.last_attempt = Some(started);
         match outcome {
-            Ok((set, hint)) => {
-                tracing::debug!(issuer = %self.config.issuer, keys = set.len(), "jwks: keys refreshed");
+            Ok((mut set, hint)) => {
+                let removed = s.keys.as_ref().map_or(0, |old| set.succeed(old));
+                tracing::debug!(issuer = %self.config.issuer, keys = set.len(), removed, "jwks: keys refreshed");
                 s.keys = Some(Arc::new(set));
+                s.failures = 0;
+                s.retry_at = None;
+                s.last_error = None;
                 hint.unwrap_or(self.config.refresh_interval)
             }
             Err(reason) => {
+                s.failures = s.failures.saturating_add(1);
+                s.retry_at = Some(Instant::now() + self.failure_backoff(s.failures));
+                s.last_error = Some(reason.clone());
                 tracing::warn!(
                     issuer = %self.config.issuer,
                     reason = %reason,

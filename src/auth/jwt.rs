@@ -12,8 +12,11 @@
 //! 4. key lookup by `kid` (refetching the issuer's JWKS at most once per cooldown), then
 //!    `jsonwebtoken::decode` with a `Validation` built from the issuer config only.
 //!
-//! Verified tokens are cached by the SHA-256 of the token until (at the latest) their `exp`.
-//! Tokens, signatures and keys are never logged; only reasons and issuers are.
+//! Verified tokens are cached by the SHA-256 of the token until (at the latest) their `exp`, each
+//! entry with the liveness flag of the key that verified it: a JWKS fetch that withdraws the key
+//! clears the flag, and a cache hit under a cleared flag is verified afresh (and refused).
+//! Tokens, signatures and keys are never logged; only reasons, configured issuers and algorithm
+//! names are.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -40,8 +43,9 @@ use crate::http_client::HttpClient;
 pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
 /// Most verified tokens kept in the cache.
 const TOKEN_CACHE_CAPACITY: u64 = 100_000;
-/// A cached verification is reused for at most this long (and never past the token's `exp`), so
-/// a key withdrawn from a JWKS stops being honoured through the cache soon after.
+/// A cached verification is reused for at most this long (and never past the token's `exp`); a
+/// key withdrawn from a JWKS stops being honoured through the cache at the fetch that sees it
+/// gone (see [`Cached`]).
 const MAX_CACHE_TTL: Duration = Duration::from_secs(300);
 /// Upper bound on the initial fetch of all issuers' keys in [`Verifier::start`].
 const START_TIMEOUT: Duration = Duration::from_secs(FETCH_TIMEOUT.as_secs() + 1);
@@ -129,6 +133,19 @@ impl fmt::Display for RejectReason {
     }
 }
 
+/// A refusal with what a log line may say about the token besides the reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub error: AuthError,
+    /// The token header's `alg`: a known algorithm's name, or a short alphanumeric value as sent
+    /// (such as `none`); `None` when absent or anything else (never raw input that could be long
+    /// or carry control characters).
+    pub alg: Option<String>,
+    /// The token's `iss`, only when it is a configured issuer (an unverified token's issuer is
+    /// the sender's choice).
+    pub issuer: Option<String>,
+}
+
 impl From<RejectReason> for AuthError {
     fn from(r: RejectReason) -> Self {
         AuthError::Invalid(r)
@@ -160,13 +177,19 @@ impl Issuer {
 
 type CacheKey = [u8; 32];
 
+/// A cached verification: the token, and the liveness flag of the key that verified it.
+struct Cached {
+    token: Arc<VerifiedToken>,
+    key_live: Arc<AtomicBool>,
+}
+
 struct Inner {
     /// In configuration order (for `not_ready`).
     issuers: Vec<Arc<Issuer>>,
     by_name: HashMap<String, Arc<Issuer>>,
     /// Union of every issuer's accepted algorithms, checked before the payload is read.
     any_alg: HashSet<Algorithm>,
-    cache: moka::future::Cache<CacheKey, Arc<VerifiedToken>>,
+    cache: moka::future::Cache<CacheKey, Arc<Cached>>,
     fetches: Arc<AtomicU64>,
     signature_checks: AtomicU64,
     started: AtomicBool,
@@ -175,14 +198,14 @@ struct Inner {
 /// Per-entry expiry of the verified-token cache: never past `exp`, never over [`MAX_CACHE_TTL`].
 struct UntilExpiry;
 
-impl moka::Expiry<CacheKey, Arc<VerifiedToken>> for UntilExpiry {
+impl moka::Expiry<CacheKey, Arc<Cached>> for UntilExpiry {
     fn expire_after_create(
         &self,
         _key: &CacheKey,
-        value: &Arc<VerifiedToken>,
+        value: &Arc<Cached>,
         _created_at: Instant,
     ) -> Option<Duration> {
-        let exp = UNIX_EPOCH + Duration::from_secs(value.expires_at);
+        let exp = UNIX_EPOCH + Duration::from_secs(value.token.expires_at);
         let left = exp
             .duration_since(SystemTime::now())
             .unwrap_or(Duration::ZERO);
@@ -289,13 +312,19 @@ impl Verifier {
         }
     }
 
-    /// One line per issuer that has no usable keys yet.
+    /// One line per issuer that has no usable keys yet, naming the last fetch's failure.
     pub fn not_ready(&self) -> Vec<String> {
         self.inner
             .issuers
             .iter()
             .filter(|i| !i.keys.has_keys())
-            .map(|i| format!("jwks: issuer {} has no usable keys", i.keys.config.issuer))
+            .map(|i| {
+                let issuer = &i.keys.config.issuer;
+                match i.keys.last_error() {
+                    Some(why) => format!("jwks: issuer {issuer}: JWKS fetch failed: {why}"),
+                    None => format!("jwks: issuer {issuer} has no usable keys yet"),
+                }
+            })
             .collect()
     }
 
@@ -311,6 +340,32 @@ impl Verifier {
 
     /// Verifies a raw token (no `Bearer ` prefix).
     pub async fn verify(&self, token: &str) -> Result<Arc<VerifiedToken>, AuthError> {
+        self.verify_detailed(token).await.map_err(|r| r.error)
+    }
+
+    /// Like [`Verifier::verify`], with what a refusal log line may say about the token.
+    pub async fn verify_detailed(&self, token: &str) -> Result<Arc<VerifiedToken>, Refusal> {
+        self.verify_inner(token).await.map_err(|error| Refusal {
+            error,
+            alg: loggable_alg(token),
+            issuer: self.configured_issuer(token),
+        })
+    }
+
+    /// The unverified token's `iss` when it names a configured issuer.
+    fn configured_issuer(&self, token: &str) -> Option<String> {
+        if token.len() > MAX_TOKEN_BYTES {
+            return None;
+        }
+        let payload = decode_object(token.split('.').nth(1)?).ok()?;
+        let iss = payload.get("iss")?.as_str()?;
+        self.inner
+            .by_name
+            .get_key_value(iss)
+            .map(|(name, _)| name.clone())
+    }
+
+    async fn verify_inner(&self, token: &str) -> Result<Arc<VerifiedToken>, AuthError> {
         if token.len() > MAX_TOKEN_BYTES {
             tracing::debug!(
                 reason = RejectReason::TooLarge.as_str(),
@@ -320,16 +375,20 @@ impl Verifier {
         }
         let key: CacheKey = Sha256::digest(token.as_bytes()).into();
         if let Some(hit) = self.inner.cache.get(&key).await {
-            if now_secs() < hit.expires_at {
-                return Ok(hit);
+            if now_secs() < hit.token.expires_at && hit.key_live.load(Ordering::Acquire) {
+                return Ok(hit.token.clone());
             }
             self.inner.cache.invalidate(&key).await;
         }
         match self.verify_uncached(token).await {
-            Ok(verified) => {
+            Ok((verified, key_live)) => {
                 let verified = Arc::new(verified);
                 if now_secs() < verified.expires_at {
-                    self.inner.cache.insert(key, verified.clone()).await;
+                    let entry = Arc::new(Cached {
+                        token: verified.clone(),
+                        key_live,
+                    });
+                    self.inner.cache.insert(key, entry).await;
                 }
                 Ok(verified)
             }
@@ -337,7 +396,10 @@ impl Verifier {
         }
     }
 
-    async fn verify_uncached(&self, token: &str) -> Result<VerifiedToken, AuthError> {
+    async fn verify_uncached(
+        &self,
+        token: &str,
+    ) -> Result<(VerifiedToken, Arc<AtomicBool>), AuthError> {
         let mut issuer: Option<Arc<Issuer>> = None;
         let result = self.check(token, &mut issuer).await;
         if let Err(e) = &result {
@@ -357,7 +419,7 @@ impl Verifier {
         &self,
         token: &str,
         issuer_seen: &mut Option<Arc<Issuer>>,
-    ) -> Result<VerifiedToken, AuthError> {
+    ) -> Result<(VerifiedToken, Arc<AtomicBool>), AuthError> {
         // 1. Shape.
         let mut parts = token.split('.');
         let (Some(h64), Some(p64), Some(s64), None) =
@@ -442,7 +504,10 @@ impl Verifier {
         for candidate in candidates {
             self.inner.signature_checks.fetch_add(1, Ordering::Relaxed);
             match jsonwebtoken::decode::<Map<String, Value>>(token, &candidate.key, validation) {
-                Ok(data) => return Ok(verified(&issuer.keys.config.issuer, data.claims)),
+                Ok(data) => {
+                    let token = verified(&issuer.keys.config.issuer, data.claims);
+                    return Ok((token, candidate.live.clone()));
+                }
                 Err(e) => match map_library_error(e.kind()) {
                     RejectReason::Signature => continue,
                     other => return Err(other.into()),
@@ -451,6 +516,21 @@ impl Verifier {
         }
         Err(RejectReason::Signature.into())
     }
+}
+
+/// The header's `alg` in a form safe to log: a known algorithm's name, or a value of at most 16
+/// ASCII letters and digits as sent; `None` otherwise.
+fn loggable_alg(token: &str) -> Option<String> {
+    if token.len() > MAX_TOKEN_BYTES {
+        return None;
+    }
+    let header = decode_object(token.split('.').next()?).ok()?;
+    let alg = header.get("alg")?.as_str()?;
+    if let Ok(known) = Algorithm::from_str(alg) {
+        return Some(format!("{known:?}"));
+    }
+    (!alg.is_empty() && alg.len() <= 16 && alg.bytes().all(|b| b.is_ascii_alphanumeric()))
+        .then(|| alg.to_owned())
 }
 
 fn build_validation(config: &IssuerConfig, alg: Algorithm) -> Validation {

@@ -11,7 +11,11 @@
 //!   jitter; meanwhile a still-valid token keeps being used, and without one callers get 503
 //!   `upstream_credentials_unavailable` at once instead of piling onto the token endpoint;
 //! - after an upstream 401 the token that was rejected is evicted and one fresh token is fetched,
-//!   shared by every request that saw the same rejection;
+//!   shared by every request that saw the same rejection; but Greenhouse also answers 401 for an
+//!   `On-Behalf-Of` user it does not know, so one team's bad user must not churn the token every
+//!   team uses: a fresh token refused on its replay is remembered with that user, and later 401s
+//!   for the same token and user are blamed on the user (no eviction, no fetch); and 401-triggered
+//!   fetches happen at most once per [`MIN_UNAUTHORIZED_REFETCH`] per credential;
 //! - after an upstream 429 the credential is paused until `Retry-After`, and callers get 503
 //!   `upstream_rate_limited` without calling the upstream.
 
@@ -39,6 +43,10 @@ const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// Pause after an upstream 429 that names no time.
 const DEFAULT_PAUSE: Duration = Duration::from_secs(10);
 const MAX_PAUSE: Duration = Duration::from_secs(3600);
+/// Least time between two token fetches triggered by upstream 401s, per credential.
+pub const MIN_UNAUTHORIZED_REFETCH: Duration = Duration::from_secs(5);
+/// Most `On-Behalf-Of` users remembered as refused with the current token.
+const MAX_REFUSED_USERS: usize = 64;
 
 /// All configured credentials, by name.
 #[derive(Clone)]
@@ -73,6 +81,12 @@ struct TokenState {
     failures: u32,
     next_attempt: Option<Instant>,
     last_error: Option<String>,
+    /// When the last fetch triggered by an upstream 401 started (the floor counts from it).
+    last_unauthorized_fetch: Option<Instant>,
+    /// `On-Behalf-Of` users (lower-cased) with which the current token, fetched fresh after a 401,
+    /// was refused again on its replay: a 401 for the same token and user is the user's, not the
+    /// token's. Cleared whenever the token changes.
+    refused_users: Vec<String>,
 }
 
 #[derive(Clone)]
@@ -175,17 +189,45 @@ impl UpstreamCredentials {
         }
     }
 
-    /// After the upstream answered 401 to `rejected`: evicts that token and returns a fresh one
-    /// (one fetch shared by every request that saw the same rejection). A partner key cannot be
-    /// renewed, so it is `upstream_rejected_credentials` at once.
+    /// After the upstream answered 401 to `rejected` for a request on behalf of `on_behalf_of`:
+    /// evicts that token and returns a fresh one (one fetch shared by every request that saw the
+    /// same rejection). `upstream_rejected_credentials` without a fetch when a partner key (it
+    /// cannot be renewed), when this token was already refused for this user after a fresh fetch
+    /// ([`UpstreamCredentials::refused_after_replay`]), or when a 401 made a fetch less than
+    /// [`MIN_UNAUTHORIZED_REFETCH`] ago.
     pub async fn after_unauthorized(
         &self,
         name: &str,
         rejected: &HeaderValue,
+        on_behalf_of: &str,
     ) -> Result<HeaderValue, GatewayError> {
         match &self.source(name)?.kind {
             Kind::Basic(_) => Err(GatewayError::UpstreamRejectedCredentials),
-            Kind::OAuth2(t) => t.replace(rejected).await,
+            Kind::OAuth2(t) => t.replace(rejected, on_behalf_of).await,
+        }
+    }
+
+    /// The upstream answered 401 again to the replay with `fresh`, the token
+    /// [`UpstreamCredentials::after_unauthorized`] returned: the token is not what it refuses (a
+    /// fresh token is as good as tokens get), so later 401s with this token and user leave the
+    /// token alone.
+    pub fn refused_after_replay(&self, name: &str, fresh: &HeaderValue, on_behalf_of: &str) {
+        if let Ok(Source {
+            kind: Kind::OAuth2(t),
+            ..
+        }) = self.source(name).map(|s| &**s)
+        {
+            t.with_state(|st| {
+                if st.token.as_ref().is_some_and(|tok| tok.header == fresh) {
+                    let user = on_behalf_of.to_ascii_lowercase();
+                    if !st.refused_users.contains(&user) {
+                        if st.refused_users.len() >= MAX_REFUSED_USERS {
+                            st.refused_users.remove(0);
+                        }
+                        st.refused_users.push(user);
+                    }
+                }
+            });
         }
     }
 
@@ -295,7 +337,11 @@ impl TokenSource {
         self.fetch().await.map(|t| t.header)
     }
 
-    async fn replace(&self, rejected: &HeaderValue) -> Result<HeaderValue, GatewayError> {
+    async fn replace(
+        &self,
+        rejected: &HeaderValue,
+        on_behalf_of: &str,
+    ) -> Result<HeaderValue, GatewayError> {
         let wait = self.cfg.timeout + Duration::from_secs(1);
         let Ok(_guard) = tokio::time::timeout(wait, self.fetch_lock.lock()).await else {
             return Err(GatewayError::UpstreamCredentialsUnavailable);
@@ -306,11 +352,32 @@ impl TokenSource {
         {
             return Ok(tok.header);
         }
-        self.with_state(|st| {
-            if st.token.as_ref().is_some_and(|t| t.header == rejected) {
-                st.token = None;
-            }
-        });
+        let user = on_behalf_of.to_ascii_lowercase();
+        let verdict = self
+            .with_state(|st| {
+                let current = st.token.as_ref().is_some_and(|t| t.header == rejected);
+                if current && st.refused_users.contains(&user) {
+                    return Err(
+                        "the same token was refused for this On-Behalf-Of user after a fresh fetch",
+                    );
+                }
+                if st
+                    .last_unauthorized_fetch
+                    .is_some_and(|at| at.elapsed() < MIN_UNAUTHORIZED_REFETCH)
+                {
+                    return Err("a 401 made a token fetch moments ago");
+                }
+                if current {
+                    st.token = None;
+                }
+                st.last_unauthorized_fetch = Some(Instant::now());
+                Ok(())
+            })
+            .unwrap_or(Err("token state unavailable"));
+        if let Err(why) = verdict {
+            tracing::warn!(credential = %self.name, reason = why, "upstream 401; keeping the token, no new fetch");
+            return Err(GatewayError::UpstreamRejectedCredentials);
+        }
         tracing::info!(credential = %self.name, "upstream rejected the token; fetching a new one");
         self.fetch().await.map(|t| t.header)
     }
@@ -359,6 +426,9 @@ impl TokenSource {
         match result {
             Ok(tok) => {
                 self.with_state(|st| {
+                    if st.token.as_ref().is_none_or(|t| t.header != tok.header) {
+                        st.refused_users.clear();
+                    }
                     st.token = Some(tok.clone());
                     st.failures = 0;
                     st.next_attempt = None;

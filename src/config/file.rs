@@ -172,7 +172,7 @@ pub struct IssuerFile {
     pub leeway: Option<String>,
     /// Background JWKS refresh (default `5m`).
     pub refresh_interval: Option<String>,
-    /// At most one refetch per this interval for unknown key ids (default `30s`).
+    /// After a successful refetch for an unknown key id, no other for this long (default `30s`).
     pub refetch_cooldown: Option<String>,
 }
 
