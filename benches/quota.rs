@@ -136,6 +136,7 @@ fn bench(c: &mut Criterion) {
                     url: url.clone(),
                     timeout: Duration::from_secs(2),
                     key_prefix: format!("ghgwbench:{:08x}", rand::random::<u32>()),
+                    ca_pem: None,
                 },
                 on_backend_error: OnBackendError::Deny,
                 teams: teams(),

@@ -128,6 +128,7 @@ fn redis_settings(
             url: url.to_string(),
             timeout,
             key_prefix: key_prefix.to_string(),
+            ca_pem: None,
         },
         on_backend_error,
         ..memory(teams)
@@ -434,7 +435,7 @@ fn validators_for_backend_upstream_and_counts_name_the_key_and_never_echo_the_ur
     let problems = validate_backend(Some("redis"), None, Some("0ms"), Some("")).unwrap_err();
     let keys: Vec<_> = problems.iter().map(|(k, _)| k.as_str()).collect();
     assert_eq!(keys, ["redis_timeout", "key_prefix", "redis_url"]);
-    let secret = "rediss://:hunter2-canary@cache.internal:6380";
+    let secret = "https://:hunter2-canary@cache.internal:6380";
     let problems = validate_backend(Some("redis"), Some(secret), None, None).unwrap_err();
     assert_eq!(problems[0].0, "redis_url");
     assert!(!format!("{problems:?}").contains("hunter2"));

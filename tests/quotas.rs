@@ -18,7 +18,7 @@ use greenhouse_gateway::sandbox::Sandbox;
 use greenhouse_gateway::server::{self, Running};
 use http::{Method, StatusCode};
 use serde_json::{Value, json};
-use support::redis::{RedisServer, free_port, test_redis};
+use support::redis::{RedisServer, test_redis};
 use support::{AUDIENCE, Reply, ServeProcess, Setup, Stub, TestClient, email, spawn_serve};
 
 /// A generous bound for "answered, not hung".
@@ -1317,37 +1317,68 @@ async fn two_gateways_sharing_redis_never_exceed_the_budget_in_any_window_togeth
 }
 
 // ---------------------------------------------------------------------------------------------
-// Bugs found (ignored so the suite stays green; see the reasons)
+// Redis over TLS
 
-#[tokio::test]
-async fn a_rediss_url_is_either_refused_by_the_config_or_usable() {
-    let sandbox = Sandbox::start_local(Setup::default().sandbox)
-        .await
-        .unwrap();
-    let port = free_port();
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_with_the_private_ca_file_counts_the_burst_over_tls_and_without_it_is_not_ready() {
+    let dir = tempfile::tempdir().unwrap();
+    let (redis, ca_pem) = RedisServer::start_tls(dir.path());
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, &ca_pem).unwrap();
+    let url = format!("rediss://127.0.0.1:{}/", redis.port);
+    let prefix = key_prefix("tls");
+    let with_ca = format!(
+        "{}redis_ca_file = \"{}\"\n",
+        redis_quota(&url, "deny", &prefix),
+        ca_file.display()
+    );
+    let env = Env::start(vec![rate_team("limited", "1/h", 3)], with_ca, "", "5s").await;
+    let urls = vec![env.gw.url(JOBS); 6];
+    let replies = concurrent_gets(&env.client, urls, &env.token("limited")).await;
+    assert_exact_burst(&replies, 3, 3600);
+
+    // The counts live in the TLS-only server (it has no plain port to reach by mistake).
+    let client = redis::Client::build_with_tls(
+        url.as_str(),
+        redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(ca_pem.clone().into_bytes()),
+        },
+    )
+    .unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys = scan_prefix(&mut conn, &prefix).await;
+    assert!(
+        keys.contains(&format!("{prefix}:team:limited:rate")),
+        "{keys:?}"
+    );
+
+    // Without the CA file the server's certificate is not trusted (the public roots do not
+    // sign it): the gateway must refuse to count there, not fall back to plain text.
     let setup = Setup {
-        teams: vec![rate_team("limited", "5/s", 5)],
-        extra: redis_quota(&format!("rediss://127.0.0.1:{port}/"), "deny", "qt-tls"),
+        teams: vec![rate_team("limited", "1/h", 3)],
+        extra: redis_quota(&url, "deny", &key_prefix("tls-untrusted")),
+        upstream: Some(env.stub.base_url()),
         ..Setup::default()
     };
-    let dir = tempfile::tempdir().unwrap();
-    let path = write_config(dir.path(), &sandbox, &setup, "");
-    match greenhouse_gateway::config::load(Path::new(&path)) {
-        Err(problems) => assert!(
-            problems.iter().any(|p| p.key == "quota.redis_url"),
-            "{problems:?}"
-        ),
-        Ok(config) => {
-            // Accepted: then it must at least be a URL this build can use (nothing listens on
-            // the port, so the only acceptable complaint is about reaching it).
-            let running = server::start(config).await.unwrap();
-            let reasons = greenhouse_gateway::admin::not_ready(&running.gateway).join("; ");
-            assert!(
-                !reasons.contains("invalid redis url") && !reasons.contains("not enabled"),
-                "a rediss:// URL passed the config check but cannot be used: {reasons}"
-            );
-        }
-    }
+    let untrusted_dir = tempfile::tempdir().unwrap();
+    let path = write_config(untrusted_dir.path(), &env.sandbox, &setup, "");
+    let config = greenhouse_gateway::config::load(Path::new(&path))
+        .unwrap_or_else(|p| panic!("rediss:// without a CA file is valid config: {p:#?}"));
+    let running = server::start(config).await.unwrap();
+    let r = get(
+        &env.client,
+        &format!("http://{}{JOBS}", running.addr),
+        &env.token("limited"),
+    )
+    .await;
+    assert_refused(
+        &r,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "quota_backend_unavailable",
+    );
+    let reasons = greenhouse_gateway::admin::not_ready(&running.gateway).join("; ");
+    assert!(reasons.contains("quota"), "{reasons}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

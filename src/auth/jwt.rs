@@ -566,8 +566,10 @@ fn map_library_error(kind: &ErrorKind) -> RejectReason {
     match kind {
         ErrorKind::InvalidSignature
         | ErrorKind::InvalidEcdsaKey
+        | ErrorKind::InvalidEddsaKey
         | ErrorKind::InvalidRsaKey(_)
-        | ErrorKind::Crypto(_) => RejectReason::Signature,
+        | ErrorKind::InvalidKeyFormat
+        | ErrorKind::Provider(_) => RejectReason::Signature,
         ErrorKind::ExpiredSignature => RejectReason::Expired,
         ErrorKind::ImmatureSignature => RejectReason::NotYetValid,
         ErrorKind::InvalidAudience => RejectReason::Audience,

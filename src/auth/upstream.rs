@@ -444,7 +444,7 @@ impl TokenSource {
                         let base = MIN_BACKOFF
                             .saturating_mul(1u32 << st.failures.min(8).saturating_sub(1))
                             .min(MAX_BACKOFF);
-                        let jittered = base.mul_f64(rand::thread_rng().gen_range(0.5..=1.0));
+                        let jittered = base.mul_f64(rand::rng().random_range(0.5..=1.0));
                         st.next_attempt = Some(Instant::now() + jittered);
                         st.last_error = Some(why.clone());
                         jittered
@@ -578,7 +578,7 @@ fn parse_token_response(
     // lifetime, so a short-lived token is not refreshed continuously.
     let margin = refresh_before.min(lifetime / 2);
     // Up to a tenth more, so replicas started together do not refresh together.
-    let margin = margin + margin.mul_f64(rand::thread_rng().gen_range(0.0..0.1));
+    let margin = margin + margin.mul_f64(rand::rng().random_range(0.0..0.1));
     Ok(Token {
         header,
         expires_at,

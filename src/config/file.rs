@@ -35,8 +35,12 @@ pub struct GatewayFile {
 pub struct QuotaFile {
     /// `memory` (default: per replica) or `redis` (shared by every replica).
     pub backend: Option<String>,
-    /// `redis://[user:password@]host:port[/db]`; a secret because it may hold a password.
+    /// `redis://[user:password@]host:port[/db]`, or `rediss://` for TLS; a secret because it may
+    /// hold a password.
     pub redis_url: Option<SecretFile>,
+    /// For `rediss://` with a private CA: a PEM file of the CA certificates that sign the
+    /// server's certificate (default: the public web roots and the system's).
+    pub redis_ca_file: Option<String>,
     /// `deny` (default: 503 quota_backend_unavailable), `allow` (admit, counted) or `local`
     /// (fall back to this replica's memory limiter) when Redis cannot answer in time.
     pub on_backend_error: Option<String>,

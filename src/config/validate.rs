@@ -797,13 +797,52 @@ pub fn validate(
                 }
                 Some(sf) => r.secret("quota.redis_url", sf, &base, secrets),
             };
-            if let Some(u) = &url {
-                if u.expose().starts_with("rediss://") {
-                    r.add("quota.redis_url", "rediss:// (TLS) is not supported by this build: use redis:// on a trusted network, or a local TLS tunnel");
-                } else if !u.expose().starts_with("redis://") {
-                    r.add("quota.redis_url", "must start with redis://");
-                }
+            let tls = url
+                .as_ref()
+                .is_some_and(|u| u.expose().starts_with("rediss://"));
+            if let Some(u) = &url
+                && !tls
+                && !u.expose().starts_with("redis://")
+            {
+                r.add(
+                    "quota.redis_url",
+                    "must start with redis:// or rediss:// (TLS)",
+                );
             }
+            let ca_pem = q.redis_ca_file.as_ref().and_then(|f| {
+                if !tls {
+                    r.add(
+                        "quota.redis_ca_file",
+                        "is only used with a rediss:// redis_url",
+                    );
+                    return None;
+                }
+                let p = base.join(f);
+                match std::fs::read(&p) {
+                    Err(e) => {
+                        r.add(
+                            "quota.redis_ca_file",
+                            format!("cannot read {}: {e}", p.display()),
+                        );
+                        None
+                    }
+                    Ok(pem) => {
+                        use rustls_pki_types::pem::PemObject;
+                        let certs = rustls_pki_types::CertificateDer::pem_slice_iter(&pem)
+                            .filter(Result::is_ok)
+                            .count();
+                        if certs == 0 {
+                            r.add(
+                                "quota.redis_ca_file",
+                                format!("{} holds no PEM certificate", p.display()),
+                            );
+                            None
+                        } else {
+                            Some(pem)
+                        }
+                    }
+                }
+            });
             let key_prefix = q.key_prefix.clone().unwrap_or_else(|| "ghgw".to_string());
             if key_prefix.is_empty()
                 || !key_prefix
@@ -816,6 +855,7 @@ pub fn validate(
                 url: url.map(|u| u.expose().to_string()).unwrap_or_default(),
                 timeout: quota_timeout,
                 key_prefix,
+                ca_pem,
             }
         }
         Some(_) => {

@@ -102,6 +102,9 @@ pub enum Backend {
         timeout: Duration,
         /// Namespace of every key (default `ghgw`).
         key_prefix: String,
+        /// For `rediss://`: PEM certificates of the CAs that sign the server's certificate;
+        /// `None` trusts the public web roots (webpki-roots) and the system's.
+        ca_pem: Option<Vec<u8>>,
     },
 }
 
@@ -112,6 +115,7 @@ impl Backend {
             url: url.into(),
             timeout: DEFAULT_REDIS_TIMEOUT,
             key_prefix: DEFAULT_KEY_PREFIX.to_string(),
+            ca_pem: None,
         }
     }
 }
@@ -348,6 +352,7 @@ pub fn validate_backend(
                 url: redis_url.unwrap_or_default().to_string(),
                 timeout,
                 key_prefix: prefix.to_string(),
+                ca_pem: None,
             }
         }
         _ => {
@@ -364,10 +369,7 @@ pub fn validate_backend(
 
 fn redis_url_problem(url: &str) -> Option<&'static str> {
     let lower = url.to_ascii_lowercase();
-    if lower.starts_with("rediss://") {
-        return Some("TLS (rediss://) is not supported by this build; use redis://");
-    }
-    let scheme_ok = ["redis://", "redis+unix://", "unix://"]
+    let scheme_ok = ["redis://", "rediss://", "redis+unix://", "unix://"]
         .iter()
         .any(|s| lower.starts_with(s));
     if !scheme_ok || redis::Client::open(url).is_err() {
@@ -841,9 +843,11 @@ impl Quotas {
                 url,
                 timeout,
                 key_prefix,
+                ca_pem,
             } => (
                 Some(Arc::new(RedisStore::new(
                     url,
+                    ca_pem.clone(),
                     (*timeout).max(Duration::from_millis(1)),
                     key_prefix,
                     options.lease_ttl.max(Duration::from_millis(1)),

@@ -103,6 +103,7 @@ impl Health {
 
 pub(crate) struct RedisStore {
     url: String,
+    ca_pem: Option<Vec<u8>>,
     timeout: Duration,
     lease_ttl: Duration,
     probe_interval: Duration,
@@ -121,6 +122,7 @@ pub(crate) struct RedisStore {
 impl RedisStore {
     pub fn new(
         url: &str,
+        ca_pem: Option<Vec<u8>>,
         timeout: Duration,
         prefix: &str,
         lease_ttl: Duration,
@@ -129,6 +131,7 @@ impl RedisStore {
     ) -> RedisStore {
         RedisStore {
             url: url.to_string(),
+            ca_pem,
             timeout,
             lease_ttl,
             probe_interval,
@@ -162,8 +165,19 @@ impl RedisStore {
     fn connection(self: &Arc<Self>) -> Result<ConnectionManager, String> {
         self.conn
             .get_or_init(|| {
-                let client = Client::open(self.url.as_str())
-                    .map_err(|e| format!("invalid redis url: {e}"))?;
+                // rediss:// is TLS by rustls (with the process's crypto provider), trusting
+                // `ca_pem` when given, else the public web roots and the system's.
+                let client = match &self.ca_pem {
+                    Some(pem) => Client::build_with_tls(
+                        self.url.as_str(),
+                        redis::TlsCertificates {
+                            client_tls: None,
+                            root_cert: Some(pem.clone()),
+                        },
+                    ),
+                    None => Client::open(self.url.as_str()),
+                }
+                .map_err(|e| format!("invalid redis url: {e}"))?;
                 let config = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(self.timeout))
                     .set_response_timeout(Some(self.timeout))

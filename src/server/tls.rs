@@ -17,7 +17,7 @@ pub fn acceptor(cfg: &Tls) -> Result<tokio_rustls::TlsAcceptor, String> {
     }
     let key = PrivateKeyDer::from_pem_file(&cfg.key)
         .map_err(|e| format!("cannot read key {}: {e}", cfg.key.display()))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?;

@@ -100,8 +100,8 @@ pub struct Spec {
 impl Spec {
     /// Parses and compiles an OpenAPI 3.x document (YAML or JSON). Reports every problem found.
     pub fn from_text(text: &str) -> Result<Spec, Vec<String>> {
-        let doc: Value =
-            serde_yaml::from_str(text).map_err(|e| vec![format!("not valid YAML or JSON: {e}")])?;
+        let doc: Value = serde_yaml_ng::from_str(text)
+            .map_err(|e| vec![format!("not valid YAML or JSON: {e}")])?;
         Spec::from_value(&doc)
     }
 

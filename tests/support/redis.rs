@@ -43,8 +43,59 @@ impl RedisServer {
 
     /// Starts on `port` and returns once it accepts connections (its log says so).
     pub fn start_on(port: u16) -> Option<RedisServer> {
+        RedisServer::spawn(port, &["--port", &port.to_string()])
+    }
+
+    /// A server that speaks only TLS on its port (no plain TCP), with a certificate for
+    /// `127.0.0.1` and `localhost` signed by a fresh private CA. Returns the server and the CA
+    /// certificate's PEM; the key and certificate files live in `dir`.
+    pub fn start_tls(dir: &std::path::Path) -> (RedisServer, String) {
+        assert!(
+            redis_server_on_path(),
+            "this test needs redis-server on PATH"
+        );
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "test redis CA");
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params =
+            rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+                .unwrap();
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        let (cert_file, key_file) = (dir.join("redis.crt"), dir.join("redis.key"));
+        std::fs::write(&cert_file, cert.pem()).unwrap();
+        std::fs::write(&key_file, key.serialize_pem()).unwrap();
+        let (cert_file, key_file) = (cert_file.to_string_lossy(), key_file.to_string_lossy());
+        for _ in 0..5 {
+            let port = free_port().to_string();
+            let args = [
+                "--port",
+                "0",
+                "--tls-port",
+                &port,
+                "--tls-cert-file",
+                &cert_file,
+                "--tls-key-file",
+                &key_file,
+                "--tls-auth-clients",
+                "no",
+            ];
+            if let Some(s) = RedisServer::spawn(port.parse().unwrap(), &args) {
+                return (s, ca_cert.pem());
+            }
+        }
+        panic!("redis-server with TLS did not start on any of 5 free ports");
+    }
+
+    fn spawn(port: u16, listen: &[&str]) -> Option<RedisServer> {
         let mut child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(listen)
+            .args(["--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
