@@ -30,6 +30,7 @@ fn teams() -> BTreeMap<String, TeamLimits> {
     let mut t = TeamLimits {
         limit: huge,
         concurrency: Some(1_000_000),
+        daily: None,
         operations: BTreeMap::new(),
     };
     t.operations.insert(

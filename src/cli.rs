@@ -339,6 +339,9 @@ pub fn summary(cfg: &Config) -> String {
             if let Some(c) = l.concurrency {
                 quota.push(format!("{c} in flight"));
             }
+            if let Some(d) = l.daily {
+                quota.push(format!("{d}/day"));
+            }
         }
         if quota.is_empty() {
             quota.push("unlimited".into());

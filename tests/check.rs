@@ -783,3 +783,21 @@ fn an_attachment_limit_whose_base64_cannot_fit_in_the_body_limit_is_refused() {
         "base64",
     );
 }
+
+#[test]
+fn a_team_wide_daily_quota_is_accepted_and_zero_is_refused_naming_quota_daily() {
+    for (daily, refused) in [("5000", false), ("0", true)] {
+        let mut teams = one_team();
+        teams[0]
+            .1
+            .push_str(&format!("\n[quota]\ndaily = {daily}\n"));
+        let dir = scenario(&gateway(ORIGIN), &teams, &[]);
+        let run = check(&dir.path().join("gateway.toml"));
+        if refused {
+            assert_eq!(run.code, Some(1), "{}", run.all());
+            assert_problem(&run, "sourcing.toml", "quota.daily", "at least 1");
+        } else {
+            assert_eq!(run.code, Some(0), "daily = {daily}: {}", run.all());
+        }
+    }
+}

@@ -264,6 +264,7 @@ async fn a_request_refused_by_the_team_rate_spends_nothing_from_the_daily_quota(
 async fn concurrency_cap_is_released_when_the_admission_drops() {
     let t = TeamLimits {
         concurrency: Some(2),
+        daily: None,
         ..TeamLimits::default()
     };
     let (q, _clock) = at(NOON, memory(vec![("t", t)]));
@@ -284,6 +285,7 @@ async fn concurrency_cap_is_released_when_the_admission_drops() {
 async fn a_concurrency_refusal_spends_no_rate() {
     let t = TeamLimits {
         concurrency: Some(1),
+        daily: None,
         ..team_rate(per_hour(2), 2)
     };
     let (q, _clock) = at(NOON, memory(vec![("t", t)]));
@@ -327,6 +329,7 @@ async fn a_team_without_limits_is_admitted_without_headers() {
 fn sourcing() -> TeamLimits {
     let mut t = TeamLimits {
         concurrency: Some(16),
+        daily: None,
         ..team_rate(per_sec(20), 20)
     };
     t.operations.insert(
@@ -762,6 +765,7 @@ async fn redis_concurrency_lease_comes_back_when_the_admission_drops() {
     let r = test_redis();
     let t = TeamLimits {
         concurrency: Some(1),
+        daily: None,
         ..TeamLimits::default()
     };
     let q = redis_quotas(redis_settings(
@@ -798,6 +802,7 @@ async fn redis_lease_never_released_comes_back_after_its_ttl() {
     let r = test_redis();
     let t = TeamLimits {
         concurrency: Some(1),
+        daily: None,
         ..TeamLimits::default()
     };
     let q = Quotas::new_with_options(

@@ -570,6 +570,95 @@ async fn fourth_create_of_a_daily_3_is_daily_quota_exhausted_and_other_operation
     assert_eq!(env.stub.seen().len(), 3 + 2 + 3 + 3 + 1);
 }
 
+const TEAM_DAILY: &str = r#"
+[quota]
+daily = 4
+[quota.operations.createPartnerCandidate]
+daily = 3
+"#;
+
+/// Four calls of three operations (some on `gw`, some on `other`) use up a team-wide
+/// `daily = 4`; then a call of an operation with no limit of its own is refused, and so is one
+/// whose own daily quota has room left.
+async fn team_daily_4_spans_operations(gw: &Gw, other: &Gw, sandbox: &Sandbox, stub: &Stub) {
+    let client = TestClient::new();
+    let t = token(sandbox, "ops");
+    let policy = "\"team-daily\";q=4;w=86400";
+    let replies = [
+        post_candidate(&client, &gw.url(CANDIDATES), &t).await,
+        get(&client, &other.url(JOBS), &t).await,
+        post_candidate(&client, &other.url(CANDIDATES), &t).await,
+        get(&client, &gw.url(CANDIDATES), &t).await,
+    ];
+    for (i, r) in replies.iter().enumerate() {
+        assert_eq!(r.status, StatusCode::OK, "call {i}: {}", r.text());
+        assert_ratelimit_fields(r, policy);
+        assert_eq!(remaining(r, "team-daily"), Some(3 - i as u64), "call {i}");
+    }
+    for r in [
+        get(&client, &gw.url(JOBS), &t).await,
+        post_candidate(&client, &other.url(CANDIDATES), &t).await,
+    ] {
+        assert_refused(&r, StatusCode::TOO_MANY_REQUESTS, "daily_quota_exhausted");
+        assert!((1..=86_400).contains(&retry_after(&r)), "Retry-After");
+        assert_ratelimit_fields(&r, policy);
+        assert_eq!(remaining(&r, "team-daily"), Some(0));
+    }
+    assert_eq!(stub.seen().len(), 4, "refused calls never left");
+    // Another team with the same file is untouched.
+    let r = get(&client, &gw.url(JOBS), &token(sandbox, "peer")).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(remaining(&r, "team-daily"), Some(3));
+    let snapshot = admin_team_quota(gw, "ops").await;
+    assert_eq!(snapshot["limits"]["daily"], json!(4), "{snapshot}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn team_daily_4_counts_every_operation_together_and_the_fifth_call_is_daily_quota_exhausted()
+{
+    not_at_midnight().await;
+    let env = Env::start(
+        vec![team("ops", TEAM_DAILY), team("peer", TEAM_DAILY)],
+        String::new(),
+        "",
+        "5s",
+    )
+    .await;
+    team_daily_4_spans_operations(&env.gw, &env.gw, &env.sandbox, &env.stub).await;
+    let snapshot = admin_team_quota(&env.gw, "ops").await;
+    assert_eq!(snapshot["usage"]["daily_used"], json!(4), "{snapshot}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_sharing_redis_count_one_team_daily_quota_together() {
+    not_at_midnight().await;
+    let redis = test_redis();
+    let prefix = key_prefix("team-daily");
+    let sandbox = Sandbox::start_local(Setup::default().sandbox)
+        .await
+        .unwrap();
+    let stub = Stub::start().await;
+    let setup = Setup {
+        teams: vec![team("ops", TEAM_DAILY), team("peer", TEAM_DAILY)],
+        extra: redis_quota(&redis.url, "deny", &prefix),
+        upstream: Some(stub.base_url()),
+        ..Setup::default()
+    };
+    let a = start_gateway(&sandbox, &setup, "").await;
+    let b = start_gateway(&sandbox, &setup, "").await;
+    team_daily_4_spans_operations(&a, &b, &sandbox, &stub).await;
+    let mut conn = redis_conn(&redis.url).await;
+    let key = format!("{prefix}:team:ops:daily");
+    let n: i64 = redis::cmd("HGET")
+        .arg(&key)
+        .arg("n")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(n, 4, "Redis counts what was forwarded");
+    assert!(pttl(&mut conn, &key).await > 0);
+}
+
 // ---------------------------------------------------------------------------------------------
 // 4. Concurrency
 
@@ -956,6 +1045,7 @@ async fn every_redis_key_of_a_run_has_a_ttl() {
 rate = "100/h"
 burst = 100
 concurrency = 5
+daily = 1000
 [quota.operations.createPartnerCandidate]
 rate = "50/h"
 daily = 100
@@ -998,6 +1088,7 @@ daily = 100
     let keys = scan_prefix(&mut conn, &prefix).await;
     for suffix in [
         "team:limited:rate",
+        "team:limited:daily",
         "team:limited:op:createPartnerCandidate:rate",
         "team:limited:op:createPartnerCandidate:daily",
         "upstream:window",

@@ -220,6 +220,9 @@ pub struct TeamQuotaFile {
     pub burst: Option<u64>,
     /// Requests in flight at once.
     pub concurrency: Option<u64>,
+    /// Admitted requests per UTC day for the whole team, all operations together (resets at
+    /// 00:00 UTC).
+    pub daily: Option<u64>,
     /// Per operation id.
     #[serde(default)]
     pub operations: BTreeMap<String, OpQuotaFile>,

@@ -1294,6 +1294,12 @@ fn team_limits(r: &mut Report<'_>, q: &TeamQuotaFile, operations: &BTreeSet<Stri
         Some(n) => Some(u32::try_from(n).unwrap_or(u32::MAX)),
         None => None,
     };
+    if q.daily == Some(0) {
+        r.add(
+            "quota.daily",
+            "must be at least 1 (leave it out for no daily limit)",
+        );
+    }
     let mut ops = BTreeMap::new();
     for (op, oq) in &q.operations {
         let key = format!("quota.operations.{op}");
@@ -1321,6 +1327,7 @@ fn team_limits(r: &mut Report<'_>, q: &TeamQuotaFile, operations: &BTreeSet<Stri
     TeamLimits {
         limit,
         concurrency,
+        daily: q.daily.filter(|d| *d > 0),
         operations: ops,
     }
 }

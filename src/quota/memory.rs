@@ -76,6 +76,9 @@ struct OpState {
 #[derive(Debug)]
 struct TeamState {
     tat: u64,
+    /// The team's daily count: the UTC day it belongs to and what was admitted on it.
+    day: u64,
+    used: u64,
     ops: Vec<OpState>,
 }
 
@@ -84,6 +87,8 @@ struct TeamState {
 pub(crate) struct Observed {
     pub team_tat_us: Option<u64>,
     pub in_use: Option<u32>,
+    /// (day, used) of the team's daily quota.
+    pub team_daily: Option<(u64, u64)>,
     pub ops: HashMap<usize, ObservedOp>,
 }
 
@@ -110,7 +115,12 @@ impl TeamSlot {
         let ops = vec![OpState::default(); plan.ops.len()];
         TeamSlot {
             plan,
-            state: Mutex::new(TeamState { tat: 0, ops }),
+            state: Mutex::new(TeamState {
+                tat: 0,
+                day: 0,
+                used: 0,
+                ops,
+            }),
             inflight: AtomicU32::new(0),
             redis_inflight: AtomicU32::new(0),
             observed: Mutex::new(Observed::default()),
@@ -142,10 +152,12 @@ impl TeamSlot {
         } else {
             0
         };
-        let daily_exhausted = op_plan
+        let team_used = if st.day == day { st.used } else { 0 };
+        let op_daily_full = op_plan
             .and_then(|p| p.daily)
-            .filter(|limit| used >= *limit)
-            .map(|_| until_reset);
+            .is_some_and(|limit| used >= limit);
+        let team_daily_full = self.plan.daily.is_some_and(|limit| team_used >= limit);
+        let daily_exhausted = (op_daily_full || team_daily_full).then_some(until_reset);
         let rate_wait = [team_check, op_check]
             .into_iter()
             .flatten()
@@ -163,6 +175,10 @@ impl TeamSlot {
             if let Some(Ok(t)) = team_check {
                 team_after = t;
                 st.tat = t;
+            }
+            if self.plan.daily.is_some() {
+                st.day = day;
+                st.used = team_used + 1;
             }
             if let Some(Ok(t)) = op_check {
                 op_after.tat = t;
@@ -197,6 +213,10 @@ impl TeamSlot {
                 used: if admitted { used + 1 } else { used },
                 until_reset,
             }),
+            team_daily: self.plan.daily.map(|_| DailyObs {
+                used: team_used + u64::from(admitted),
+                until_reset,
+            }),
         };
         Verdict {
             status,
@@ -218,9 +238,13 @@ impl TeamSlot {
         let (day, _) = day_and_reset(now);
         let st = lock(&self.state);
         let team_tat = st.tat;
+        let team_used = if st.day == day { st.used } else { 0 };
         let ops = st.ops.clone();
         drop(st);
         let mut out = json!({});
+        if self.plan.daily.is_some() {
+            out["daily_used"] = json!(team_used);
+        }
         if self.plan.concurrency.is_some() {
             out["in_flight"] = json!(self.inflight.load(Ordering::Acquire));
         }

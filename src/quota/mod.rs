@@ -2,8 +2,8 @@
 //!
 //! Pipeline step 5 (after the team and operation are known, before the body is read):
 //! [`Quotas::admit`] runs every check for one request — the team's rate (GCRA, with burst), the
-//! team's concurrency cap, the operation's rate and the operation's daily quota (reset at
-//! 00:00 UTC) — and spends in all of them or in none: a refused request costs nothing anywhere.
+//! team's concurrency cap, the team's daily quota (all operations together), the operation's
+//! rate and the operation's daily quota (daily quotas reset at 00:00 UTC) — and spends in all of them or in none: a refused request costs nothing anywhere.
 //! Just before forwarding, [`Quotas::upstream_slot`] waits (up to `upstream.max_wait`) for a slot
 //! in the account's Greenhouse budget, shared by every team and every replica.
 //!
@@ -47,7 +47,7 @@
 //! ```
 //!
 //! Policies: `"team"` (the team's rate), `"team-concurrency"` (its cap on requests in flight),
-//! the operation id (the operation's rate) and `"<operationId>-daily"` (its daily quota); only
+//! `"team-daily"` (its daily quota over all operations), the operation id (the operation's rate) and `"<operationId>-daily"` (its daily quota); only
 //! the limits that apply to the request appear. For a rate, `q`/`w` is the configured count per
 //! period in whole seconds (`w` is an integer in the draft: a sub-second period is stretched to
 //! one second and the count scaled down); when the burst differs from `q` it is given as the
@@ -174,6 +174,8 @@ pub struct TeamLimits {
     pub limit: Limit,
     /// Requests in flight at once.
     pub concurrency: Option<u32>,
+    /// Admitted requests per UTC day, all operations together.
+    pub daily: Option<u64>,
     /// `[quota.operations.<operationId>]`.
     pub operations: BTreeMap<String, OpLimits>,
 }
@@ -881,8 +883,8 @@ impl Quotas {
         }
     }
 
-    /// All checks for one request (team rate, team concurrency, operation rate, operation daily
-    /// quota); spends in all of them or in none. A team without configured limits is admitted
+    /// All checks for one request (team rate, concurrency and daily quota, operation rate and
+    /// daily quota); spends in all of them or in none. A team without configured limits is admitted
     /// without headers.
     pub async fn admit(&self, team: &str, operation: &str) -> Result<Admission, Refusal> {
         let inner = &self.inner;
@@ -972,6 +974,9 @@ impl Quotas {
             if plan.concurrency.is_some() {
                 seen.in_use = Some(reply.in_use);
             }
+            if plan.daily.is_some() {
+                seen.team_daily = Some((reply.day, reply.team_daily_used));
+            }
             if let Some((i, p)) = op {
                 let entry = seen.ops.entry(i).or_default();
                 if p.rate.is_some() {
@@ -992,6 +997,10 @@ impl Quotas {
                 .map(|r| rate_obs(&r.us, reply.op_tat, reply.now_us, MICROS)),
             daily: op_plan.and_then(|p| p.daily).map(|_| DailyObs {
                 used: reply.daily_used,
+                until_reset: Duration::from_micros(reply.until_midnight_us),
+            }),
+            team_daily: plan.daily.map(|_| DailyObs {
+                used: reply.team_daily_used,
                 until_reset: Duration::from_micros(reply.until_midnight_us),
             }),
         };
@@ -1177,6 +1186,7 @@ fn limits_json(plan: &TeamPlan) -> Value {
         "rate": rate,
         "burst": burst,
         "concurrency": plan.concurrency,
+        "daily": plan.daily,
         "operations": ops,
     })
 }
@@ -1195,6 +1205,12 @@ fn redis_usage(slot: &TeamSlot, store: &RedisStore, now: Duration) -> Value {
     }
     if let Some(r) = &plan.rate {
         out["remaining_burst"] = json!(r.us.observe(seen.team_tat_us.unwrap_or(0), est).0);
+    }
+    if plan.daily.is_some() {
+        out["daily_used"] = json!(match seen.team_daily {
+            Some((d, used)) if d == day => used,
+            _ => 0,
+        });
     }
     let mut ops = Map::new();
     for (i, op) in plan.ops.iter().enumerate() {

@@ -19,6 +19,8 @@ pub(crate) const MICROS: Duration = Duration::from_micros(1);
 const TEAM_POLICY: &str = "team";
 /// The policy name of the team's concurrency cap.
 const TEAM_CONCURRENCY_POLICY: &str = "team-concurrency";
+/// The policy name of the team's daily quota (all operations together).
+const TEAM_DAILY_POLICY: &str = "team-daily";
 /// Suffix of an operation's daily quota policy name.
 const DAILY_SUFFIX: &str = "-daily";
 const DAY_SECS: u64 = 86_400;
@@ -48,12 +50,14 @@ impl RatePlan {
 pub(crate) struct TeamPlan {
     pub rate: Option<RatePlan>,
     pub concurrency: Option<u32>,
+    pub daily: Option<u64>,
     pub ops: Vec<OpPlan>,
     pub op_index: HashMap<String, usize>,
     /// `RateLimit-Policy` for a request whose operation has no limits of its own.
     pub policy: Option<String>,
     pub rate_key: String,
     pub inflight_key: String,
+    pub daily_key: String,
 }
 
 pub(crate) struct OpPlan {
@@ -72,6 +76,7 @@ impl TeamPlan {
     pub fn new(name: &str, limits: &TeamLimits, prefix: &str) -> TeamPlan {
         let rate = RatePlan::from_limit(&limits.limit);
         let concurrency = limits.concurrency.filter(|c| *c > 0);
+        let daily = limits.daily;
         let team_key = format!("{prefix}:team:{}", key_part(name));
         let mut team_items = Vec::new();
         if let Some(r) = &rate {
@@ -81,6 +86,12 @@ impl TeamPlan {
             team_items.push(format!(
                 "{};q={c};qu=\"concurrent-requests\"",
                 sf_string(TEAM_CONCURRENCY_POLICY)
+            ));
+        }
+        if let Some(d) = daily {
+            team_items.push(format!(
+                "{};q={d};w={DAY_SECS}",
+                sf_string(TEAM_DAILY_POLICY)
             ));
         }
         let mut ops = Vec::new();
@@ -93,11 +104,13 @@ impl TeamPlan {
         TeamPlan {
             rate,
             concurrency,
+            daily,
             ops,
             op_index,
             policy: join(&team_items),
             rate_key: format!("{team_key}:rate"),
             inflight_key: format!("{team_key}:inflight"),
+            daily_key: format!("{team_key}:daily"),
         }
     }
 
@@ -110,6 +123,7 @@ impl TeamPlan {
     pub fn limits_anything(&self, op: Option<&OpPlan>) -> bool {
         self.rate.is_some()
             || self.concurrency.is_some()
+            || self.daily.is_some()
             || op.is_some_and(|o| o.rate.is_some() || o.daily.is_some())
     }
 
@@ -235,7 +249,10 @@ pub(crate) struct Observation {
     pub team: Option<RateObs>,
     pub in_use: Option<u32>,
     pub op: Option<RateObs>,
+    /// The operation's daily quota.
     pub daily: Option<DailyObs>,
+    /// The team's daily quota.
+    pub team_daily: Option<DailyObs>,
 }
 
 fn secs_ceil(d: Duration) -> u64 {
@@ -270,6 +287,14 @@ pub(crate) fn render(
             "{};r={}",
             sf_string(TEAM_CONCURRENCY_POLICY),
             c.saturating_sub(in_use)
+        ));
+    }
+    if let (Some(limit), Some(d)) = (plan.daily, obs.team_daily) {
+        items.push(format!(
+            "{};r={};t={}",
+            sf_string(TEAM_DAILY_POLICY),
+            limit.saturating_sub(d.used),
+            secs_ceil(d.until_reset)
         ));
     }
     if let Some(op) = op {

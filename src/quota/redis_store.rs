@@ -7,6 +7,7 @@
 //! - `{prefix}:team:{team}:rate`: team GCRA arrival time (µs); expires when the team is idle
 //! - `{prefix}:team:{team}:inflight`: ZSET of concurrency leases scored by expiry (µs); expired
 //!   leases are dropped by the script, the key's TTL is refreshed on every new lease
+//! - `{prefix}:team:{team}:daily`: the team's daily count, all operations together (as below)
 //! - `{prefix}:team:{team}:op:{operation}:rate`: operation GCRA arrival time
 //! - `{prefix}:team:{team}:op:{operation}:daily`: HASH `d` (UTC day number) and `n` (admitted);
 //!   expires one hour after the UTC day ends
@@ -39,6 +40,7 @@ pub(crate) struct AdmitReply {
     pub until_midnight_us: u64,
     pub now_us: u64,
     pub day: u64,
+    pub team_daily_used: u64,
 }
 
 /// Up or down, with the reason; while down, one caller per `recheck` interval is let through to
@@ -229,6 +231,9 @@ impl RedisStore {
         let daily = op
             .and_then(|o| o.daily)
             .map_or(-1, |d| i64::try_from(d).unwrap_or(i64::MAX));
+        let team_daily = plan
+            .daily
+            .map_or(-1, |d| i64::try_from(d).unwrap_or(i64::MAX));
         // Unused keys (no operation limits) are passed but never touched by the script.
         let op_rate_key = op.map_or(plan.rate_key.as_str(), |o| o.rate_key.as_str());
         let op_daily_key = op.map_or(plan.rate_key.as_str(), |o| o.daily_key.as_str());
@@ -237,6 +242,7 @@ impl RedisStore {
             .key(&plan.inflight_key)
             .key(op_rate_key)
             .key(op_daily_key)
+            .key(&plan.daily_key)
             .arg(team_t)
             .arg(team_b)
             .arg(plan.concurrency.unwrap_or(0))
@@ -244,11 +250,12 @@ impl RedisStore {
             .arg(u64::try_from(self.lease_ttl.as_millis()).unwrap_or(u64::MAX))
             .arg(op_t)
             .arg(op_b)
-            .arg(daily);
+            .arg(daily)
+            .arg(team_daily);
         let v: Vec<i64> = self.bounded(inv.invoke_async(&mut conn)).await?;
         let at = |i: usize| v.get(i).copied().unwrap_or(0);
         let u = |i: usize| u64::try_from(at(i)).unwrap_or(0);
-        if v.len() < 9 {
+        if v.len() < 10 {
             let e = format!("unexpected script reply of {} values", v.len());
             self.health.failed(&e);
             return Err(e);
@@ -274,6 +281,7 @@ impl RedisStore {
             until_midnight_us: u(6),
             now_us: u(7),
             day: u(8),
+            team_daily_used: u(9),
         })
     }
 

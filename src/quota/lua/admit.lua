@@ -5,11 +5,13 @@
 --
 -- KEYS[1] team GCRA arrival time      KEYS[2] team concurrency leases (ZSET id -> expiry)
 -- KEYS[3] operation GCRA arrival time KEYS[4] operation daily counter (HASH d = day, n = used)
+-- KEYS[5] team daily counter (HASH d = day, n = used)
 -- ARGV[1] team interval (us, 0 = no team rate)     ARGV[2] team burst
 -- ARGV[3] concurrency cap (0 = none)               ARGV[4] lease id   ARGV[5] lease TTL (ms)
 -- ARGV[6] operation interval (us, 0 = none)        ARGV[7] operation burst
--- ARGV[8] daily quota (-1 = none)
--- Returns {status, retry_us, team_tat, op_tat, daily_used, in_use, until_midnight_us, now, day}
+-- ARGV[8] operation daily quota (-1 = none)         ARGV[9] team daily quota (-1 = none)
+-- Returns {status, retry_us, team_tat, op_tat, daily_used, in_use, until_midnight_us, now, day,
+--          team_daily_used}
 -- with status 0 admitted, 1 rate, 2 daily, 3 concurrency; the state after the request when it
 -- was admitted, before it when refused.
 if redis.replicate_commands then redis.replicate_commands() end
@@ -21,6 +23,7 @@ local team_t, team_b = tonumber(ARGV[1]), tonumber(ARGV[2])
 local cap, lease_ttl = tonumber(ARGV[3]), tonumber(ARGV[5])
 local op_t, op_b = tonumber(ARGV[6]), tonumber(ARGV[7])
 local daily = tonumber(ARGV[8])
+local team_daily = tonumber(ARGV[9])
 
 local function tat_of(key)
   local v = tonumber(redis.call('GET', key))
@@ -49,11 +52,14 @@ end
 
 local day = math.floor(now / DAY)
 local until_midnight = (day + 1) * DAY - now
-local used = 0
-if daily >= 0 then
-  local h = redis.call('HMGET', KEYS[4], 'd', 'n')
-  if tonumber(h[1]) == day then used = tonumber(h[2]) or 0 end
+local function used_today(key)
+  local h = redis.call('HMGET', key, 'd', 'n')
+  if tonumber(h[1]) == day then return tonumber(h[2]) or 0 end
+  return 0
 end
+local used, team_used = 0, 0
+if daily >= 0 then used = used_today(KEYS[4]) end
+if team_daily >= 0 then team_used = used_today(KEYS[5]) end
 
 local in_use = 0
 if cap > 0 then
@@ -63,7 +69,7 @@ if cap > 0 then
 end
 
 local status, retry = 0, 0
-if daily >= 0 and used >= daily then
+if (daily >= 0 and used >= daily) or (team_daily >= 0 and team_used >= team_daily) then
   status, retry = 2, until_midnight
 elseif rate_wait > 0 then
   status, retry = 1, rate_wait
@@ -82,10 +88,18 @@ if status == 0 then
     redis.call('SET', KEYS[3], string.format('%.0f', op_tat),
       'PX', math.ceil((op_tat - now) / 1000) + 1000)
   end
+  -- a daily counter outlives its day by an hour, for clock skew between replicas' decisions
+  local function spend_day(key, n)
+    redis.call('HSET', key, 'd', string.format('%.0f', day), 'n', string.format('%.0f', n))
+    redis.call('EXPIREAT', key, string.format('%.0f', (day + 1) * 86400 + 3600))
+  end
   if daily >= 0 then
     used = used + 1
-    redis.call('HSET', KEYS[4], 'd', string.format('%.0f', day), 'n', string.format('%.0f', used))
-    redis.call('EXPIREAT', KEYS[4], string.format('%.0f', (day + 1) * 86400 + 3600))
+    spend_day(KEYS[4], used)
+  end
+  if team_daily >= 0 then
+    team_used = team_used + 1
+    spend_day(KEYS[5], team_used)
   end
   if cap > 0 then
     redis.call('ZADD', KEYS[2], string.format('%.0f', now + lease_ttl * 1000), ARGV[4])
@@ -94,4 +108,4 @@ if status == 0 then
   end
 end
 
-return {status, retry, team_tat, op_tat, used, in_use, until_midnight, now, day}
+return {status, retry, team_tat, op_tat, used, in_use, until_midnight, now, day, team_used}
