@@ -41,16 +41,23 @@ fn keyed(dir: &Path, key: &str) -> AuditSettings {
 }
 
 fn record(i: u64) -> AuditRecord {
-    let forwarded = i % 3 != 0;
+    let forwarded = !i.is_multiple_of(3);
     AuditRecord {
         request_id: format!("req-{i:04}"),
-        team: Some(if i % 2 == 0 { "sourcing" } else { "agency" }.into()),
+        team: Some(
+            if i.is_multiple_of(2) {
+                "sourcing"
+            } else {
+                "agency"
+            }
+            .into(),
+        ),
         subject: Some(format!("svc-{}", i % 4)),
         issuer: Some("https://idp.internal".into()),
         client_addr: Some("10.0.0.7".into()),
         method: "POST".into(),
         operation: Some(
-            if i % 2 == 0 {
+            if i.is_multiple_of(2) {
                 "post_candidates"
             } else {
                 "get_jobs"
@@ -1109,10 +1116,10 @@ fn killed_writer_leaves_a_verifiable_log_with_every_acknowledged_record() {
     let pump = std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines() {
             let Ok(line) = line else { break };
-            if let Some(id) = line.strip_prefix("ACK ") {
-                if tx.send(id.to_string()).is_err() {
-                    break;
-                }
+            if let Some(id) = line.strip_prefix("ACK ")
+                && tx.send(id.to_string()).is_err()
+            {
+                break;
             }
         }
     });

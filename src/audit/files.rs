@@ -120,13 +120,14 @@ pub(crate) fn rotated_siblings(base: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
     let base_name = base.file_name();
     for entry in entries {
         let path = entry?.path();
-        if let Some((stem, seq)) = split_rotated(&path) {
-            if stem.file_name() == base_name && path.is_file() {
-                out.push((
-                    seq,
-                    base.with_file_name(path.file_name().unwrap_or_default()),
-                ));
-            }
+        if let Some((stem, seq)) = split_rotated(&path)
+            && stem.file_name() == base_name
+            && path.is_file()
+        {
+            out.push((
+                seq,
+                base.with_file_name(path.file_name().unwrap_or_default()),
+            ));
         }
     }
     out.sort();

@@ -47,15 +47,15 @@ impl QueryFilter {
         {
             return false;
         }
-        if let Some(id) = &self.external_id {
-            if !rec.external_ids.contains(id) {
-                return false;
-            }
+        if let Some(id) = &self.external_id
+            && !rec.external_ids.contains(id)
+        {
+            return false;
         }
-        if let Some(id) = self.candidate_id {
-            if !rec.candidate_ids.contains(&id) {
-                return false;
-            }
+        if let Some(id) = self.candidate_id
+            && !rec.candidate_ids.contains(&id)
+        {
+            return false;
         }
         if self.since.is_some() || self.until.is_some() {
             // A record without a readable time cannot be shown to be inside the range.

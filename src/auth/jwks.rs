@@ -291,10 +291,10 @@ fn b64_member<'a>(
 fn parse_key(member: &Value) -> Result<VerificationKey, &'static str> {
     let obj = member.as_object().ok_or("not an object")?;
     let kty = obj.get("kty").and_then(Value::as_str).ok_or("no kty")?;
-    if let Some(u) = obj.get("use") {
-        if u.as_str() != Some("sig") {
-            return Err("use is not sig");
-        }
+    if let Some(u) = obj.get("use")
+        && u.as_str() != Some("sig")
+    {
+        return Err("use is not sig");
     }
     if let Some(ops) = obj.get("key_ops") {
         let ops = ops.as_array().ok_or("key_ops is not an array")?;
@@ -388,10 +388,10 @@ pub fn cache_max_age(headers: &HeaderMap) -> Option<Duration> {
             let Some((name, arg)) = directive.split_once('=') else {
                 continue;
             };
-            if name.trim().eq_ignore_ascii_case("max-age") {
-                if let Ok(secs) = arg.trim().trim_matches('"').parse::<u64>() {
-                    found = Some(Duration::from_secs(secs).clamp(MIN_MAX_AGE, MAX_MAX_AGE));
-                }
+            if name.trim().eq_ignore_ascii_case("max-age")
+                && let Ok(secs) = arg.trim().trim_matches('"').parse::<u64>()
+            {
+                found = Some(Duration::from_secs(secs).clamp(MIN_MAX_AGE, MAX_MAX_AGE));
             }
         }
     }

@@ -608,10 +608,10 @@ fn check_claims(
             return Err(RejectReason::IssuedInFuture);
         }
     }
-    if let Some(sub) = claims.get("sub") {
-        if !sub.is_string() {
-            return Err(RejectReason::Malformed);
-        }
+    if let Some(sub) = claims.get("sub")
+        && !sub.is_string()
+    {
+        return Err(RejectReason::Malformed);
     }
     let named = match aud {
         Value::String(a) => issuer.audiences.contains(a.as_str()),

@@ -1083,13 +1083,13 @@ impl Quotas {
             return;
         }
         up.block_local(inner.clock.now(), block);
-        if let Some(store) = &inner.redis {
-            if let Ok(handle) = tokio::runtime::Handle::try_current() {
-                let store = Arc::clone(store);
-                handle.spawn(async move {
-                    let _ = store.feedback(block).await;
-                });
-            }
+        if let Some(store) = &inner.redis
+            && let Ok(handle) = tokio::runtime::Handle::try_current()
+        {
+            let store = Arc::clone(store);
+            handle.spawn(async move {
+                let _ = store.feedback(block).await;
+            });
         }
     }
 

@@ -329,10 +329,10 @@ fn tracking_link(shared: &Shared, body: &Bytes) -> Response<Body> {
     if !errors.is_empty() {
         return gh_errors(StatusCode::UNPROCESSABLE_ENTITY, errors);
     }
-    if let Some(job_id) = present("job_id").and_then(Value::as_u64) {
-        if shared.job(job_id).is_none() {
-            return gh_error(StatusCode::NOT_FOUND, "Not found", Some("job_id"));
-        }
+    if let Some(job_id) = present("job_id").and_then(Value::as_u64)
+        && shared.job(job_id).is_none()
+    {
+        return gh_error(StatusCode::NOT_FOUND, "Not found", Some("job_id"));
     }
     let slug = format!("{:012x}", rand::random::<u64>() >> 16);
     json(

@@ -491,14 +491,14 @@ impl Validators {
                 ));
             }
         }
-        if let Some(Value::String(u)) = url {
-            if !is_https_url(u) {
-                problems.push(problem(
-                    format!("{pointer}/url"),
-                    "format",
-                    "must be an https URL",
-                ));
-            }
+        if let Some(Value::String(u)) = url
+            && !is_https_url(u)
+        {
+            problems.push(problem(
+                format!("{pointer}/url"),
+                "format",
+                "must be an https URL",
+            ));
         }
     }
 }
@@ -572,10 +572,8 @@ fn openapi_to_json_schema(schema: &Value) -> Value {
     ] {
         if let Some(Value::Bool(exclusive)) = out.get(bool_kw).cloned() {
             out.remove(bool_kw);
-            if exclusive {
-                if let Some(bound) = out.remove(bound_kw) {
-                    out.insert(bool_kw.to_string(), bound);
-                }
+            if exclusive && let Some(bound) = out.remove(bound_kw) {
+                out.insert(bool_kw.to_string(), bound);
             }
         }
     }
@@ -606,10 +604,10 @@ fn openapi_to_json_schema(schema: &Value) -> Value {
                 )]));
             }
         }
-        if let Some(Value::Array(options)) = out.get_mut("enum") {
-            if !options.contains(&Value::Null) {
-                options.push(Value::Null);
-            }
+        if let Some(Value::Array(options)) = out.get_mut("enum")
+            && !options.contains(&Value::Null)
+        {
+            options.push(Value::Null);
         }
     }
     Value::Object(out)
@@ -810,7 +808,7 @@ fn decoded_len(s: &str) -> usize {
     let b = s.as_bytes();
     let n = b.len();
     let full = n / 4 * 3;
-    if n % 4 == 0 {
+    if n.is_multiple_of(4) {
         let pad = b.iter().rev().take(2).take_while(|&&c| c == b'=').count();
         full - pad.min(full)
     } else {
@@ -823,7 +821,7 @@ fn decoded_len(s: &str) -> usize {
 fn is_standard_base64(s: &str) -> bool {
     const CHUNK: usize = 1024;
     let b = s.as_bytes();
-    if b.len() % 4 != 0 {
+    if !b.len().is_multiple_of(4) {
         return false;
     }
     let mut out = [0u8; CHUNK];
@@ -1061,15 +1059,17 @@ fn coerce_value(text: &str, c: Coerce) -> Value {
                 .bytes()
                 .all(|b| b.is_ascii_digit())
     };
-    if c.integer && integer_like(text) {
-        if let Ok(i) = text.parse::<i64>() {
-            return Value::from(i);
-        }
+    if c.integer
+        && integer_like(text)
+        && let Ok(i) = text.parse::<i64>()
+    {
+        return Value::from(i);
     }
-    if c.number && !text.starts_with('+') {
-        if let Some(n) = text.parse::<f64>().ok().and_then(Number::from_f64) {
-            return Value::Number(n);
-        }
+    if c.number
+        && !text.starts_with('+')
+        && let Some(n) = text.parse::<f64>().ok().and_then(Number::from_f64)
+    {
+        return Value::Number(n);
     }
     if c.boolean {
         match text {
@@ -1200,11 +1200,11 @@ fn to_problem(
         };
     }
     let kind = err.kind();
-    if let ValidationErrorKind::Required { property } = kind {
-        if let Some(name) = property.as_str() {
-            pointer.push('/');
-            push_escaped(&mut pointer, name);
-        }
+    if let ValidationErrorKind::Required { property } = kind
+        && let Some(name) = property.as_str()
+    {
+        pointer.push('/');
+        push_escaped(&mut pointer, name);
     }
     FieldProblem {
         pointer,
