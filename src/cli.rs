@@ -1,4 +1,4 @@
-//! The command line: `serve`, `dev`, `sandbox`, `check`.
+//! The command line: `serve`, `dev`, `sandbox`, `check`, `audit`, `healthcheck`.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -61,6 +61,18 @@ pub enum Command {
     Audit {
         #[command(subcommand)]
         command: AuditCommand,
+    },
+    /// GET /healthz of the admin listener (container health checks): exit 0 on 200, else 1.
+    Healthcheck {
+        /// The admin listener, IP:PORT [default: admin.addr of --config, else 127.0.0.1:9090].
+        #[arg(long, conflicts_with = "config")]
+        addr: Option<SocketAddr>,
+        /// Take the address from this config's admin.addr (0.0.0.0 or :: is probed on loopback).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Longest wait for the answer, connecting included.
+        #[arg(long, default_value = "2s", value_parser = config::values::parse_duration)]
+        timeout: Duration,
     },
 }
 
@@ -153,6 +165,11 @@ pub async fn run(cli: Cli) -> i32 {
             sandbox(listen, opts).await
         }
         Command::Audit { command } => audit(command),
+        Command::Healthcheck {
+            addr,
+            config,
+            timeout,
+        } => crate::healthcheck::run(addr, config.as_deref(), timeout).await,
     }
 }
 

@@ -20,6 +20,7 @@ pub mod cli;
 pub mod config;
 pub mod dev;
 pub mod error;
+pub mod healthcheck;
 pub mod http_client;
 pub mod metrics;
 pub mod pipeline;

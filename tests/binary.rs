@@ -1,4 +1,5 @@
-//! The real binary: `serve` stops gracefully on SIGTERM and exits 0 after the in-flight request.
+//! The real binary: `serve` stops gracefully on SIGTERM and exits 0 after the in-flight request;
+//! `healthcheck` probes the admin listener the way a container health check does.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
@@ -219,4 +220,155 @@ async fn dev_and_sandbox_survive_sighup() {
         let _ = child.kill();
         let _ = child.wait();
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// `healthcheck`: the container health check without curl
+// ---------------------------------------------------------------------------------------------
+
+/// Runs `greenhouse-gateway healthcheck ARGS` without blocking the test's runtime.
+async fn healthcheck(args: &[&str]) -> (Option<i32>, String, String, Duration) {
+    let started = std::time::Instant::now();
+    let out = tokio::process::Command::new(support::binary())
+        .arg("healthcheck")
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        started.elapsed(),
+    )
+}
+
+/// A listener that answers every connection with `response` (or holds it open when `None`).
+async fn canned_listener(response: Option<&'static str>) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = stream.read(&mut buf).await;
+                match response {
+                    Some(r) => {
+                        let _ = stream.write_all(r.as_bytes()).await;
+                        let _ = stream.shutdown().await;
+                    }
+                    None => tokio::time::sleep(Duration::from_secs(30)).await,
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn healthcheck_against_a_running_gateways_admin_listener_exits_0() {
+    let sandbox = Sandbox::start_local(SandboxOptions::default())
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    support::write_config(dir.path(), &sandbox, &Setup::default());
+    let served = support::spawn_serve(&dir.path().join("gateway.toml"));
+
+    let (code, stdout, stderr, _) = healthcheck(&["--addr", &served.admin]).await;
+    assert_eq!(code, Some(0), "stdout: {stdout}\nstderr: {stderr}");
+    assert!(
+        stdout.contains(&format!("http://{}/healthz answered 200", served.admin)),
+        "{stdout}"
+    );
+}
+
+#[tokio::test]
+async fn healthcheck_with_config_probes_its_admin_addr_on_loopback_when_bound_to_0_0_0_0() {
+    let sandbox = Sandbox::start_local(SandboxOptions::default())
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    support::write_config(dir.path(), &sandbox, &Setup::default());
+    // The container's shape: the admin listener on every interface, with its token (which
+    // /healthz does not need).
+    let port = support::redis::free_port();
+    let path = dir.path().join("gateway.toml");
+    let text = std::fs::read_to_string(&path).unwrap().replacen(
+        "[admin]\naddr = \"127.0.0.1:0\"",
+        &format!(
+            "[admin]\naddr = \"0.0.0.0:{port}\"\ntoken = {{ value = \"healthcheck-test-admin-token-0123456789\" }}"
+        ),
+        1,
+    );
+    assert!(text.contains(&format!("0.0.0.0:{port}")), "{text}");
+    std::fs::write(&path, text).unwrap();
+    let served = support::spawn_serve(&path);
+    assert!(
+        served.admin.ends_with(&format!(":{port}")),
+        "{}",
+        served.admin
+    );
+
+    let config = path.display().to_string();
+    let (code, stdout, stderr, _) = healthcheck(&["--config", &config]).await;
+    assert_eq!(code, Some(0), "stdout: {stdout}\nstderr: {stderr}");
+    assert!(
+        stdout.contains(&format!("http://127.0.0.1:{port}/healthz answered 200")),
+        "{stdout}"
+    );
+}
+
+#[tokio::test]
+async fn healthcheck_against_a_closed_port_exits_1_saying_it_cannot_connect() {
+    let port = support::redis::free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let (code, stdout, stderr, _) = healthcheck(&["--addr", &addr]).await;
+    assert_eq!(code, Some(1), "stdout: {stdout}\nstderr: {stderr}");
+    assert!(stdout.is_empty(), "{stdout}");
+    assert!(
+        stderr.contains(&format!(
+            "healthcheck failed: http://{addr}/healthz: cannot connect"
+        )),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn healthcheck_exits_1_naming_the_status_when_healthz_is_not_200() {
+    let addr = canned_listener(Some(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+    ))
+    .await
+    .to_string();
+    let (code, _, stderr, _) = healthcheck(&["--addr", &addr]).await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "healthcheck failed: http://{addr}/healthz answered 503 Service Unavailable, not 200"
+        )),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn healthcheck_gives_up_on_a_silent_listener_within_its_timeout_with_exit_1() {
+    let addr = canned_listener(None).await.to_string();
+    let (code, _, stderr, took) = healthcheck(&["--addr", &addr, "--timeout", "300ms"]).await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("no answer within 300ms"), "{stderr}");
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+}
+
+#[tokio::test]
+async fn healthcheck_with_an_unreadable_config_exits_1_naming_the_file() {
+    let (code, _, stderr, _) = healthcheck(&["--config", "/nonexistent/gateway.toml"]).await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("healthcheck failed: cannot read /nonexistent/gateway.toml"),
+        "{stderr}"
+    );
 }

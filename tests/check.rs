@@ -801,3 +801,250 @@ fn a_team_wide_daily_quota_is_accepted_and_zero_is_refused_naming_quota_daily() 
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The shipped production example
+// ---------------------------------------------------------------------------------------------
+
+/// The production example, relative to the repo root (its header's command names it so).
+const PRODUCTION_EXAMPLE: &str = "policies/production/gateway.toml";
+
+/// The command of the example's header comment, and the environment it sets: `NAME=value`
+/// words, where `"$(openssl rand -hex N)"` stands for 2N hex digits.
+fn header_command(config: &Path) -> (String, Vec<(String, String)>) {
+    let text = std::fs::read_to_string(config).expect("read the production example");
+    let header: Vec<&str> = text
+        .lines()
+        .take_while(|l| l.starts_with('#'))
+        .map(|l| l.trim_start_matches('#').trim())
+        .collect();
+    let start = header
+        .iter()
+        .position(|l| l.split_whitespace().next().is_some_and(|w| w.contains('=')))
+        .expect("the header sets environment variables");
+    let end = start
+        + header[start..]
+            .iter()
+            .position(|l| !l.ends_with('\\'))
+            .expect("the header's command ends");
+    let command = header[start..=end]
+        .iter()
+        .map(|l| l.trim_end_matches('\\').trim())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut env = Vec::new();
+    let mut rest = command.as_str();
+    while let Some(eq) = rest.find('=') {
+        let name_start = rest[..eq].rfind(' ').map_or(0, |i| i + 1);
+        let name = &rest[name_start..eq];
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_uppercase() || c == '_') {
+            break; // `--config=...` or the like: the assignments are over
+        }
+        let after = &rest[eq + 1..];
+        let (value, used) = match after.strip_prefix('"') {
+            Some(quoted) => {
+                let close = quoted.find('"').expect("closing quote");
+                (&quoted[..close], close + 2)
+            }
+            None => {
+                let end = after.find(' ').unwrap_or(after.len());
+                (&after[..end], end)
+            }
+        };
+        let value = match value.strip_prefix("$(openssl rand -hex ") {
+            Some(n) => {
+                let n: usize = n.trim_end_matches(')').parse().expect("a byte count");
+                "5a".repeat(n)
+            }
+            None => {
+                assert!(
+                    !value.contains('$'),
+                    "the header's {name} runs a command this test does not know: {value}"
+                );
+                value.to_string()
+            }
+        };
+        env.push((name.to_string(), value));
+        rest = &after[used..];
+    }
+    (command, env)
+}
+
+/// Secrets from a fixed environment (the one the example documents), files as they are.
+struct DocumentedEnv(Vec<(String, String)>);
+
+impl config::SecretSource for DocumentedEnv {
+    fn env(&self, name: &str) -> Option<String> {
+        self.0
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+    }
+    fn read(&self, path: &Path) -> std::io::Result<String> {
+        std::fs::read_to_string(path)
+    }
+}
+
+#[test]
+fn production_example_passes_check_with_exactly_the_env_its_header_documents() {
+    let config = manifest_dir().join(PRODUCTION_EXAMPLE);
+    let (command, env) = header_command(&config);
+    // The header's command, as pasted from the repo root.
+    assert!(
+        command.ends_with(&format!(
+            "cargo run --release -- check --config {PRODUCTION_EXAMPLE}"
+        )),
+        "{command}"
+    );
+    let names: Vec<&str> = env.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "GATEWAY_ADMIN_TOKEN",
+            "GATEWAY_AUDIT_KEY",
+            "GATEWAY_REDIS_URL",
+            "GREENHOUSE_CLIENT_SECRET",
+            "GREENHOUSE_PARTNER_API_KEY"
+        ],
+        "{command}"
+    );
+
+    // Nothing but the documented environment, from the repo root.
+    let out = Command::new(support::binary())
+        .current_dir(manifest_dir())
+        .args(["check", "--config", PRODUCTION_EXAMPLE])
+        .env_clear()
+        .envs(env.iter().map(|(n, v)| (n, v)))
+        .output()
+        .expect("run check");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.starts_with("configuration OK: "), "{stdout}");
+    assert!(
+        stdout.contains(", 3 team(s), 1 issuer(s), 2 credential(s)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("quota backend: redis (shared"), "{stdout}");
+    assert!(
+        stdout.contains("audit: /var/lib/greenhouse-gateway/audit/audit.jsonl "),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("warning:"), "{stdout}");
+    for (_, value) in &env {
+        assert!(
+            !stdout.contains(value.as_str()),
+            "check printed a secret:\n{stdout}"
+        );
+    }
+
+    // Without one of them, check names it.
+    let out = Command::new(support::binary())
+        .current_dir(manifest_dir())
+        .args(["check", "--config", PRODUCTION_EXAMPLE])
+        .env_clear()
+        .envs(
+            env.iter()
+                .filter(|(n, _)| n != "GATEWAY_REDIS_URL")
+                .map(|(n, v)| (n, v)),
+        )
+        .output()
+        .expect("run check");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("quota.redis_url: environment variable GATEWAY_REDIS_URL is not set"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn production_example_loads_its_own_teams_all_members_of_its_issuer_with_redis_and_a_keyed_audit_volume()
+ {
+    let config_path = manifest_dir().join(PRODUCTION_EXAMPLE);
+    let (_, env) = header_command(&config_path);
+    let cfg = config::load_with(&config_path, &DocumentedEnv(env))
+        .unwrap_or_else(|p| panic!("the production example does not load: {p:#?}"));
+
+    // The teams are the files of policies/production/teams/, nothing else.
+    let mut stems: Vec<String> =
+        std::fs::read_dir(manifest_dir().join("policies/production/teams"))
+            .expect("policies/production/teams")
+            .map(|e| e.expect("entry").path())
+            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+            .map(|p| p.file_stem().expect("stem").to_string_lossy().into_owned())
+            .collect();
+    stems.sort();
+    let names: Vec<String> = cfg.teams.iter().map(|t| t.name.clone()).collect();
+    assert_eq!(names, stems);
+
+    // Every member rule of every team names the configured issuer, so a token of that issuer can
+    // match it (a rule naming another issuer would make every call unknown_team).
+    let issuers: Vec<&str> = cfg.issuers.iter().map(|i| i.issuer.as_str()).collect();
+    assert_eq!(issuers, ["https://idp.internal.example"]);
+    for team in cfg.teams.iter() {
+        assert!(
+            !team.members.is_empty(),
+            "team {} has no members",
+            team.name
+        );
+        for rule in &team.members {
+            let iss = rule
+                .claims
+                .iter()
+                .find(|(claim, _)| claim == "iss")
+                .map(|(_, glob)| glob)
+                .unwrap_or_else(|| panic!("team {}: a member rule without iss", team.name));
+            assert!(
+                issuers.iter().any(|i| iss.matches(i)),
+                "team {}: member iss {:?} is not the configured issuer {issuers:?}",
+                team.name,
+                iss.as_str()
+            );
+            // A token of that issuer whose other claims fit the rule is this team's.
+            let mut claims = serde_json::Map::new();
+            for (claim, glob) in &rule.claims {
+                let value = if claim == "iss" {
+                    issuers[0].to_string()
+                } else {
+                    glob.as_str().replace(['*', '?'], "x")
+                };
+                claims.insert(claim.clone(), serde_json::Value::String(value));
+            }
+            assert_eq!(
+                cfg.teams.find(&claims).map(|t| t.name.as_str()),
+                Some(team.name.as_str()),
+                "{claims:?}"
+            );
+        }
+        assert!(
+            cfg.credentials.contains_key(&team.credential),
+            "{}",
+            team.name
+        );
+    }
+
+    // Shared quotas, a keyed audit chain on the image's volume, a token for the off-loopback admin.
+    assert!(
+        matches!(
+            cfg.quota.backend,
+            greenhouse_gateway::quota::Backend::Redis { .. }
+        ),
+        "{:?}",
+        cfg.quota.backend
+    );
+    assert!(
+        cfg.audit
+            .path
+            .starts_with("/var/lib/greenhouse-gateway/audit"),
+        "{}",
+        cfg.audit.path.display()
+    );
+    assert!(cfg.audit.hmac_key.is_some());
+    assert!(!cfg.admin.addr.ip().is_loopback());
+    assert!(cfg.admin.token.is_some());
+}

@@ -10,4 +10,4 @@ pub mod validate;
 pub mod values;
 
 pub use model::*;
-pub use validate::{Problem, load};
+pub use validate::{Problem, SecretSource, load, load_with};

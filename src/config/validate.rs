@@ -63,6 +63,12 @@ impl SecretSource for RealSecrets {
 
 /// Reads `gateway.toml`, the spec and every team file, then validates them all.
 pub fn load(path: &Path) -> Result<Config, Vec<Problem>> {
+    load_with(path, &RealSecrets)
+}
+
+/// [`load`] with secrets resolved by `secrets` instead of the process environment and files
+/// (tests load a config with the environment its documentation names).
+pub fn load_with(path: &Path, secrets: &dyn SecretSource) -> Result<Config, Vec<Problem>> {
     let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
     let problem = |file: &Path, message: String| Problem {
         file: file.to_path_buf(),
@@ -157,7 +163,7 @@ pub fn load(path: &Path) -> Result<Config, Vec<Problem>> {
     // A broken spec still lets every other file be checked, so one run shows every problem.
     // A key already reported while parsing is not reported again by validation (it was set
     // aside, so validation would only say it is missing).
-    match validate(path, &gw, spec, &team_files, &RealSecrets) {
+    match validate(path, &gw, spec, &team_files, secrets) {
         Ok(cfg) if problems.is_empty() => Ok(cfg),
         Ok(_) => Err(problems),
         Err(more) => {
