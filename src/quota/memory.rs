@@ -66,19 +66,30 @@ pub(crate) fn decide(
     }
 }
 
+/// A daily count: the UTC day number it belongs to and what was admitted on it.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct DayCount {
+    pub day: u64,
+    pub used: u64,
+}
+
+impl DayCount {
+    /// What was admitted on `day` (a count of another day is spent).
+    pub fn on(self, day: u64) -> u64 {
+        if self.day == day { self.used } else { 0 }
+    }
+}
+
 #[derive(Debug, Default, Clone, Copy)]
 struct OpState {
     tat: u64,
-    day: u64,
-    used: u64,
+    daily: DayCount,
 }
 
 #[derive(Debug)]
 struct TeamState {
     tat: u64,
-    /// The team's daily count: the UTC day it belongs to and what was admitted on it.
-    day: u64,
-    used: u64,
+    daily: DayCount,
     ops: Vec<OpState>,
 }
 
@@ -87,15 +98,14 @@ struct TeamState {
 pub(crate) struct Observed {
     pub team_tat_us: Option<u64>,
     pub in_use: Option<u32>,
-    /// (day, used) of the team's daily quota.
-    pub team_daily: Option<(u64, u64)>,
+    pub team_daily: Option<DayCount>,
     pub ops: HashMap<usize, ObservedOp>,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
 pub(crate) struct ObservedOp {
     pub tat_us: Option<u64>,
-    pub daily: Option<(u64, u64)>,
+    pub daily: Option<DayCount>,
 }
 
 /// One team: its compiled limits, its in-process state and what Redis last said about it.
@@ -117,8 +127,7 @@ impl TeamSlot {
             plan,
             state: Mutex::new(TeamState {
                 tat: 0,
-                day: 0,
-                used: 0,
+                daily: DayCount::default(),
                 ops,
             }),
             inflight: AtomicU32::new(0),
@@ -147,12 +156,8 @@ impl TeamSlot {
         let op_check = op_plan
             .and_then(|p| p.rate)
             .map(|r| r.ns.check(op_state.tat, now_ns));
-        let used = if op_state.day == day {
-            op_state.used
-        } else {
-            0
-        };
-        let team_used = if st.day == day { st.used } else { 0 };
+        let used = op_state.daily.on(day);
+        let team_used = st.daily.on(day);
         let op_daily_full = op_plan
             .and_then(|p| p.daily)
             .is_some_and(|limit| used >= limit);
@@ -177,15 +182,19 @@ impl TeamSlot {
                 st.tat = t;
             }
             if self.plan.daily.is_some() {
-                st.day = day;
-                st.used = team_used + 1;
+                st.daily = DayCount {
+                    day,
+                    used: team_used + 1,
+                };
             }
             if let Some(Ok(t)) = op_check {
                 op_after.tat = t;
             }
             if op_plan.is_some_and(|p| p.daily.is_some()) {
-                op_after.day = day;
-                op_after.used = used + 1;
+                op_after.daily = DayCount {
+                    day,
+                    used: used + 1,
+                };
             }
             if let Some(slot) = op.and_then(|i| st.ops.get_mut(i)) {
                 *slot = op_after;
@@ -238,7 +247,7 @@ impl TeamSlot {
         let (day, _) = day_and_reset(now);
         let st = lock(&self.state);
         let team_tat = st.tat;
-        let team_used = if st.day == day { st.used } else { 0 };
+        let team_used = st.daily.on(day);
         let ops = st.ops.clone();
         drop(st);
         let mut out = json!({});
@@ -258,7 +267,7 @@ impl TeamSlot {
                 u["remaining_burst"] = json!(r.ns.observe(state.tat, now_ns).0);
             }
             if plan.daily.is_some() {
-                u["daily_used"] = json!(if state.day == day { state.used } else { 0 });
+                u["daily_used"] = json!(state.daily.on(day));
             }
             op_usage.insert(plan.name.clone(), u);
         }

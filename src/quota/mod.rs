@@ -3,7 +3,8 @@
 //! Pipeline step 5 (after the team and operation are known, before the body is read):
 //! [`Quotas::admit`] runs every check for one request — the team's rate (GCRA, with burst), the
 //! team's concurrency cap, the team's daily quota (all operations together), the operation's
-//! rate and the operation's daily quota (daily quotas reset at 00:00 UTC) — and spends in all of them or in none: a refused request costs nothing anywhere.
+//! rate and the operation's daily quota (daily quotas reset at 00:00 UTC) — and spends in all
+//! of them or in none: a refused request costs nothing anywhere.
 //! Just before forwarding, [`Quotas::upstream_slot`] waits (up to `upstream.max_wait`) for a slot
 //! in the account's Greenhouse budget, shared by every team and every replica.
 //!
@@ -72,7 +73,7 @@ use serde_json::{Map, Value, json};
 
 use crate::config::values::{Rate, parse_duration, parse_rate};
 use gcra::Gcra;
-use memory::{Status, TeamSlot, Verdict, lock, nanos};
+use memory::{DayCount, Status, TeamSlot, Verdict, lock, nanos};
 use plan::{DailyObs, MICROS, Observation, OpPlan, RateObs, TeamPlan, render};
 use redis_store::{AdmitReply, RedisStore};
 
@@ -975,7 +976,10 @@ impl Quotas {
                 seen.in_use = Some(reply.in_use);
             }
             if plan.daily.is_some() {
-                seen.team_daily = Some((reply.day, reply.team_daily_used));
+                seen.team_daily = Some(DayCount {
+                    day: reply.day,
+                    used: reply.team_daily_used,
+                });
             }
             if let Some((i, p)) = op {
                 let entry = seen.ops.entry(i).or_default();
@@ -983,7 +987,10 @@ impl Quotas {
                     entry.tat_us = Some(reply.op_tat);
                 }
                 if p.daily.is_some() {
-                    entry.daily = Some((reply.day, reply.daily_used));
+                    entry.daily = Some(DayCount {
+                        day: reply.day,
+                        used: reply.daily_used,
+                    });
                 }
             }
         }
@@ -1207,10 +1214,7 @@ fn redis_usage(slot: &TeamSlot, store: &RedisStore, now: Duration) -> Value {
         out["remaining_burst"] = json!(r.us.observe(seen.team_tat_us.unwrap_or(0), est).0);
     }
     if plan.daily.is_some() {
-        out["daily_used"] = json!(match seen.team_daily {
-            Some((d, used)) if d == day => used,
-            _ => 0,
-        });
+        out["daily_used"] = json!(seen.team_daily.map_or(0, |c| c.on(day)));
     }
     let mut ops = Map::new();
     for (i, op) in plan.ops.iter().enumerate() {
@@ -1220,10 +1224,7 @@ fn redis_usage(slot: &TeamSlot, store: &RedisStore, now: Duration) -> Value {
             u["remaining_burst"] = json!(r.us.observe(o.tat_us.unwrap_or(0), est).0);
         }
         if op.daily.is_some() {
-            u["daily_used"] = json!(match o.daily {
-                Some((d, used)) if d == day => used,
-                _ => 0,
-            });
+            u["daily_used"] = json!(o.daily.map_or(0, |c| c.on(day)));
         }
         ops.insert(op.name.clone(), u);
     }
