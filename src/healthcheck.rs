@@ -15,8 +15,7 @@ use http::{Request, StatusCode, header};
 use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
 
-/// The admin listener's address when the config does not set one.
-pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:9090";
+use crate::config::file::DEFAULT_ADMIN_ADDR;
 
 /// The address to probe for a listener bound to `addr`.
 pub fn probe_addr(addr: SocketAddr) -> SocketAddr {

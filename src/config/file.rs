@@ -99,11 +99,14 @@ pub struct TlsFile {
     pub client_ca: Option<String>,
 }
 
+/// `admin.addr` when the file does not set it.
+pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:9090";
+
 /// `[admin]`: health, readiness and metrics.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminFile {
-    /// Default `127.0.0.1:9090`.
+    /// Default [`DEFAULT_ADMIN_ADDR`].
     pub addr: Option<String>,
     /// Bearer token for admin endpoints; required when `addr` is not loopback.
     pub token: Option<SecretFile>,

@@ -626,7 +626,10 @@ pub fn validate(
     let admin_addr = socket_addr(
         &mut r,
         "admin.addr",
-        gw.admin.addr.as_deref().unwrap_or("127.0.0.1:9090"),
+        gw.admin
+            .addr
+            .as_deref()
+            .unwrap_or(super::file::DEFAULT_ADMIN_ADDR),
     );
     let admin_token = gw
         .admin
