@@ -66,6 +66,12 @@ pub enum GatewayError {
     },
     QuotaBackendUnavailable,
     AuditUnavailable,
+    /// A gateway-wide bound was reached (requests in flight, buffered body bytes, ...); `what`
+    /// names the bound, from the gateway's own vocabulary, never from the request.
+    Overloaded {
+        what: &'static str,
+        retry_after_secs: u64,
+    },
     UpstreamError,
     UpstreamTimeout,
     UpstreamCredentialsUnavailable,
@@ -93,7 +99,9 @@ impl GatewayError {
             RateLimited { .. } | DailyQuotaExhausted { .. } | ConcurrencyLimited { .. } => {
                 StatusCode::TOO_MANY_REQUESTS
             }
-            QuotaBackendUnavailable | AuditUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            QuotaBackendUnavailable | AuditUnavailable | Overloaded { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             UpstreamError | UpstreamRejectedCredentials => StatusCode::BAD_GATEWAY,
             UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             UpstreamCredentialsUnavailable | UpstreamRateLimited { .. } | JwksUnavailable => {
@@ -124,6 +132,7 @@ impl GatewayError {
             ConcurrencyLimited { .. } => "concurrency_limited",
             QuotaBackendUnavailable => "quota_backend_unavailable",
             AuditUnavailable => "audit_unavailable",
+            Overloaded { .. } => "overloaded",
             UpstreamError => "upstream_error",
             UpstreamTimeout => "upstream_timeout",
             UpstreamCredentialsUnavailable => "upstream_credentials_unavailable",
@@ -145,6 +154,7 @@ impl GatewayError {
             | JwksUnavailable
             | QuotaBackendUnavailable
             | AuditUnavailable
+            | Overloaded { .. }
             | Internal => Fault::Gateway,
             BadRequest(_)
             | BodyTimeout
@@ -187,6 +197,7 @@ impl GatewayError {
             ConcurrencyLimited { .. } => "The team has too many requests in flight",
             QuotaBackendUnavailable => "The quota backend is unavailable",
             AuditUnavailable => "The audit trail cannot be written",
+            Overloaded { .. } => "The gateway is at capacity",
             UpstreamError => "Greenhouse could not be reached",
             UpstreamTimeout => "Greenhouse did not answer in time",
             UpstreamCredentialsUnavailable => "No Greenhouse credential is available",
@@ -236,6 +247,10 @@ impl GatewayError {
             | UpstreamRateLimited { retry_after_secs } => {
                 Some(format!("retry after {retry_after_secs} s"))
             }
+            Overloaded {
+                what,
+                retry_after_secs,
+            } => Some(format!("{what}; retry after {retry_after_secs} s")),
             UnsupportedMediaType => Some("the body must be application/json in UTF-8".into()),
             UpstreamRejectedCredentials => Some(
                 "Greenhouse answered 401 to a freshly obtained credential; it also does so when it does not know the On-Behalf-Of user"
@@ -311,7 +326,10 @@ impl GatewayError {
             GatewayError::RateLimited { retry_after_secs }
             | GatewayError::DailyQuotaExhausted { retry_after_secs }
             | GatewayError::ConcurrencyLimited { retry_after_secs }
-            | GatewayError::UpstreamRateLimited { retry_after_secs } => {
+            | GatewayError::UpstreamRateLimited { retry_after_secs }
+            | GatewayError::Overloaded {
+                retry_after_secs, ..
+            } => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
             }
             _ => {}
@@ -332,6 +350,23 @@ mod tests {
         };
         assert_eq!(e.status(), StatusCode::PAYLOAD_TOO_LARGE);
         assert_eq!(e.code(), "payload_too_large");
+    }
+
+    #[test]
+    fn overloaded_is_503_with_retry_after_and_names_the_bound() {
+        let r = GatewayError::Overloaded {
+            what: "too many requests in flight",
+            retry_after_secs: 1,
+        }
+        .to_response("rid");
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "1");
+        let body: serde_json::Value = serde_json::from_slice(r.body()).unwrap_or_default();
+        assert_eq!(body["code"], "overloaded");
+        assert_eq!(
+            body["detail"],
+            "too many requests in flight; retry after 1 s"
+        );
     }
 
     #[test]
