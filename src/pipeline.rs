@@ -830,6 +830,7 @@ fn reason_text(r: crate::auth::jwt::RejectReason) -> &'static str {
         Algorithm => "the token's algorithm is not accepted",
         UnknownIssuer => "the token's issuer is not trusted",
         UnknownKey => "the token's signing key is not known",
+        KidRequired => "the token names no key (kid) and its issuer publishes several",
         Signature => "the token's signature is invalid",
         Expired => "the token has expired",
         NotYetValid => "the token is not valid yet",

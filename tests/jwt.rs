@@ -321,6 +321,82 @@ async fn token_without_kid_is_accepted_by_a_fitting_key() {
     );
 }
 
+/// An RSA JWK with a modulus of `bits` bits (never used to verify: refused before that).
+fn rsa_jwk_of_bits(kid: &str, bits: usize) -> Value {
+    let mut n = vec![0xC5u8; bits / 8];
+    n[0] = 0xFF;
+    json!({"kty": "RSA", "kid": kid, "use": "sig", "n": b64(&n), "e": "AQAB"})
+}
+
+#[tokio::test]
+async fn token_without_kid_when_several_keys_fit_is_refused_without_any_signature_check() {
+    let a = rsa_signer("rsa-a");
+    let mut b = rsa_signer("rsa-b");
+    let mut c = rsa_signer("rsa-c");
+    b.jwk = rsa_jwk_of_bits("rsa-b", 4096);
+    c.jwk = rsa_jwk_of_bits("rsa-c", 3072);
+    let (_server, v) = setup(&[&a, &b, &c]).await;
+    let forged = sign(&a, &without(header(&a), "kid"), &claims());
+    assert_eq!(
+        check(&v, &forged).await,
+        rejected(RejectReason::KidRequired)
+    );
+    assert_eq!(
+        v.signature_checks(),
+        0,
+        "no key is tried for a kid-less token"
+    );
+    // With its kid the same token verifies, against exactly one key.
+    let named = sign(&a, &header(&a), &claims());
+    assert_eq!(check(&v, &named).await, Ok(()));
+    assert_eq!(v.signature_checks(), 1);
+}
+
+#[tokio::test]
+async fn rsa_key_over_4096_bits_is_refused_at_load_naming_its_kid_and_why() {
+    let s = rsa_signer("rsa-1");
+    let mut big = rsa_signer("rsa-5000");
+    big.jwk = rsa_jwk_of_bits("rsa-5000", 5000);
+    let server = JwksServer::start(vec![big.jwk.clone()]).await;
+    let v = verifier(vec![config(&server.url)]);
+    v.start().await;
+    let why = v.not_ready().join("\n");
+    assert!(
+        why.contains("kid \"rsa-5000\": RSA key larger than 4096 bits refused"),
+        "{why}"
+    );
+    // Beside a usable key, the big one is left out and its tokens are unknown-key refusals.
+    let (_server, v) = setup(&[&s, &big]).await;
+    let token = sign(&s, &header(&big), &claims());
+    assert_eq!(check(&v, &token).await, rejected(RejectReason::UnknownKey));
+    assert_eq!(v.signature_checks(), 0);
+}
+
+#[tokio::test]
+async fn a_second_key_with_the_same_kid_is_left_out_so_one_kid_names_one_key() {
+    let first = ec_signer("dup");
+    let second = ec_signer("dup");
+    let (_server, v) = setup(&[&first, &second]).await;
+    assert_eq!(check(&v, &good_token(&first)).await, Ok(()));
+    assert_eq!(
+        check(&v, &good_token(&second)).await,
+        rejected(RejectReason::Signature)
+    );
+    assert_eq!(v.signature_checks(), 2, "one check per token");
+}
+
+#[tokio::test]
+async fn usable_keys_past_the_64th_are_left_out_and_their_tokens_refused() {
+    let signers: Vec<Signer> = (0..65).map(|i| ec_signer(&format!("ec-{i}"))).collect();
+    let refs: Vec<&Signer> = signers.iter().collect();
+    let (_server, v) = setup(&refs).await;
+    assert_eq!(check(&v, &good_token(&signers[63])).await, Ok(()));
+    assert_eq!(
+        check(&v, &good_token(&signers[64])).await,
+        rejected(RejectReason::UnknownKey)
+    );
+}
+
 #[tokio::test]
 async fn audience_array_with_one_configured_value_is_accepted() {
     let s = ec_signer("ec-1");

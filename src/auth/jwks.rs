@@ -60,16 +60,16 @@ pub const MIN_FAILURE_BACKOFF: Duration = Duration::from_millis(250);
 /// Longest wait before an on-demand refetch after failed fetches (also capped by the cooldown).
 pub const MAX_FAILURE_BACKOFF: Duration = Duration::from_secs(5);
 
-/// Most JWKS members examined; the rest of an oversized set is ignored.
-const MAX_JWKS_MEMBERS: usize = 256;
-/// Most usable keys kept per issuer.
-const MAX_USABLE_KEYS: usize = 64;
-/// Most keys tried for one token (a matching `kid`, or any key fitting the alg when no `kid`).
-pub(crate) const MAX_CANDIDATES: usize = 3;
+/// Most JWKS members examined; the rest of an oversized set is ignored (with a warning).
+pub const MAX_JWKS_MEMBERS: usize = 256;
+/// Most usable keys kept per issuer; later usable keys are ignored (with a warning).
+pub const MAX_USABLE_KEYS: usize = 64;
 /// Floor on the background refresh period, whatever the config says.
 const MIN_BACKGROUND_DELAY: Duration = Duration::from_secs(1);
 const MIN_RSA_BITS: usize = 2048;
-const MAX_RSA_BITS: usize = 8192;
+/// Largest RSA modulus accepted: verifying with an 8192-bit key costs about 16 times a 2048-bit
+/// one, which forged tokens could otherwise make every request pay.
+pub const MAX_RSA_BITS: usize = 4096;
 
 const RSA_ALGS: [Algorithm; 6] = [
     Algorithm::RS256,
@@ -164,16 +164,22 @@ impl VerificationKey {
 /// The usable keys of one issuer, as of one successful fetch.
 pub(crate) struct KeySet {
     keys: Vec<VerificationKey>,
+    /// What was left out of the document and why (`kid`s and reasons, never key material), for
+    /// the operator's log; empty when every member was used.
+    pub(crate) skipped: String,
 }
 
-/// The outcome of looking a token's key up in a [`KeySet`].
+/// The outcome of looking a token's key up in a [`KeySet`]: at most one key is ever tried, so a
+/// forged token costs one signature check whatever the issuer publishes.
 pub(crate) enum KeyMatch<'a> {
-    /// Keys to try, in order (never more than [`MAX_CANDIDATES`]).
-    Candidates(Vec<&'a VerificationKey>),
+    /// The one key to try.
+    Key(&'a VerificationKey),
     /// The `kid` is known but its key cannot verify the token's `alg`.
     WrongAlgorithm,
     /// No key with this `kid` (or, without a `kid`, no key fitting the `alg`).
     Unknown,
+    /// The token names no `kid` and several keys fit its `alg`.
+    KidRequired,
 }
 
 impl KeySet {
@@ -202,33 +208,19 @@ impl KeySet {
     pub(crate) fn select(&self, kid: Option<&str>, alg: Algorithm) -> KeyMatch<'_> {
         match kid {
             Some(kid) => {
-                let mut any = false;
-                let mut out = Vec::new();
-                for k in self.keys.iter().filter(|k| k.kid.as_deref() == Some(kid)) {
-                    any = true;
-                    if k.fits(alg) && out.len() < MAX_CANDIDATES {
-                        out.push(k);
-                    }
-                }
-                if !out.is_empty() {
-                    KeyMatch::Candidates(out)
-                } else if any {
-                    KeyMatch::WrongAlgorithm
-                } else {
-                    KeyMatch::Unknown
+                // `kid`s are unique in the set (later duplicates are skipped at parse time).
+                match self.keys.iter().find(|k| k.kid.as_deref() == Some(kid)) {
+                    Some(k) if k.fits(alg) => KeyMatch::Key(k),
+                    Some(_) => KeyMatch::WrongAlgorithm,
+                    None => KeyMatch::Unknown,
                 }
             }
             None => {
-                let out: Vec<_> = self
-                    .keys
-                    .iter()
-                    .filter(|k| k.fits(alg))
-                    .take(MAX_CANDIDATES)
-                    .collect();
-                if out.is_empty() {
-                    KeyMatch::Unknown
-                } else {
-                    KeyMatch::Candidates(out)
+                let mut fitting = self.keys.iter().filter(|k| k.fits(alg));
+                match (fitting.next(), fitting.next()) {
+                    (Some(k), None) => KeyMatch::Key(k),
+                    (Some(_), Some(_)) => KeyMatch::KidRequired,
+                    (None, _) => KeyMatch::Unknown,
                 }
             }
         }
@@ -243,33 +235,54 @@ pub(crate) fn parse_jwks(body: &[u8]) -> Result<KeySet, String> {
         .get("keys")
         .and_then(Value::as_array)
         .ok_or_else(|| "not a JWK set (no \"keys\" array)".to_string())?;
-    let mut keys = Vec::new();
-    let mut skipped = 0usize;
+    let mut keys: Vec<VerificationKey> = Vec::new();
+    let mut skipped: Vec<String> = Vec::new();
+    let name = |member: &Value| {
+        member
+            .get("kid")
+            .and_then(Value::as_str)
+            .filter(|k| is_valid_kid(k))
+            .map_or_else(|| "(no kid)".to_string(), |k| format!("kid {k:?}"))
+    };
     for member in members.iter().take(MAX_JWKS_MEMBERS) {
-        if keys.len() >= MAX_USABLE_KEYS {
-            skipped += 1;
-            continue;
-        }
         match parse_key(member) {
-            Ok(k) => keys.push(k),
-            Err(why) => {
-                skipped += 1;
-                tracing::debug!(reason = why, "jwks: key skipped");
+            Ok(_) if keys.len() >= MAX_USABLE_KEYS => skipped.push(format!(
+                "{}: over the limit of {MAX_USABLE_KEYS} usable keys",
+                name(member)
+            )),
+            Ok(k) if k.kid.is_some() && keys.iter().any(|o| o.kid == k.kid) => {
+                skipped.push(format!("{}: a second key with this kid", name(member)))
             }
+            Ok(k) => keys.push(k),
+            Err(why) => skipped.push(format!("{}: {why}", name(member))),
         }
     }
-    skipped += members.len().saturating_sub(MAX_JWKS_MEMBERS);
+    if members.len() > MAX_JWKS_MEMBERS {
+        skipped.push(format!(
+            "{} members after the first {MAX_JWKS_MEMBERS} not read",
+            members.len() - MAX_JWKS_MEMBERS
+        ));
+    }
+    // Bounded, whatever the document holds: the first reasons are the useful ones.
+    let summary = if skipped.len() > 8 {
+        format!(
+            "{}; and {} more",
+            skipped[..8].join("; "),
+            skipped.len() - 8
+        )
+    } else {
+        skipped.join("; ")
+    };
     if keys.is_empty() {
         return Err(format!(
-            "no usable keys ({} of {} skipped)",
-            skipped,
+            "no usable keys among {} members ({summary})",
             members.len()
         ));
     }
-    if skipped > 0 {
-        tracing::debug!(usable = keys.len(), skipped, "jwks: some keys skipped");
-    }
-    Ok(KeySet { keys })
+    Ok(KeySet {
+        keys,
+        skipped: summary,
+    })
 }
 
 /// Decodes a base64url member, tolerating trailing padding; returns the unpadded text and bytes.
@@ -339,7 +352,11 @@ fn parse_key(member: &Value) -> Result<VerificationKey, &'static str> {
             let n_trimmed = nb.iter().skip_while(|b| **b == 0).count();
             let bits = n_trimmed * 8;
             if !(MIN_RSA_BITS..=MAX_RSA_BITS).contains(&bits) {
-                return Err("RSA modulus size out of range");
+                return Err(if bits > MAX_RSA_BITS {
+                    "RSA key larger than 4096 bits refused"
+                } else {
+                    "RSA key smaller than 2048 bits refused"
+                });
             }
             if eb.iter().all(|b| *b == 0) || eb.len() > 8 {
                 return Err("bad RSA exponent");
@@ -520,6 +537,11 @@ impl IssuerKeys {
         match outcome {
             Ok((mut set, hint)) => {
                 let removed = s.keys.as_ref().map_or(0, |old| set.succeed(old));
+                // Said once per change, not on every refresh of the same document.
+                let before = s.keys.as_ref().map(|old| old.skipped.as_str());
+                if !set.skipped.is_empty() && before != Some(set.skipped.as_str()) {
+                    tracing::warn!(issuer = %self.config.issuer, usable = set.len(), skipped = %set.skipped, "jwks: keys left out; tokens signed with them are refused");
+                }
                 tracing::debug!(issuer = %self.config.issuer, keys = set.len(), removed, "jwks: keys refreshed");
                 s.keys = Some(Arc::new(set));
                 s.failures = 0;
