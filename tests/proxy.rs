@@ -665,3 +665,120 @@ async fn ambiguous_paths_are_refused_and_canonical_ones_forwarded_exactly_as_rou
     assert_eq!(seen.len(), 1);
     assert_eq!(seen[0].uri, "/v1/partner/candidates?candidate_ids=1,2");
 }
+
+/// An upstream that answers every request with `response`, exactly these bytes, then closes:
+/// what a misbehaving server sends, which no HTTP library would write. Returns its base URL and
+/// how many requests it has read.
+async fn raw_upstream(
+    response: &'static [u8],
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hits = std::sync::Arc::new(AtomicUsize::new(0));
+    let seen = hits.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(n) if n > 0 => head.extend_from_slice(&buf[..n]),
+                        _ => return,
+                    }
+                }
+                seen.fetch_add(1, Ordering::SeqCst);
+                let _ = s.write_all(response).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    (format!("http://{addr}/v1/partner"), hits)
+}
+
+fn last_audit_record(h: &Harness) -> serde_json::Value {
+    let text = std::fs::read_to_string(h.dir.path().join("audit/audit.jsonl")).unwrap();
+    serde_json::from_str(text.lines().last().unwrap()).unwrap()
+}
+
+#[tokio::test]
+async fn upstream_answer_with_content_length_and_transfer_encoding_reaches_callers_whole_without_the_length()
+ {
+    const BODY: &str = r#"[{"id":1,"name":"Engineer"},{"id":2,"name":"Designer"}]"#;
+    // Content-Length says 3; the chunked body (which frames the message, RFC 9112 6.3) is whole.
+    const ANSWER: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n37\r\n[{\"id\":1,\"name\":\"Engineer\"},{\"id\":2,\"name\":\"Designer\"}]\r\n0\r\n\r\n";
+    assert_eq!(BODY.len(), 0x37);
+    let (upstream, hits) = raw_upstream(ANSWER).await;
+    let h = Harness::start_with(Setup {
+        upstream: Some(upstream),
+        ..Setup::default()
+    })
+    .await;
+    // HTTP/1.1, read raw: no Content-Length: 3 and the whole body.
+    let raw = raw_exchange(
+        h.gateway.addr,
+        format!(
+            "GET /v1/partner/jobs HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+            h.sourcing_token()
+        )
+        .as_bytes(),
+        Duration::from_secs(5),
+    )
+    .await;
+    let (head, _) = raw.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        !head.to_ascii_lowercase().contains("content-length: 3"),
+        "{head}"
+    );
+    assert!(raw.contains(BODY), "{raw}");
+    let rec = last_audit_record(&h);
+    assert_eq!(
+        (rec["decision"].as_str(), rec["code"].as_str()),
+        (Some("forwarded"), None),
+        "complete, not response_incomplete: {rec}"
+    );
+    assert_eq!(rec["response_bytes"], BODY.len(), "{rec}");
+    // HTTP/2: a whole answer, not a protocol error.
+    let auth = format!("Bearer {}", h.sourcing_token());
+    let r = TestClient::http2_only()
+        .send(
+            Method::GET,
+            &h.url("/v1/partner/jobs"),
+            &[("authorization", &auth)],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.text(), BODY);
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn unsolicited_101_from_the_upstream_is_502_upstream_error_and_audited() {
+    const ANSWER: &[u8] =
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n";
+    let (upstream, hits) = raw_upstream(ANSWER).await;
+    let h = Harness::start_with(Setup {
+        upstream: Some(upstream),
+        ..Setup::default()
+    })
+    .await;
+    let r = h.get("/v1/partner/jobs", &h.sourcing_token()).await;
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (StatusCode::BAD_GATEWAY, "upstream_error"),
+        "{}",
+        r.text()
+    );
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 1);
+    let rec = last_audit_record(&h);
+    assert_eq!(
+        (rec["code"].as_str(), rec["status"].as_u64()),
+        (Some("upstream_error"), Some(502)),
+        "{rec}"
+    );
+}

@@ -152,8 +152,30 @@ pub async fn send(
             tracing::warn!(error = %error_chain(&e), connect = e.is_connect(), "upstream request failed");
             Err(GatewayError::UpstreamError)
         }
-        Ok(Ok(resp)) => Ok(resp),
+        Ok(Ok(resp)) => upstream_framing(resp),
     }
+}
+
+/// RFC 9112: an answer with both `Transfer-Encoding` and `Content-Length` is framed by the
+/// former (hyper read it so); the length is dropped before anything is passed on, as nginx and
+/// Envoy do, so no caller and no audit record believes a truncated body complete. A `101` the
+/// gateway never asked for (it never sends `Upgrade`) and any other 1xx reaching here are not
+/// answers: 502.
+fn upstream_framing(mut resp: Response<Incoming>) -> Result<Response<Incoming>, GatewayError> {
+    if resp.status().is_informational() {
+        tracing::warn!(
+            status = resp.status().as_u16(),
+            "upstream answered with an informational status as its final answer"
+        );
+        return Err(GatewayError::UpstreamError);
+    }
+    let h = resp.headers_mut();
+    if h.contains_key(header::TRANSFER_ENCODING) && h.remove(header::CONTENT_LENGTH).is_some() {
+        tracing::warn!(
+            "upstream answer carried both Transfer-Encoding and Content-Length; the length was dropped"
+        );
+    }
+    Ok(resp)
 }
 
 #[cfg(test)]
