@@ -27,8 +27,8 @@ struct Activity {
 #[derive(Debug)]
 pub(super) struct ConnState {
     activity: Mutex<Activity>,
-    /// Woken when the last request in flight ends.
-    idle: Notify,
+    /// Woken when a request starts or the last one in flight ends: the driver's deadline moves.
+    changed: Notify,
 }
 
 impl ConnState {
@@ -39,7 +39,7 @@ impl ConnState {
                 in_flight: 0,
                 idle_since: Instant::now(),
             }),
-            idle: Notify::new(),
+            changed: Notify::new(),
         })
     }
 
@@ -48,6 +48,8 @@ impl ConnState {
         let mut a = self.lock();
         a.started = true;
         a.in_flight += 1;
+        drop(a);
+        self.changed.notify_one();
         RequestGuard(self.clone())
     }
 
@@ -89,7 +91,7 @@ impl Drop for RequestGuard {
         if a.in_flight == 0 {
             a.idle_since = Instant::now();
             drop(a);
-            self.0.idle.notify_one();
+            self.0.changed.notify_one();
         }
     }
 }
@@ -172,7 +174,7 @@ pub(super) async fn drive<C: GracefulConnection>(
                     None => {}
                 }
             }
-            _ = state.idle.notified(), if wake.is_none() && !shutting => {}
+            _ = state.changed.notified(), if !shutting => {}
             _ = stop.wait_for(|&s| s), if !shutting => {
                 conn.as_mut().graceful_shutdown();
                 shutting = true;
