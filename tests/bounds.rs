@@ -193,10 +193,12 @@ async fn idle_http1_keep_alive_connection_is_closed_after_the_idle_timeout() {
 async fn idle_http2_connection_is_closed_after_the_idle_timeout() {
     let (h, _stub) = bounded("header_read_timeout = \"30s\"\nidle_timeout = \"300ms\"").await;
     let tcp = TcpStream::connect(h.gateway.addr).await.unwrap();
-    let (mut send, conn) =
-        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp))
-            .await
-            .unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
     let conn = tokio::spawn(conn);
     let req = http::Request::get("http://localhost/v1/partner/jobs")
         .header("authorization", format!("Bearer {}", h.sourcing_token()))
@@ -226,14 +228,25 @@ async fn over_max_requests_in_flight_is_503_overloaded_and_audited() {
     // Wait until the slow request is at the upstream, holding its permit.
     let until = tokio::time::Instant::now() + GENEROUS;
     while stub.seen().is_empty() {
-        assert!(tokio::time::Instant::now() < until, "slow request never arrived");
+        assert!(
+            tokio::time::Instant::now() < until,
+            "slow request never arrived"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let refused = h.get("/v1/partner/jobs", &token).await;
-    assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE, "{}", refused.text());
+    assert_eq!(
+        refused.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        refused.text()
+    );
     assert_eq!(refused.code(), "overloaded");
     assert!(refused.headers.contains_key("retry-after"));
-    let refused_id = refused.headers["x-request-id"].to_str().unwrap().to_string();
+    let refused_id = refused.headers["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
     healthz_answers(&h).await;
 
     let slow = slow.await.unwrap();
@@ -242,7 +255,11 @@ async fn over_max_requests_in_flight_is_503_overloaded_and_audited() {
     stub.set_reply(200, "[]", Duration::ZERO);
     let after = h.get("/v1/partner/jobs", &token).await;
     assert_eq!(after.status, StatusCode::OK, "{}", after.text());
-    assert_eq!(stub.seen().len(), 2, "the refused request never reached the upstream");
+    assert_eq!(
+        stub.seen().len(),
+        2,
+        "the refused request never reached the upstream"
+    );
 
     let path = h.dir.path().join("audit/audit.jsonl");
     let until = tokio::time::Instant::now() + GENEROUS;
@@ -255,7 +272,10 @@ async fn over_max_requests_in_flight_is_503_overloaded_and_audited() {
         if let Some(r) = found {
             break r;
         }
-        assert!(tokio::time::Instant::now() < until, "no audit record of the refusal");
+        assert!(
+            tokio::time::Instant::now() < until,
+            "no audit record of the refusal"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert_eq!(record["code"], "overloaded", "{record}");
@@ -277,7 +297,10 @@ async fn connection_over_max_connections_waits_until_one_closes_while_healthz_an
         .unwrap();
     let mut buf = [0u8; 64];
     let early = tokio::time::timeout(Duration::from_millis(700), third.read(&mut buf)).await;
-    assert!(early.is_err(), "the third connection was served at a cap of two: {early:?}");
+    assert!(
+        early.is_err(),
+        "the third connection was served at a cap of two: {early:?}"
+    );
     healthz_answers(&h).await;
 
     drop(first);

@@ -265,7 +265,7 @@ impl CapLog {
 pub(super) fn raise_file_limit() -> Option<u64> {
     use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
     let before = getrlimit(Resource::Nofile);
-    let soft = match (before.current, before.maximum) {
+    match (before.current, before.maximum) {
         (Some(cur), max) if max.is_none_or(|m| m > cur) => {
             // An unlimited hard limit cannot be the soft limit for files on Linux: try a large
             // finite value instead.
@@ -291,8 +291,7 @@ pub(super) fn raise_file_limit() -> Option<u64> {
             tracing::info!(limit = ?cur, "open file limit already at its hard limit");
             cur
         }
-    };
-    soft
+    }
 }
 
 #[cfg(test)]
@@ -309,7 +308,10 @@ mod tests {
             a.failed("t", &e);
         }
         assert_eq!(a.failed("t", &e), Duration::from_secs(1));
-        assert!(a.suppressed > 0, "errors within a second are counted, not logged");
+        assert!(
+            a.suppressed > 0,
+            "errors within a second are counted, not logged"
+        );
         a.succeeded();
         assert_eq!(a.failed("t", &e), Duration::from_millis(5));
     }
