@@ -2,6 +2,7 @@
 //! the request through or answers with a [`GatewayError`]; errors become responses only in
 //! [`GatewayError::to_response`]. Every request, whatever its outcome, ends in one audit record.
 //!
+//! 0. the gateway-wide bound on requests in flight (`listen.max_requests_in_flight`)
 //! 1. framing and target sanity, declared body size (before authentication)
 //! 2. the caller's bearer JWT, whatever the path
 //! 3. the route, from the spec
