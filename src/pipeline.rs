@@ -2,6 +2,7 @@
 //! the request through or answers with a [`GatewayError`]; errors become responses only in
 //! [`GatewayError::to_response`]. Every request, whatever its outcome, ends in one audit record.
 //!
+//! 0. the gateway-wide bound on requests in flight (`listen.max_requests_in_flight`)
 //! 1. framing and target sanity, declared body size (before authentication)
 //! 2. the caller's bearer JWT, whatever the path
 //! 3. the route, from the spec
@@ -57,6 +58,8 @@ pub struct Gateway {
     pub client: HttpClient,
     pub metrics: Metrics,
     upstream_host: HeaderValue,
+    /// `listen.max_requests_in_flight`: a permit per request, held until its response body ends.
+    in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 /// The parts a [`Gateway`] is made of.
@@ -81,7 +84,6 @@ impl Gateway {
             HeaderValue::from_str(&host).unwrap_or_else(|_| HeaderValue::from_static("localhost"));
         Gateway {
             validators: config.validators.clone(),
-            config,
             verifier: p.verifier,
             credentials: p.credentials,
             quotas: p.quotas,
@@ -89,6 +91,10 @@ impl Gateway {
             client: p.client,
             metrics: p.metrics,
             upstream_host,
+            in_flight: Arc::new(tokio::sync::Semaphore::new(
+                config.listen.max_requests_in_flight,
+            )),
+            config,
         }
     }
 }
@@ -124,7 +130,8 @@ struct Forwarded {
     /// The operation id (looked up again at the end: operations carry their schemas, too big to
     /// clone per request).
     op: String,
-    /// Held until the response body is finished: the concurrency lease and the in-flight gauge.
+    /// Held until the response body is finished: the concurrency lease, the in-flight gauge and
+    /// the gateway-wide in-flight permit.
     guard: Box<dyn std::any::Any + Send>,
 }
 
@@ -157,7 +164,15 @@ pub async fn handle(
         ctx.record.candidate_ids = ids.candidate_ids;
         ctx.record.external_ids = ids.external_ids;
     }
-    match decide_and_forward(&gw, req, routed, peer, &request_id, &mut ctx).await {
+    // 0. The gateway-wide bound on requests in flight, before any work is spent on this one.
+    let Ok(permit) = gw.in_flight.clone().try_acquire_owned() else {
+        let e = GatewayError::Overloaded {
+            what: "too many requests in flight",
+            retry_after_secs: 1,
+        };
+        return respond_error(&gw, ctx, e, started).await;
+    };
+    match decide_and_forward(&gw, req, routed, peer, &request_id, &mut ctx, permit).await {
         Ok(fwd) => respond_forwarded(gw, ctx, fwd, started),
         Err(e) => respond_error(&gw, ctx, e, started).await,
     }
@@ -363,6 +378,7 @@ async fn decide_and_forward(
     peer: SocketAddr,
     request_id: &str,
     ctx: &mut Context,
+    permit: tokio::sync::OwnedSemaphorePermit,
 ) -> Result<Forwarded, GatewayError> {
     let cfg = &gw.config;
     // 1. Framing and target sanity; a declared body over the limit is refused before anything
@@ -458,7 +474,7 @@ async fn decide_and_forward(
     Ok(Forwarded {
         response: resp,
         op: op.id.clone(),
-        guard: Box::new((admission, inflight)),
+        guard: Box::new((admission, inflight, permit)),
     })
 }
 

@@ -349,6 +349,46 @@ fn broken_config_reports_every_problem_with_file_and_key_in_one_run() {
 }
 
 #[test]
+fn connection_bounds_are_accepted_by_check() {
+    let text = gateway(ORIGIN).replace(
+        "addr = \"127.0.0.1:18080\"",
+        "addr = \"127.0.0.1:18080\"\nidle_timeout = \"90s\"\nmax_connections = 2000\nmax_requests_in_flight = 500",
+    );
+    let dir = scenario(&text, &one_team(), &[]);
+    let run = check(&dir.path().join("gateway.toml"));
+    assert_eq!(run.code, Some(0), "{}", run.all());
+}
+
+#[test]
+fn zero_connection_bounds_are_refused_naming_each_key() {
+    let text = gateway(ORIGIN).replace(
+        "addr = \"127.0.0.1:18080\"",
+        "addr = \"127.0.0.1:18080\"\nidle_timeout = \"0s\"\nmax_connections = 0\nmax_requests_in_flight = 0",
+    );
+    let dir = scenario(&text, &one_team(), &[]);
+    let run = check(&dir.path().join("gateway.toml"));
+    assert_eq!(run.code, Some(1), "{}", run.all());
+    assert_problem(
+        &run,
+        "gateway.toml",
+        "listen.idle_timeout",
+        "longer than zero",
+    );
+    assert_problem(
+        &run,
+        "gateway.toml",
+        "listen.max_connections",
+        "between 1 and",
+    );
+    assert_problem(
+        &run,
+        "gateway.toml",
+        "listen.max_requests_in_flight",
+        "between 1 and",
+    );
+}
+
+#[test]
 fn unknown_key_in_gateway_toml_is_refused_naming_file_and_key() {
     let text = gateway(ORIGIN).replace(
         "addr = \"127.0.0.1:18080\"",

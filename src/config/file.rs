@@ -84,6 +84,12 @@ pub struct ListenFile {
     pub max_header_bytes: Option<u64>,
     /// How long in-flight requests may run after SIGTERM/SIGINT (default `30s`).
     pub shutdown_grace: Option<String>,
+    /// A connection with no request in flight for this long is closed (default `60s`).
+    pub idle_timeout: Option<String>,
+    /// Open connections on the gateway listener; at the cap it stops accepting (default 4096).
+    pub max_connections: Option<u64>,
+    /// Requests in flight gateway-wide; over it, 503 `overloaded` (default 1024).
+    pub max_requests_in_flight: Option<u64>,
     /// Peers (CIDRs) whose `X-Forwarded-For` is believed for the audit's `client_addr`.
     #[serde(default)]
     pub trusted_proxies: Vec<String>,

@@ -40,6 +40,12 @@ pub struct Listen {
     pub body_read_timeout: Duration,
     pub max_header_bytes: usize,
     pub shutdown_grace: Duration,
+    /// A connection with no request in flight for this long is closed.
+    pub idle_timeout: Duration,
+    /// Open connections on the gateway listener before it stops accepting.
+    pub max_connections: usize,
+    /// Requests in flight gateway-wide before new ones get 503 `overloaded`.
+    pub max_requests_in_flight: usize,
     pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 

@@ -621,6 +621,25 @@ pub fn validate(
         gw.listen.shutdown_grace.as_deref(),
         Duration::from_secs(30),
     );
+    let idle_timeout = r.duration(
+        "listen.idle_timeout",
+        gw.listen.idle_timeout.as_deref(),
+        Duration::from_secs(60),
+    );
+    if idle_timeout.is_zero() {
+        r.add("listen.idle_timeout", "must be longer than zero");
+    }
+    let max_connections = gw.listen.max_connections.unwrap_or(4096);
+    if !(1..=1_000_000).contains(&max_connections) {
+        r.add("listen.max_connections", "must be between 1 and 1000000");
+    }
+    let max_requests_in_flight = gw.listen.max_requests_in_flight.unwrap_or(1024);
+    if !(1..=1_000_000).contains(&max_requests_in_flight) {
+        r.add(
+            "listen.max_requests_in_flight",
+            "must be between 1 and 1000000",
+        );
+    }
 
     // [admin]
     let admin_addr = socket_addr(
@@ -1015,6 +1034,9 @@ pub fn validate(
             body_read_timeout,
             max_header_bytes: max_header_bytes as usize,
             shutdown_grace,
+            idle_timeout,
+            max_connections: max_connections as usize,
+            max_requests_in_flight: max_requests_in_flight as usize,
             trusted_proxies,
         },
         admin: Admin {

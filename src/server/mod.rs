@@ -1,6 +1,7 @@
 //! Listeners: the gateway (HTTP/1.1 and HTTP/2, TLS when configured) and the admin listener;
 //! graceful shutdown.
 
+mod conn;
 mod tls;
 
 use std::future::Future;
@@ -11,10 +12,9 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
-use tokio::task::JoinHandle;
+use tokio::sync::{Semaphore, watch};
+use tokio::task::{JoinHandle, JoinSet};
 
 use crate::admin;
 use crate::auth::jwt::Verifier;
@@ -127,13 +127,13 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     tokio::spawn(async move { verifier.start().await });
     tokio::spawn(async move { credentials.start().await });
 
+    check_file_limit(&config.listen);
     let (stop, stop_rx) = watch::channel(false);
     let gw = gateway.clone();
-    let listen = config.listen.clone();
     let main_task = tokio::spawn(serve(
         listener,
         tls,
-        listen.clone(),
+        Bounds::gateway(&config.listen),
         stop_rx.clone(),
         move |req, peer| pipeline::handle(gw.clone(), req, peer),
     ));
@@ -141,7 +141,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let admin_task = tokio::spawn(serve(
         admin_listener,
         None,
-        listen,
+        Bounds::admin(&config.listen),
         stop_rx,
         move |req, _peer| admin::handle(gw.clone(), req),
     ));
@@ -155,11 +155,70 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     })
 }
 
-/// The accept loop shared by both listeners.
+/// Connections the admin listener keeps open at once: its own cap, apart from the gateway's, so
+/// health checks and metrics stay reachable however busy the gateway listener is.
+pub const ADMIN_MAX_CONNECTIONS: usize = 64;
+
+/// File descriptors kept for everything but client connections (upstream and Redis connections,
+/// audit files, the listeners).
+const RESERVED_FDS: u64 = 256;
+
+/// The bounds one listener enforces.
+#[derive(Clone, Debug)]
+struct Bounds {
+    /// Names the listener in logs.
+    name: &'static str,
+    max_connections: usize,
+    timeouts: conn::Timeouts,
+    max_header_bytes: usize,
+    shutdown_grace: Duration,
+}
+
+impl Bounds {
+    fn gateway(l: &crate::config::Listen) -> Self {
+        Bounds {
+            name: "gateway",
+            max_connections: l.max_connections,
+            timeouts: conn::Timeouts {
+                first_request: l.header_read_timeout,
+                idle: l.idle_timeout,
+            },
+            max_header_bytes: l.max_header_bytes,
+            shutdown_grace: l.shutdown_grace,
+        }
+    }
+
+    fn admin(l: &crate::config::Listen) -> Self {
+        Bounds {
+            name: "admin",
+            max_connections: ADMIN_MAX_CONNECTIONS,
+            ..Bounds::gateway(l)
+        }
+    }
+}
+
+/// Raises the open file limit where allowed and warns when `max_connections` cannot fit in it.
+fn check_file_limit(listen: &crate::config::Listen) {
+    let Some(limit) = conn::raise_file_limit() else {
+        return;
+    };
+    let wanted = (listen.max_connections + ADMIN_MAX_CONNECTIONS) as u64 + RESERVED_FDS;
+    if wanted > limit {
+        tracing::warn!(
+            max_connections = listen.max_connections,
+            open_file_limit = limit,
+            "listen.max_connections does not fit in the open file limit; accepts may fail before the cap is reached"
+        );
+    }
+}
+
+/// The accept loop shared by both listeners. At `max_connections` open connections it stops
+/// accepting: new connections wait in the kernel's listen backlog, holding no file descriptor,
+/// until one closes.
 async fn serve<F, Fut, B>(
     listener: TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
-    cfg: crate::config::Listen,
+    bounds: Bounds,
     mut stop: watch::Receiver<bool>,
     handler: F,
 ) where
@@ -172,71 +231,104 @@ async fn serve<F, Fut, B>(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(cfg.header_read_timeout)
-        .max_buf_size(cfg.max_header_bytes.max(8192))
+        .header_read_timeout(bounds.timeouts.first_request)
+        .max_buf_size(bounds.max_header_bytes.max(8192))
         .max_headers(100);
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(cfg.max_header_bytes as u32)
+        .max_header_list_size(bounds.max_header_bytes as u32)
         .max_concurrent_streams(256)
         .keep_alive_interval(Some(Duration::from_secs(30)));
     let builder = Arc::new(builder);
-    let graceful = GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(bounds.max_connections));
+    let mut connections = JoinSet::new();
+    let mut errors = conn::AcceptErrors::new();
+    let mut cap_log = conn::CapLog::new();
     loop {
+        while connections.try_join_next().is_some() {}
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(s) => s,
+            Err(_) => {
+                cap_log.at_cap(bounds.name, bounds.max_connections);
+                tokio::select! {
+                    s = slots.clone().acquire_owned() => match s {
+                        Ok(s) => s,
+                        Err(_) => break,
+                    },
+                    _ = stop.wait_for(|&s| s) => break,
+                }
+            }
+        };
         let accepted = tokio::select! {
             a = listener.accept() => a,
-            _ = stop.changed() => break,
+            _ = stop.wait_for(|&s| s) => break,
         };
         let (stream, peer) = match accepted {
-            Ok(x) => x,
+            Ok(x) => {
+                errors.succeeded();
+                x
+            }
             Err(e) => {
-                // Out of file descriptors and the like: back off instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                let pause = errors.failed(bounds.name, &e);
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = stop.wait_for(|&s| s) => break,
+                }
                 continue;
             }
         };
+        let first_request_by = tokio::time::Instant::now() + bounds.timeouts.first_request;
         let _ = stream.set_nodelay(true);
+        let state = conn::ConnState::new();
         let handler = handler.clone();
+        let service_state = state.clone();
         let service = service_fn(move |req| {
             let h = handler.clone();
-            async move { Ok::<_, std::convert::Infallible>(h(req, peer).await) }
+            let guard = service_state.request_started();
+            async move {
+                let resp = h(req, peer).await;
+                Ok::<_, std::convert::Infallible>(resp.map(|b| conn::GuardedBody::new(b, guard)))
+            }
         });
         let builder = builder.clone();
+        let stop = stop.clone();
+        let timeouts = bounds.timeouts;
         match &tls {
             None => {
-                let conn = builder
-                    .serve_connection(TokioIo::new(stream), service)
-                    .into_owned();
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move {
-                    let _ = conn.await;
+                connections.spawn(async move {
+                    let _slot = slot;
+                    let conn = builder
+                        .serve_connection(TokioIo::new(stream), service)
+                        .into_owned();
+                    conn::drive(conn, state, first_request_by, timeouts, stop).await;
                 });
             }
             Some(acceptor) => {
                 let acceptor = acceptor.clone();
-                let timeout = cfg.header_read_timeout;
-                let watcher = graceful.watcher();
-                tokio::spawn(async move {
+                connections.spawn(async move {
+                    let _slot = slot;
+                    // The handshake counts against the deadline for the first request head.
                     let Ok(Ok(tls_stream)) =
-                        tokio::time::timeout(timeout, acceptor.accept(stream)).await
+                        tokio::time::timeout_at(first_request_by, acceptor.accept(stream)).await
                     else {
                         return;
                     };
                     let conn = builder
                         .serve_connection(TokioIo::new(tls_stream), service)
                         .into_owned();
-                    let _ = watcher.watch(conn).await;
+                    conn::drive(conn, state, first_request_by, timeouts, stop).await;
                 });
             }
         }
     }
     drop(listener);
-    if tokio::time::timeout(cfg.shutdown_grace, graceful.shutdown())
+    let drained = async { while connections.join_next().await.is_some() {} };
+    if tokio::time::timeout(bounds.shutdown_grace, drained)
         .await
         .is_err()
     {
         tracing::warn!("shutdown grace period over; closing remaining connections");
+        connections.shutdown().await;
     }
 }
