@@ -172,8 +172,8 @@ mod tests {
             .collect();
         let data = futures_util::stream::iter(frames);
         let inner = if then_stall {
-            use futures_util::StreamExt;
-            http_body_util::StreamBody::new(data.chain(futures_util::stream::pending())).boxed()
+            let stalled = futures_util::StreamExt::chain(data, futures_util::stream::pending());
+            http_body_util::StreamBody::new(stalled).boxed()
         } else {
             http_body_util::StreamBody::new(data).boxed()
         };
