@@ -418,9 +418,10 @@ async fn decide_and_forward(
     //    held until the body is dropped, after forwarding). These bytes are what is validated
     //    and what is forwarded.
     let (parts, body) = req.into_parts();
-    let mut reserved = gw
-        .body_budget
-        .reserve(http_body::Body::size_hint(&body).exact(), cfg.limits.max_body_bytes)?;
+    let mut reserved = gw.body_budget.reserve(
+        http_body::Body::size_hint(&body).exact(),
+        cfg.limits.max_body_bytes,
+    )?;
     let body = tokio::time::timeout(
         cfg.listen.body_read_timeout,
         read_body(body, cfg.limits.max_body_bytes),

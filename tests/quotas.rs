@@ -1534,11 +1534,7 @@ async fn redis_down_with_deny_on_the_upstream_budget_is_quota_backend_unavailabl
 // Slow and greedy callers: the response write timeout, the buffered body budget
 
 /// Like [`Env::start`], with extra `[listen]` keys.
-async fn env_listening(
-    teams: Vec<(&'static str, String)>,
-    extra: &str,
-    listen_extra: &str,
-) -> Env {
+async fn env_listening(teams: Vec<(&'static str, String)>, extra: &str, listen_extra: &str) -> Env {
     let sandbox = Sandbox::start_local(Setup::default().sandbox)
         .await
         .expect("sandbox starts");
@@ -1686,8 +1682,8 @@ async fn body_beyond_the_buffered_bytes_budget_is_503_overloaded_before_it_is_re
 
     // The reservation goes with the upload: then a body of that size is read and forwarded.
     drop(slow);
-    let mut body = json!({"external_id": "ext-1", "first_name": "Ada", "last_name": "Example"})
-        .to_string();
+    let mut body =
+        json!({"external_id": "ext-1", "first_name": "Ada", "last_name": "Example"}).to_string();
     body.insert_str(1, &" ".repeat(800_000 - body.len()));
     let auth = format!("Bearer {}", env.token("solo"));
     let mut last = None;
@@ -1712,7 +1708,10 @@ async fn body_beyond_the_buffered_bytes_budget_is_503_overloaded_before_it_is_re
         last = Some(r.text());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(last, None, "the slow upload's reservation was never given back");
+    assert_eq!(
+        last, None,
+        "the slow upload's reservation was never given back"
+    );
     assert_eq!(env.stub.seen().len(), 1);
     assert_eq!(env.stub.seen()[0].body.len(), 800_000);
 }
@@ -1721,8 +1720,8 @@ async fn body_beyond_the_buffered_bytes_budget_is_503_overloaded_before_it_is_re
 async fn slow_upload_does_not_hold_the_concurrency_slot_while_its_body_arrives() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let env = env_listening(vec![team("solo", ONE_AT_A_TIME)], "", "").await;
-    let body = json!({"external_id": "ext-1", "first_name": "Ada", "last_name": "Example"})
-        .to_string();
+    let body =
+        json!({"external_id": "ext-1", "first_name": "Ada", "last_name": "Example"}).to_string();
     let mut slow = tokio::net::TcpStream::connect(env.gw.running.addr)
         .await
         .unwrap();

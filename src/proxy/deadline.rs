@@ -104,7 +104,10 @@ impl Body for ResponseDeadline {
         let this = self.get_mut();
         let mut s = lock(&this.shared);
         let Some(body) = s.body.as_mut() else {
-            return Poll::Ready(s.expired.then(|| Err(Box::new(ResponseWriteTimeout) as BoxError)));
+            return Poll::Ready(
+                s.expired
+                    .then(|| Err(Box::new(ResponseWriteTimeout) as BoxError)),
+            );
         };
         let polled = Pin::new(&mut *body).poll_frame(cx);
         let ended = match &polled {
