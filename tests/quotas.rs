@@ -1583,6 +1583,59 @@ fn raw_head(env: &Env, method: &str, path: &str, request_id: &str, extra: &str) 
     )
 }
 
+/// Far more than the socket buffers and HTTP/2 windows on both sides can hold.
+fn response_too_large_to_buffer() -> String {
+    format!("[\"{}\"]", "x".repeat(16 * 1024 * 1024))
+}
+
+/// With `concurrency = 1` for `solo` and its one slot held by a response nobody takes: within a
+/// bounded wait, another request of the team is admitted.
+async fn the_slot_comes_back(env: &Env) {
+    let mut last = None;
+    for _ in 0..100 {
+        let r = env.get(JOBS, "solo").await;
+        if r.status == StatusCode::OK {
+            return;
+        }
+        assert_refused(&r, StatusCode::TOO_MANY_REQUESTS, "concurrency_limited");
+        last = Some(r.text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the slot of the response nobody takes was never given back: {last:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_reader_that_never_opens_its_window_gives_its_concurrency_slot_back_after_the_response_write_timeout()
+ {
+    let env = env_listening(
+        vec![team("solo", ONE_AT_A_TIME)],
+        "",
+        "response_write_timeout = \"500ms\"",
+    )
+    .await;
+    env.stub
+        .set_reply(200, &response_too_large_to_buffer(), Duration::ZERO);
+    // Its own connection: the response is never read, so its window is never opened again.
+    let h2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<http_body_util::Full<Bytes>>();
+    let req = http::Request::get(env.gw.url(JOBS))
+        .header("authorization", format!("Bearer {}", env.token("solo")))
+        .header("x-request-id", "never-reads-h2")
+        .body(http_body_util::Full::new(Bytes::new()))
+        .unwrap();
+    let unread = tokio::time::timeout(Duration::from_secs(20), h2.request(req))
+        .await
+        .expect("a response head")
+        .unwrap();
+    assert_eq!(unread.status(), StatusCode::OK);
+    env.stub.set_reply(200, "[]", Duration::ZERO);
+    the_slot_comes_back(&env).await;
+    let rec = audit_record(&env, "never-reads-h2").await;
+    assert_eq!(rec["code"], "response_write_timeout", "{rec}");
+    drop(unread);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn caller_that_never_reads_its_large_response_gives_its_concurrency_slot_back_after_the_response_write_timeout()
  {
@@ -1593,9 +1646,8 @@ async fn caller_that_never_reads_its_large_response_gives_its_concurrency_slot_b
         "response_write_timeout = \"500ms\"",
     )
     .await;
-    // Far more than the socket buffers on both sides can hold.
-    let big = format!("[\"{}\"]", "x".repeat(16 * 1024 * 1024));
-    env.stub.set_reply(200, &big, Duration::ZERO);
+    env.stub
+        .set_reply(200, &response_too_large_to_buffer(), Duration::ZERO);
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     let mut never_reads = socket.connect(env.gw.running.addr).await.unwrap();
@@ -1603,22 +1655,7 @@ async fn caller_that_never_reads_its_large_response_gives_its_concurrency_slot_b
     never_reads.write_all(head.as_bytes()).await.unwrap();
     stub_sees(&env.stub, 1).await;
     env.stub.set_reply(200, "[]", Duration::ZERO);
-
-    let mut last = None;
-    for _ in 0..100 {
-        let r = env.get(JOBS, "solo").await;
-        if r.status == StatusCode::OK {
-            last = None;
-            break;
-        }
-        assert_refused(&r, StatusCode::TOO_MANY_REQUESTS, "concurrency_limited");
-        last = Some(r.text());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(
-        last, None,
-        "the slot of the response nobody reads was never given back"
-    );
+    the_slot_comes_back(&env).await;
     let rec = audit_record(&env, "never-reads-1").await;
     assert_eq!(rec["code"], "response_write_timeout", "{rec}");
     assert_eq!(rec["status"], 200, "{rec}");
