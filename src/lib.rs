@@ -6,7 +6,8 @@
 //! 2. the caller's bearer JWT is verified against its issuer's keys ([`auth::jwt`]);
 //! 3. the route is found in the OpenAPI spec ([`spec`]);
 //! 4. the caller's team, the operation allow-list and `On-Behalf-Of` are decided ([`policy`]);
-//! 5. the team's quotas admit it ([`quota`]);
+//! 5. the body is read, within the gateway-wide budget of buffered bytes, and the team's quotas
+//!    admit it ([`quota`]);
 //! 6. query and body are checked against the spec's schemas ([`validate`]);
 //! 7. it is forwarded with the team's upstream credential ([`auth::upstream`], [`proxy`]);
 //! 8. every request ends in one tamper-evident audit record ([`audit`]).

@@ -7,14 +7,17 @@
 //! 2. the caller's bearer JWT, whatever the path
 //! 3. the route, from the spec
 //! 4. team membership, the operation allow-list, `On-Behalf-Of`
-//! 5. the team's quotas
-//! 6. query and body against the spec (refused, or recorded in report mode)
-//! 7. forward with the upstream credential (within the shared Greenhouse budget); one replay
+//! 5. the body is read, within the gateway-wide budget of buffered bytes (503 before reading)
+//! 6. the team's quotas
+//! 7. query and body against the spec (refused, or recorded in report mode)
+//! 8. forward with the upstream credential (within the shared Greenhouse budget); one replay
 //!    with a fresh token after a 401; a 429 pauses the credential
-//! 8. the response streams back; its audit record is written before its last bytes are released
+//! 9. the response streams back; its audit record is written before its last bytes are released,
+//!    and a caller that does not take it within `listen.response_write_timeout` is cut off
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
@@ -34,6 +37,7 @@ use crate::http_client::HttpClient;
 use crate::metrics::Metrics;
 use crate::policy::{Team, ValidationMode, decide_on_behalf_of};
 use crate::proxy::body::{Finished, ObservedBody, OnFinish};
+use crate::proxy::deadline::ResponseDeadline;
 use crate::proxy::{self, Outbound, encoding, target};
 use crate::quota::{NoSlot, Quotas, Refusal};
 use crate::spec::{Operation, RouteMatch};
@@ -60,6 +64,7 @@ pub struct Gateway {
     upstream_host: HeaderValue,
     /// `listen.max_requests_in_flight`: a permit per request, held until its response body ends.
     in_flight: Arc<tokio::sync::Semaphore>,
+    body_budget: BodyBudget,
 }
 
 /// The parts a [`Gateway`] is made of.
@@ -83,6 +88,7 @@ impl Gateway {
         let upstream_host =
             HeaderValue::from_str(&host).unwrap_or_else(|_| HeaderValue::from_static("localhost"));
         Gateway {
+            body_budget: BodyBudget::new(config.limits.max_buffered_body_bytes),
             validators: config.validators.clone(),
             verifier: p.verifier,
             credentials: p.credentials,
@@ -221,6 +227,7 @@ fn respond_forwarded(
     let status = head.status.as_u16();
     // A body that stalls longer than the upstream timeout is cut off (and recorded incomplete).
     let idle = gw.config.upstream.timeout;
+    let within = gw.config.listen.response_write_timeout;
     set_headers(&mut head.headers, &ctx);
     let op_id = fwd.op;
     // The copy is read decoded; the caller gets the bytes as Greenhouse encoded them.
@@ -228,6 +235,9 @@ fn respond_forwarded(
     for v in head.headers.get_all(header::CONTENT_ENCODING) {
         coding.append(header::CONTENT_ENCODING, v.clone());
     }
+    // Set by the response deadline's watchdog before it drops the body, so the record says why.
+    let expired = Arc::new(AtomicBool::new(false));
+    let expired_seen = expired.clone();
     let on_finish: OnFinish = Box::new(move |f: Finished| {
         Box::pin(async move {
             ctx.record.response_bytes = f.bytes;
@@ -247,7 +257,11 @@ fn respond_forwarded(
                 }
             }
             if !f.complete {
-                ctx.record.code = Some("response_incomplete".into());
+                ctx.record.code = Some(if expired_seen.load(Ordering::SeqCst) {
+                    "response_write_timeout".into()
+                } else {
+                    "response_incomplete".into()
+                });
             }
             finish_record(&gw, ctx, started).await;
         })
@@ -255,12 +269,13 @@ fn respond_forwarded(
     let body = body
         .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
         .boxed();
-    Response::from_parts(
-        head,
-        ObservedBody::new(body, RESPONSE_COPY_LIMIT, on_finish, Some(fwd.guard))
-            .with_idle_timeout(idle)
-            .boxed_unsync(),
-    )
+    let observed = ObservedBody::new(body, RESPONSE_COPY_LIMIT, on_finish, Some(fwd.guard))
+        .with_idle_timeout(idle);
+    // The caller has this long to take the whole response; then its slot is released.
+    let body = ResponseDeadline::new(observed, within, move || {
+        expired.store(true, Ordering::SeqCst)
+    });
+    Response::from_parts(head, body.boxed_unsync())
 }
 
 /// Writes the audit record and the request metrics. With `fsync = "always"` this resolves only
@@ -414,13 +429,15 @@ async fn decide_and_forward(
         .map_err(GatewayError::OnBehalfOfNotAllowed)?;
     ctx.record.on_behalf_of = Some(on_behalf_of.clone());
 
-    // 5. The team's quotas: all checks at once; a refusal spends nothing.
-    let admission = admit(gw, team, op, ctx).await?;
-    let inflight = gw.metrics.inflight(&team.name);
-
-    // 6. Query and body against the spec.
-    let query = check_query(gw, team, op, req.uri().query(), ctx)?;
+    // 5. The body, read before admission so that a slow upload holds no quota slot, and only
+    //    when the gateway-wide budget of buffered bytes has room for it (the reservation is
+    //    held until the body is dropped, after forwarding). These bytes are what is validated
+    //    and what is forwarded.
     let (parts, body) = req.into_parts();
+    let mut reserved = gw.body_budget.reserve(
+        http_body::Body::size_hint(&body).exact(),
+        cfg.limits.max_body_bytes,
+    )?;
     let body = tokio::time::timeout(
         cfg.listen.body_read_timeout,
         read_body(body, cfg.limits.max_body_bytes),
@@ -431,9 +448,17 @@ async fn decide_and_forward(
         GatewayError::PayloadTooLarge { .. } => too_large(gw, Some(op)),
         other => other,
     })?;
+    BodyBudget::shrink(&mut reserved, body.len() as u64);
+
+    // 6. The team's quotas: all checks at once; a refusal spends nothing.
+    let admission = admit(gw, team, op, ctx).await?;
+    let inflight = gw.metrics.inflight(&team.name);
+
+    // 7. Query and body against the spec.
+    let query = check_query(gw, team, op, parts.uri.query(), ctx)?;
     check_body(gw, team, op, &parts, &body, ctx)?;
 
-    // 7. Forward, unless the audit trail cannot record it.
+    // 8. Forward, unless the audit trail cannot record it.
     if gw.audit.on_error() == AuditOnError::Reject && !gw.audit.healthy() {
         return Err(GatewayError::AuditUnavailable);
     }
@@ -471,11 +496,61 @@ async fn decide_and_forward(
             retry_after_secs: ceil_secs(wait),
         });
     }
+    drop(upstream);
+    drop(reserved);
     Ok(Forwarded {
         response: resp,
         op: op.id.clone(),
         guard: Box::new((admission, inflight, permit)),
     })
+}
+
+/// Request body bytes buffered at once by the whole gateway (`limits.max_buffered_body_bytes`).
+/// Counted in KiB (rounded up), so that any budget fits the semaphore's permit count.
+struct BodyBudget {
+    kib: Arc<tokio::sync::Semaphore>,
+}
+
+fn kib(bytes: u64) -> u64 {
+    bytes.div_ceil(1024)
+}
+
+impl BodyBudget {
+    fn new(bytes: u64) -> Self {
+        let permits = usize::try_from(kib(bytes))
+            .unwrap_or(usize::MAX)
+            .min(tokio::sync::Semaphore::MAX_PERMITS);
+        BodyBudget {
+            kib: Arc::new(tokio::sync::Semaphore::new(permits)),
+        }
+    }
+
+    /// Reserves room for a body before a byte of it is read: its declared length, or, when it
+    /// declares none (chunked), the largest body allowed. Never waits: without room, 503.
+    fn reserve(
+        &self,
+        declared: Option<u64>,
+        max_body_bytes: u64,
+    ) -> Result<tokio::sync::OwnedSemaphorePermit, GatewayError> {
+        let overloaded = GatewayError::Overloaded {
+            what: "too many request body bytes buffered at once",
+            retry_after_secs: 1,
+        };
+        let want = u32::try_from(kib(declared.unwrap_or(max_body_bytes).min(max_body_bytes)))
+            .map_err(|_| overloaded.clone())?;
+        self.kib
+            .clone()
+            .try_acquire_many_owned(want)
+            .map_err(|_| overloaded)
+    }
+
+    /// Gives back what a body read with an undeclared length did not use.
+    fn shrink(permit: &mut tokio::sync::OwnedSemaphorePermit, read: u64) {
+        let keep = usize::try_from(kib(read)).unwrap_or(usize::MAX);
+        if let Some(excess) = permit.num_permits().checked_sub(keep).filter(|n| *n > 0) {
+            drop(permit.split(excess));
+        }
+    }
 }
 
 async fn admit(

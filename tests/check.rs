@@ -825,6 +825,35 @@ fn an_attachment_limit_whose_base64_cannot_fit_in_the_body_limit_is_refused() {
 }
 
 #[test]
+fn response_write_timeout_and_buffered_body_budget_are_accepted_and_bad_values_name_their_keys() {
+    let with = |timeout: &str, budget: &str| {
+        gateway(ORIGIN).replace(
+            "addr = \"127.0.0.1:18080\"",
+            &format!("addr = \"127.0.0.1:18080\"\nresponse_write_timeout = \"{timeout}\""),
+        ) + &format!("\n[limits]\nmax_body_bytes = 1048576\nmax_buffered_body_bytes = {budget}\n")
+    };
+    let dir = scenario(&with("90s", "33554432"), &one_team(), &[]);
+    let run = check(&dir.path().join("gateway.toml"));
+    assert_eq!(run.code, Some(0), "{}", run.all());
+
+    let dir = scenario(&with("0s", "1048575"), &one_team(), &[]);
+    let run = check(&dir.path().join("gateway.toml"));
+    assert_eq!(run.code, Some(1), "{}", run.all());
+    assert_problem(
+        &run,
+        "gateway.toml",
+        "listen.response_write_timeout",
+        "longer than zero",
+    );
+    assert_problem(
+        &run,
+        "gateway.toml",
+        "limits.max_buffered_body_bytes",
+        "at least limits.max_body_bytes",
+    );
+}
+
+#[test]
 fn a_team_wide_daily_quota_is_accepted_and_zero_is_refused_naming_quota_daily() {
     for (daily, refused) in [("5000", false), ("0", true)] {
         let mut teams = one_team();

@@ -1529,3 +1529,275 @@ async fn redis_down_with_deny_on_the_upstream_budget_is_quota_backend_unavailabl
     );
     assert_eq!(env.stub.seen().len(), 1);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Slow and greedy callers: the response write timeout, the buffered body budget
+
+/// Like [`Env::start`], with extra `[listen]` keys.
+async fn env_listening(teams: Vec<(&'static str, String)>, extra: &str, listen_extra: &str) -> Env {
+    let sandbox = Sandbox::start_local(Setup::default().sandbox)
+        .await
+        .expect("sandbox starts");
+    let stub = Stub::start().await;
+    let setup = Setup {
+        teams,
+        extra: extra.to_string(),
+        listen_extra: listen_extra.to_string(),
+        upstream: Some(stub.base_url()),
+        upstream_timeout: "5s",
+        ..Setup::default()
+    };
+    let gw = start_gateway(&sandbox, &setup, "").await;
+    Env {
+        sandbox,
+        stub,
+        gw,
+        client: TestClient::new(),
+    }
+}
+
+/// Waits for the record of `request_id` in the gateway's audit trail.
+async fn audit_record(env: &Env, request_id: &str) -> Value {
+    let path = env.gw._dir.path().join("audit/audit.jsonl");
+    for _ in 0..200 {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let found: Vec<Value> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|r| r["request_id"] == request_id)
+            .collect();
+        assert!(found.len() <= 1, "more than one record for {request_id}");
+        if let Some(r) = found.into_iter().next() {
+            return r;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no audit record for {request_id}");
+}
+
+/// A raw HTTP/1.1 request head for team `solo`.
+fn raw_head(env: &Env, method: &str, path: &str, request_id: &str, extra: &str) -> String {
+    format!(
+        "{method} {path} HTTP/1.1\r\nHost: gateway\r\nAuthorization: Bearer {}\r\nX-Request-Id: {request_id}\r\n{extra}\r\n",
+        env.token("solo")
+    )
+}
+
+/// Far more than the socket buffers and HTTP/2 windows on both sides can hold.
+fn response_too_large_to_buffer() -> String {
+    format!("[\"{}\"]", "x".repeat(16 * 1024 * 1024))
+}
+
+/// With `concurrency = 1` for `solo` and its one slot held by a response nobody takes: within a
+/// bounded wait, another request of the team is admitted.
+async fn the_slot_comes_back(env: &Env) {
+    let mut last = None;
+    for _ in 0..100 {
+        let r = env.get(JOBS, "solo").await;
+        if r.status == StatusCode::OK {
+            return;
+        }
+        assert_refused(&r, StatusCode::TOO_MANY_REQUESTS, "concurrency_limited");
+        last = Some(r.text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the slot of the response nobody takes was never given back: {last:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_reader_that_never_opens_its_window_gives_its_concurrency_slot_back_after_the_response_write_timeout()
+ {
+    let env = env_listening(
+        vec![team("solo", ONE_AT_A_TIME)],
+        "",
+        "response_write_timeout = \"500ms\"",
+    )
+    .await;
+    env.stub
+        .set_reply(200, &response_too_large_to_buffer(), Duration::ZERO);
+    // Its own connection: the response is never read, so its window is never opened again.
+    let h2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<http_body_util::Full<Bytes>>();
+    let req = http::Request::get(env.gw.url(JOBS))
+        .header("authorization", format!("Bearer {}", env.token("solo")))
+        .header("x-request-id", "never-reads-h2")
+        .body(http_body_util::Full::new(Bytes::new()))
+        .unwrap();
+    let unread = tokio::time::timeout(Duration::from_secs(20), h2.request(req))
+        .await
+        .expect("a response head")
+        .unwrap();
+    assert_eq!(unread.status(), StatusCode::OK);
+    env.stub.set_reply(200, "[]", Duration::ZERO);
+    the_slot_comes_back(&env).await;
+    let rec = audit_record(&env, "never-reads-h2").await;
+    assert_eq!(rec["code"], "response_write_timeout", "{rec}");
+    drop(unread);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn caller_that_never_reads_its_large_response_gives_its_concurrency_slot_back_after_the_response_write_timeout()
+ {
+    use tokio::io::AsyncWriteExt;
+    let env = env_listening(
+        vec![team("solo", ONE_AT_A_TIME)],
+        "",
+        "response_write_timeout = \"500ms\"",
+    )
+    .await;
+    env.stub
+        .set_reply(200, &response_too_large_to_buffer(), Duration::ZERO);
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut never_reads = socket.connect(env.gw.running.addr).await.unwrap();
+    let head = raw_head(&env, "GET", JOBS, "never-reads-1", "");
+    never_reads.write_all(head.as_bytes()).await.unwrap();
+    stub_sees(&env.stub, 1).await;
+    env.stub.set_reply(200, "[]", Duration::ZERO);
+    the_slot_comes_back(&env).await;
+    let rec = audit_record(&env, "never-reads-1").await;
+    assert_eq!(rec["code"], "response_write_timeout", "{rec}");
+    assert_eq!(rec["status"], 200, "{rec}");
+    assert_eq!(rec["decision"], "forwarded", "{rec}");
+    drop(never_reads);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn body_beyond_the_buffered_bytes_budget_is_503_overloaded_before_it_is_read_and_audited() {
+    use tokio::io::AsyncWriteExt;
+    let env = env_listening(
+        vec![team("solo", "")],
+        "[limits]\nmax_body_bytes = 1048576\nmax_buffered_body_bytes = 1048576\n",
+        "",
+    )
+    .await;
+    let json = "content-type: application/json\r\n";
+    // An upload of a declared 800 KB, sent slowly: its bytes are reserved while it arrives.
+    let mut slow = tokio::net::TcpStream::connect(env.gw.running.addr)
+        .await
+        .unwrap();
+    let head = raw_head(
+        &env,
+        "POST",
+        CANDIDATES,
+        "slow-upload-1",
+        &format!("{json}content-length: 800000\r\n"),
+    );
+    slow.write_all(head.as_bytes()).await.unwrap();
+    slow.write_all(b"{").await.unwrap();
+
+    // A second declared 800 KB does not fit: refused at once, with only its head sent. (Tried
+    // again if it happened to be reserved before the slow upload.)
+    let mut refused = None;
+    for attempt in 0..5 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let id = format!("over-budget-{attempt}");
+        let head = raw_head(
+            &env,
+            "POST",
+            CANDIDATES,
+            &id,
+            &format!("{json}content-length: 800000\r\n"),
+        );
+        let out =
+            support::raw_exchange(env.gw.running.addr, head.as_bytes(), Duration::from_secs(3))
+                .await;
+        if out.starts_with("HTTP/1.1 503") {
+            refused = Some((id, out));
+            break;
+        }
+    }
+    let (id, out) = refused.expect("no 503 for a body beyond the budget, without its body");
+    assert!(out.contains("\"code\":\"overloaded\""), "{out}");
+    assert!(out.to_ascii_lowercase().contains("retry-after: 1"), "{out}");
+    let rec = audit_record(&env, &id).await;
+    assert_eq!(rec["code"], "overloaded", "{rec}");
+    assert_eq!(rec["status"], 503, "{rec}");
+    assert_eq!(rec["team"], "solo", "{rec}");
+    assert!(env.stub.seen().is_empty(), "nothing was forwarded");
+
+    // The reservation goes with the upload: then a body of that size is read and forwarded.
+    drop(slow);
+    let mut body =
+        json!({"external_id": "ext-1", "first_name": "Ada", "last_name": "Example"}).to_string();
+    body.insert_str(1, &" ".repeat(800_000 - body.len()));
+    let auth = format!("Bearer {}", env.token("solo"));
+    let mut last = None;
+    for _ in 0..50 {
+        let r = env
+            .client
+            .send(
+                Method::POST,
+                &env.gw.url(CANDIDATES),
+                &[
+                    ("authorization", auth.as_str()),
+                    ("content-type", "application/json"),
+                ],
+                Bytes::from(body.clone()),
+            )
+            .await;
+        if r.status != StatusCode::SERVICE_UNAVAILABLE {
+            assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+            last = None;
+            break;
+        }
+        last = Some(r.text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        last, None,
+        "the slow upload's reservation was never given back"
+    );
+    assert_eq!(env.stub.seen().len(), 1);
+    assert_eq!(env.stub.seen()[0].body.len(), 800_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_upload_does_not_hold_the_concurrency_slot_while_its_body_arrives() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let env = env_listening(vec![team("solo", ONE_AT_A_TIME)], "", "").await;
+    let body =
+        json!({"external_id": "ext-1", "first_name": "Ada", "last_name": "Example"}).to_string();
+    let mut slow = tokio::net::TcpStream::connect(env.gw.running.addr)
+        .await
+        .unwrap();
+    let head = raw_head(
+        &env,
+        "POST",
+        CANDIDATES,
+        "slow-upload-2",
+        &format!(
+            "content-type: application/json\r\ncontent-length: {}\r\n",
+            body.len()
+        ),
+    );
+    slow.write_all(head.as_bytes()).await.unwrap();
+    slow.write_all(&body.as_bytes()[..10]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // While the upload is still arriving, the team's one slot is free.
+    for _ in 0..3 {
+        let r = env.get(JOBS, "solo").await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Once complete, the upload is admitted and forwarded.
+    slow.write_all(&body.as_bytes()[10..]).await.unwrap();
+    let mut out = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(10), slow.read(&mut out))
+        .await
+        .expect("an answer to the upload")
+        .unwrap();
+    let out = String::from_utf8_lossy(&out[..n]);
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    let posted: Vec<_> = env
+        .stub
+        .seen()
+        .into_iter()
+        .filter(|s| s.method == "POST")
+        .collect();
+    assert_eq!(posted.len(), 1);
+    assert_eq!(posted[0].body, Bytes::from(body));
+}

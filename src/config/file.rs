@@ -80,6 +80,9 @@ pub struct ListenFile {
     pub header_read_timeout: Option<String>,
     /// Time allowed for a client to send the whole request body (default `30s`; then 408).
     pub body_read_timeout: Option<String>,
+    /// Time allowed for a client to take a forwarded response, from its head to its last byte
+    /// (default `60s`; then the response is cut off and its quota slot released).
+    pub response_write_timeout: Option<String>,
     /// Largest request head accepted, in bytes (default 16384; larger gets 431).
     pub max_header_bytes: Option<u64>,
     /// How long in-flight requests may run after SIGTERM/SIGINT (default `30s`).
@@ -195,6 +198,9 @@ pub struct IssuerFile {
 pub struct LimitsFile {
     /// Largest request body, in bytes (default 10 MiB); decoded attachments count against it.
     pub max_body_bytes: Option<u64>,
+    /// Request body bytes buffered at once by the whole gateway (default 256 MiB, at least
+    /// `max_body_bytes`); a body that does not fit gets 503 `overloaded` before it is read.
+    pub max_buffered_body_bytes: Option<u64>,
     /// Largest decoded size of one attachment's `content` (default 5 MiB).
     pub max_attachment_bytes: Option<u64>,
     /// Deepest JSON nesting accepted in a body (default 64).

@@ -38,6 +38,7 @@ pub struct Listen {
     pub tls: Option<Tls>,
     pub header_read_timeout: Duration,
     pub body_read_timeout: Duration,
+    pub response_write_timeout: Duration,
     pub max_header_bytes: usize,
     pub shutdown_grace: Duration,
     /// A connection with no request in flight for this long is closed.
@@ -111,4 +112,6 @@ pub struct OAuth2Credential {
 #[derive(Debug, Clone)]
 pub struct Limits {
     pub max_body_bytes: u64,
+    /// Request body bytes buffered at once, all requests together.
+    pub max_buffered_body_bytes: u64,
 }

@@ -609,6 +609,14 @@ pub fn validate(
     if body_read_timeout.is_zero() {
         r.add("listen.body_read_timeout", "must be longer than zero");
     }
+    let response_write_timeout = r.duration(
+        "listen.response_write_timeout",
+        gw.listen.response_write_timeout.as_deref(),
+        Duration::from_secs(60),
+    );
+    if response_write_timeout.is_zero() {
+        r.add("listen.response_write_timeout", "must be longer than zero");
+    }
     let max_header_bytes = gw.listen.max_header_bytes.unwrap_or(16 * 1024);
     if !(1024..=1024 * 1024).contains(&max_header_bytes) {
         r.add(
@@ -770,6 +778,23 @@ pub fn validate(
     let max_body_bytes = gw.limits.max_body_bytes.unwrap_or(10 * 1024 * 1024);
     if max_body_bytes == 0 || max_body_bytes > 256 * 1024 * 1024 {
         r.add("limits.max_body_bytes", "must be between 1 and 268435456");
+    }
+    let max_buffered_body_bytes = gw
+        .limits
+        .max_buffered_body_bytes
+        .unwrap_or(256 * 1024 * 1024);
+    if max_buffered_body_bytes < max_body_bytes {
+        r.add(
+            "limits.max_buffered_body_bytes",
+            format!(
+                "must be at least limits.max_body_bytes ({max_body_bytes}): one body of the largest size must fit"
+            ),
+        );
+    } else if max_buffered_body_bytes > 1 << 40 {
+        r.add(
+            "limits.max_buffered_body_bytes",
+            "must be at most 1099511627776 (1 TiB)",
+        );
     }
 
     // An attachment travels in base64 inside the body, so the largest one allowed must fit in a
@@ -1032,6 +1057,7 @@ pub fn validate(
             tls,
             header_read_timeout,
             body_read_timeout,
+            response_write_timeout,
             max_header_bytes: max_header_bytes as usize,
             shutdown_grace,
             idle_timeout,
@@ -1052,7 +1078,10 @@ pub fn validate(
         },
         credentials,
         issuers,
-        limits: Limits { max_body_bytes },
+        limits: Limits {
+            max_body_bytes,
+            max_buffered_body_bytes,
+        },
         teams,
         quota: QuotaSettings {
             backend,

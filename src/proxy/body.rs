@@ -192,8 +192,9 @@ impl Body for ObservedBody {
 
 impl Drop for ObservedBody {
     fn drop(&mut self) {
-        // The caller went away (or the response was never polled): the record is still written.
-        if let Some(fut) = self.finished(false)
+        // The caller went away (or the response was never polled): the record is still written;
+        // finishing work already under way is completed rather than cut short.
+        if let Some(fut) = self.finishing.take().or_else(|| self.finished(false))
             && let Ok(handle) = tokio::runtime::Handle::try_current()
         {
             handle.spawn(fut);

@@ -1,6 +1,7 @@
 //! Forwarding: header hygiene in both directions and the upstream call.
 
 pub mod body;
+pub mod deadline;
 pub mod encoding;
 pub mod target;
 
