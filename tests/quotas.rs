@@ -1034,6 +1034,121 @@ async fn paused_redis_with_deny_is_503_within_the_timeout_not_a_hang_and_recover
     .await;
 }
 
+/// Field `n` of a daily counter (0 when there is none).
+async fn daily_used(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> u64 {
+    let n: Option<u64> = redis::cmd("HGET")
+        .arg(key)
+        .arg("n")
+        .query_async(conn)
+        .await
+        .unwrap();
+    n.unwrap_or(0)
+}
+
+/// Admissions a GCRA arrival time holds, from idle, with `interval` per admission (exact while
+/// less than one interval has passed since the first of them).
+async fn rate_spent(
+    conn: &mut redis::aio::MultiplexedConnection,
+    key: &str,
+    interval: Duration,
+) -> u64 {
+    let tat: Option<u64> = redis::cmd("GET").arg(key).query_async(conn).await.unwrap();
+    let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(conn).await.unwrap();
+    let now = secs * 1_000_000 + micros;
+    let interval = u64::try_from(interval.as_micros()).unwrap();
+    tat.map_or(0, |t| t.saturating_sub(now).div_ceil(interval))
+}
+
+/// What Redis holds for team `limited` calling listPartnerJobs: team daily, operation daily,
+/// team rate, operation rate (admissions each), and leases.
+async fn redis_counts(url: &str, prefix: &str) -> [u64; 5] {
+    let mut conn = redis_conn(url).await;
+    let team = format!("{prefix}:team:limited");
+    let op = format!("{team}:op:listPartnerJobs");
+    let leases: u64 = redis::cmd("ZCARD")
+        .arg(format!("{team}:inflight"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    [
+        daily_used(&mut conn, &format!("{team}:daily")).await,
+        daily_used(&mut conn, &format!("{op}:daily")).await,
+        rate_spent(&mut conn, &format!("{team}:rate"), Duration::from_secs(36)).await,
+        rate_spent(&mut conn, &format!("{op}:rate"), Duration::from_secs(72)).await,
+        leases,
+    ]
+}
+
+/// Polls [`redis_counts`] until it equals `expected`, for at most `within`.
+async fn counts_become(url: &str, prefix: &str, expected: [u64; 5], within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let seen = redis_counts(url, prefix).await;
+        if seen == expected {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Redis holds [team daily, op daily, team rate, op rate, leases] = {seen:?}, \
+             forwarded {expected:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_refused_during_a_redis_pause_stay_uncounted_after_it_and_the_daily_quota_of_5_is_not_spent()
+ {
+    let quota = "[quota]\nrate = \"100/h\"\nburst = 100\nconcurrency = 10\ndaily = 5\n\
+                 [quota.operations.listPartnerJobs]\nrate = \"50/h\"\nburst = 50\ndaily = 5\n";
+    let (env, redis, prefix) = redis_env("deny", quota).await;
+    assert_eq!(env.get(JOBS, "limited").await.status, StatusCode::OK);
+    assert_eq!(redis_counts(&redis.url(), &prefix).await, [1, 1, 1, 1, 0]);
+
+    // Longer than the quota timeout (200 ms): every admission sent now runs when it ends.
+    let mut conn = redis_conn(&redis.url()).await;
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(1500)
+        .arg("ALL")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // Six at once, before the gateway sees Redis is away: each sends its admission.
+    let urls = vec![env.gw.url(JOBS); 6];
+    for r in concurrent_gets(&env.client, urls, &env.token("limited")).await {
+        assert_refused(
+            &r,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "quota_backend_unavailable",
+        );
+    }
+    // And a few more while the circuit breaker lets one through now and then.
+    for _ in 0..3 {
+        let _ = env.get(JOBS, "limited").await;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+
+    wait_ready_again(&env).await;
+    let forwarded = env.stub.seen().len() as u64;
+    let expected = [forwarded, forwarded, forwarded, forwarded, 0];
+    counts_become(&redis.url(), &prefix, expected, RECOVERY).await;
+
+    // The daily quota of 5 is not used up by the refused requests.
+    let r = env.get(JOBS, "limited").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let forwarded = env.stub.seen().len() as u64;
+    let expected = [forwarded, forwarded, forwarded, forwarded, 0];
+    counts_become(&redis.url(), &prefix, expected, NO_HANG).await;
+
+    // Records of admissions and tombstones expire like every other key.
+    let mut conn = redis_conn(&redis.url()).await;
+    for key in scan_prefix(&mut conn, &prefix).await {
+        let ttl = pttl(&mut conn, &key).await;
+        assert!(ttl > 0 || ttl == -2, "{key} has PTTL {ttl}");
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // 7. Every Redis key has a TTL
 
@@ -1097,6 +1212,11 @@ daily = 100
         let key = format!("{prefix}:{suffix}");
         assert!(keys.contains(&key), "{key} missing from {keys:?}");
     }
+    let records = format!("{prefix}:team:limited:adm:");
+    assert!(
+        keys.iter().any(|k| k.starts_with(&records)),
+        "no admission record in {keys:?}"
+    );
     for key in &keys {
         let ttl = pttl(&mut conn, key).await;
         // -1: no TTL (a leak); -2: expired between SCAN and PTTL (fine)
