@@ -35,6 +35,8 @@
 //!   same limits (per replica, so N replicas admit up to N times the limit while Redis is away).
 //!   While Redis is down, requests skip it (a circuit breaker) and a background probe, plus one
 //!   request every 250 ms, try it again; [`Quotas::not_ready`] reports it.
+//!   An admission that missed its deadline is refunded in the background (or voided before
+//!   Redis runs it, see `redis_store.rs`), so a stall never leaves refused requests counted.
 //!
 //! # Rate-limit headers
 //!
