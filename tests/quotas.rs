@@ -1096,16 +1096,17 @@ async fn counts_become(url: &str, prefix: &str, expected: [u64; 5], within: Dura
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn requests_refused_during_a_redis_pause_stay_uncounted_after_it_and_the_daily_quota_of_5_is_not_spent()
- {
+/// One request, then six at once (and, with `deny`, three more) during a 1.5 s `CLIENT PAUSE`
+/// (longer than the 200 ms quota timeout), with `on_backend_error`; afterwards Redis counts exactly the requests
+/// it admitted and the gateway forwarded, and a daily quota of 5 is not used up.
+async fn redis_pause_leaves_redis_counting_what_it_forwarded(on_backend_error: &str) {
     let quota = "[quota]\nrate = \"100/h\"\nburst = 100\nconcurrency = 10\ndaily = 5\n\
                  [quota.operations.listPartnerJobs]\nrate = \"50/h\"\nburst = 50\ndaily = 5\n";
-    let (env, redis, prefix) = redis_env("deny", quota).await;
+    let (env, redis, prefix) = redis_env(on_backend_error, quota).await;
     assert_eq!(env.get(JOBS, "limited").await.status, StatusCode::OK);
     assert_eq!(redis_counts(&redis.url(), &prefix).await, [1, 1, 1, 1, 0]);
 
-    // Longer than the quota timeout (200 ms): every admission sent now runs when it ends.
+    // Every admission sent now runs when the pause ends.
     let mut conn = redis_conn(&redis.url()).await;
     let _: () = redis::cmd("CLIENT")
         .arg("PAUSE")
@@ -1116,30 +1117,54 @@ async fn requests_refused_during_a_redis_pause_stay_uncounted_after_it_and_the_d
         .unwrap();
     // Six at once, before the gateway sees Redis is away: each sends its admission.
     let urls = vec![env.gw.url(JOBS); 6];
-    for r in concurrent_gets(&env.client, urls, &env.token("limited")).await {
-        assert_refused(
-            &r,
-            StatusCode::SERVICE_UNAVAILABLE,
-            "quota_backend_unavailable",
-        );
+    let during = concurrent_gets(&env.client, urls, &env.token("limited")).await;
+    if on_backend_error == "deny" {
+        // And a few more while the circuit breaker lets one through now and then (refused, or
+        // admitted by Redis once the pause is over).
+        for _ in 0..3 {
+            let _ = env.get(JOBS, "limited").await;
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
     }
-    // And a few more while the circuit breaker lets one through now and then.
-    for _ in 0..3 {
-        let _ = env.get(JOBS, "limited").await;
-        tokio::time::sleep(Duration::from_millis(150)).await;
+    // Forwarded without Redis (`local`): counted by this replica, not in Redis.
+    let mut without_redis = 0;
+    for r in &during {
+        if on_backend_error == "deny" {
+            assert_refused(
+                r,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "quota_backend_unavailable",
+            );
+        } else if r.status == StatusCode::OK {
+            without_redis += 1;
+        }
+    }
+    if on_backend_error == "local" {
+        assert!(without_redis > 0, "the local limiter admitted none");
     }
 
     wait_ready_again(&env).await;
-    let forwarded = env.stub.seen().len() as u64;
-    let expected = [forwarded, forwarded, forwarded, forwarded, 0];
-    counts_become(&redis.url(), &prefix, expected, RECOVERY).await;
+    let by_redis = |env: &Env| env.stub.seen().len() as u64 - without_redis;
+    let forwarded = by_redis(&env);
+    counts_become(
+        &redis.url(),
+        &prefix,
+        [forwarded, forwarded, forwarded, forwarded, 0],
+        RECOVERY,
+    )
+    .await;
 
-    // The daily quota of 5 is not used up by the refused requests.
+    // The daily quota of 5 is not used up by the requests of the pause.
     let r = env.get(JOBS, "limited").await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
-    let forwarded = env.stub.seen().len() as u64;
-    let expected = [forwarded, forwarded, forwarded, forwarded, 0];
-    counts_become(&redis.url(), &prefix, expected, NO_HANG).await;
+    let forwarded = by_redis(&env);
+    counts_become(
+        &redis.url(),
+        &prefix,
+        [forwarded, forwarded, forwarded, forwarded, 0],
+        NO_HANG,
+    )
+    .await;
 
     // Records of admissions and tombstones expire like every other key.
     let mut conn = redis_conn(&redis.url()).await;
@@ -1147,6 +1172,17 @@ async fn requests_refused_during_a_redis_pause_stay_uncounted_after_it_and_the_d
         let ttl = pttl(&mut conn, &key).await;
         assert!(ttl > 0 || ttl == -2, "{key} has PTTL {ttl}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_refused_during_a_redis_pause_stay_uncounted_after_it_and_the_daily_quota_of_5_is_not_spent()
+ {
+    redis_pause_leaves_redis_counting_what_it_forwarded("deny").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_decided_locally_during_a_redis_pause_are_not_also_counted_in_redis_after_it() {
+    redis_pause_leaves_redis_counting_what_it_forwarded("local").await;
 }
 
 // ---------------------------------------------------------------------------------------------
