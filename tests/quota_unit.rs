@@ -1200,3 +1200,160 @@ async fn quotas_start_with_redis_down_without_failing_and_report_not_ready() {
     );
     assert_eq!(q.snapshot()["backend"], "redis");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Refunds of abandoned Redis admissions, driven on the scripts themselves
+
+const ADMIT_LUA: &str = include_str!("../src/quota/lua/admit.lua");
+const REFUND_LUA: &str = include_str!("../src/quota/lua/refund.lua");
+
+/// The seven keys of one admission `id`: team rate, leases, op rate, op daily, team daily,
+/// record, tombstone.
+fn admission_keys(p: &str, id: &str) -> Vec<String> {
+    ["rate", "inflight", "op:x:rate", "op:x:daily", "daily"]
+        .iter()
+        .map(|k| format!("{p}:team:t:{k}"))
+        .chain([
+            format!("{p}:team:t:adm:{id}"),
+            format!("{p}:team:t:void:{id}"),
+        ])
+        .collect()
+}
+
+/// admit.lua with a team rate of 1 per 10 s (burst 10), concurrency 5, an operation rate of 1
+/// per 20 s (burst 10), daily quotas of 100; returns its status.
+async fn run_admit(conn: &mut redis::aio::MultiplexedConnection, p: &str, id: &str) -> i64 {
+    let script = redis::Script::new(ADMIT_LUA);
+    let mut inv = script.prepare_invoke();
+    for k in admission_keys(p, id) {
+        inv.key(k);
+    }
+    inv.arg(10_000_000u64)
+        .arg(10)
+        .arg(5)
+        .arg(id)
+        .arg(60_000)
+        .arg(20_000_000u64)
+        .arg(10);
+    inv.arg(100).arg(100).arg(120_000);
+    let v: Vec<i64> = inv.invoke_async(conn).await.unwrap();
+    v[0]
+}
+
+async fn run_refund(conn: &mut redis::aio::MultiplexedConnection, p: &str, id: &str) -> i64 {
+    let script = redis::Script::new(REFUND_LUA);
+    let mut inv = script.prepare_invoke();
+    for k in admission_keys(p, id) {
+        inv.key(k);
+    }
+    inv.arg(id).arg(3_600_000);
+    inv.invoke_async(conn).await.unwrap()
+}
+
+/// Team daily, op daily, leases, and the team and op arrival times (µs ahead of now, 0 idle).
+async fn charged(
+    conn: &mut redis::aio::MultiplexedConnection,
+    p: &str,
+) -> (u64, u64, u64, u64, u64) {
+    let k = admission_keys(p, "-");
+    let base = conn.clone();
+    let n = |key: String| {
+        let mut c = base.clone();
+        async move {
+            let n: Option<u64> = redis::cmd("HGET")
+                .arg(key)
+                .arg("n")
+                .query_async(&mut c)
+                .await
+                .unwrap();
+            n.unwrap_or(0)
+        }
+    };
+    let ahead = |key: String| {
+        let mut c = base.clone();
+        async move {
+            let tat: Option<u64> = redis::cmd("GET")
+                .arg(key)
+                .query_async(&mut c)
+                .await
+                .unwrap();
+            let (s, us): (u64, u64) = redis::cmd("TIME").query_async(&mut c).await.unwrap();
+            tat.map_or(0, |t| t.saturating_sub(s * 1_000_000 + us))
+        }
+    };
+    let leases: u64 = redis::cmd("ZCARD")
+        .arg(&k[1])
+        .query_async(conn)
+        .await
+        .unwrap();
+    (
+        n(k[4].clone()).await,
+        n(k[3].clone()).await,
+        leases,
+        ahead(k[0].clone()).await,
+        ahead(k[2].clone()).await,
+    )
+}
+
+#[tokio::test]
+async fn a_refund_that_reaches_redis_before_its_admission_voids_it_and_nothing_is_charged() {
+    let r = test_redis();
+    let p = prefix("void-first");
+    let mut conn = redis_conn(&r.url).await;
+    assert_eq!(
+        run_refund(&mut conn, &p, "a1").await,
+        0,
+        "no record yet: tombstone"
+    );
+    let void = &admission_keys(&p, "a1")[6];
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(void)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(ttl > 0, "the tombstone has PTTL {ttl}");
+    assert_eq!(
+        run_admit(&mut conn, &p, "a1").await,
+        4,
+        "the late admission is void"
+    );
+    assert_eq!(charged(&mut conn, &p).await, (0, 0, 0, 0, 0));
+    let record: i64 = redis::cmd("EXISTS")
+        .arg(&admission_keys(&p, "a1")[5])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(record, 0, "a void admission leaves no record");
+}
+
+#[tokio::test]
+async fn a_refund_after_its_admission_undoes_exactly_its_charges_once() {
+    let r = test_redis();
+    let p = prefix("refund-after");
+    let mut conn = redis_conn(&r.url).await;
+    assert_eq!(run_admit(&mut conn, &p, "a1").await, 0);
+    assert_eq!(run_admit(&mut conn, &p, "a2").await, 0);
+    let (team, op, leases, team_tat, op_tat) = charged(&mut conn, &p).await;
+    assert_eq!((team, op, leases), (2, 2, 2));
+    assert!(team_tat > 10_000_000 && op_tat > 20_000_000);
+
+    assert_eq!(run_refund(&mut conn, &p, "a1").await, 1);
+    let (team, op, leases, team_after, op_after) = charged(&mut conn, &p).await;
+    assert_eq!((team, op, leases), (1, 1, 1));
+    // one interval less (plus the time between the two reads)
+    let (team_back, op_back) = (team_tat - team_after, op_tat - op_after);
+    assert!((10_000_000..11_000_000).contains(&team_back), "{team_back}");
+    assert!((20_000_000..21_000_000).contains(&op_back), "{op_back}");
+    let lease_left: Option<f64> = redis::cmd("ZSCORE")
+        .arg(&admission_keys(&p, "a2")[1])
+        .arg("a2")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(lease_left.is_some(), "the other admission keeps its lease");
+
+    // A second refund of the same admission (a retry) changes nothing.
+    assert_eq!(run_refund(&mut conn, &p, "a1").await, 0);
+    let (team, op, leases, _, _) = charged(&mut conn, &p).await;
+    assert_eq!((team, op, leases), (1, 1, 1));
+}

@@ -1034,6 +1034,157 @@ async fn paused_redis_with_deny_is_503_within_the_timeout_not_a_hang_and_recover
     .await;
 }
 
+/// Field `n` of a daily counter (0 when there is none).
+async fn daily_used(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> u64 {
+    let n: Option<u64> = redis::cmd("HGET")
+        .arg(key)
+        .arg("n")
+        .query_async(conn)
+        .await
+        .unwrap();
+    n.unwrap_or(0)
+}
+
+/// Admissions a GCRA arrival time holds, from idle, with `interval` per admission (exact while
+/// less than one interval has passed since the first of them).
+async fn rate_spent(
+    conn: &mut redis::aio::MultiplexedConnection,
+    key: &str,
+    interval: Duration,
+) -> u64 {
+    let tat: Option<u64> = redis::cmd("GET").arg(key).query_async(conn).await.unwrap();
+    let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(conn).await.unwrap();
+    let now = secs * 1_000_000 + micros;
+    let interval = u64::try_from(interval.as_micros()).unwrap();
+    tat.map_or(0, |t| t.saturating_sub(now).div_ceil(interval))
+}
+
+/// What Redis holds for team `limited` calling listPartnerJobs: team daily, operation daily,
+/// team rate, operation rate (admissions each), and leases.
+async fn redis_counts(url: &str, prefix: &str) -> [u64; 5] {
+    let mut conn = redis_conn(url).await;
+    let team = format!("{prefix}:team:limited");
+    let op = format!("{team}:op:listPartnerJobs");
+    let leases: u64 = redis::cmd("ZCARD")
+        .arg(format!("{team}:inflight"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    [
+        daily_used(&mut conn, &format!("{team}:daily")).await,
+        daily_used(&mut conn, &format!("{op}:daily")).await,
+        rate_spent(&mut conn, &format!("{team}:rate"), Duration::from_secs(36)).await,
+        rate_spent(&mut conn, &format!("{op}:rate"), Duration::from_secs(72)).await,
+        leases,
+    ]
+}
+
+/// Polls [`redis_counts`] until it equals `expected`, for at most `within`.
+async fn counts_become(url: &str, prefix: &str, expected: [u64; 5], within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let seen = redis_counts(url, prefix).await;
+        if seen == expected {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Redis holds [team daily, op daily, team rate, op rate, leases] = {seen:?}, \
+             forwarded {expected:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// One request, then six at once (and, with `deny`, three more) during a 1.5 s `CLIENT PAUSE`
+/// (longer than the 200 ms quota timeout), with `on_backend_error`; afterwards Redis counts exactly the requests
+/// it admitted and the gateway forwarded, and a daily quota of 5 is not used up.
+async fn redis_pause_leaves_redis_counting_what_it_forwarded(on_backend_error: &str) {
+    let quota = "[quota]\nrate = \"100/h\"\nburst = 100\nconcurrency = 10\ndaily = 5\n\
+                 [quota.operations.listPartnerJobs]\nrate = \"50/h\"\nburst = 50\ndaily = 5\n";
+    let (env, redis, prefix) = redis_env(on_backend_error, quota).await;
+    assert_eq!(env.get(JOBS, "limited").await.status, StatusCode::OK);
+    assert_eq!(redis_counts(&redis.url(), &prefix).await, [1, 1, 1, 1, 0]);
+
+    // Every admission sent now runs when the pause ends.
+    let mut conn = redis_conn(&redis.url()).await;
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(1500)
+        .arg("ALL")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // Six at once, before the gateway sees Redis is away: each sends its admission.
+    let urls = vec![env.gw.url(JOBS); 6];
+    let during = concurrent_gets(&env.client, urls, &env.token("limited")).await;
+    if on_backend_error == "deny" {
+        // And a few more while the circuit breaker lets one through now and then (refused, or
+        // admitted by Redis once the pause is over).
+        for _ in 0..3 {
+            let _ = env.get(JOBS, "limited").await;
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+    }
+    // Forwarded without Redis (`local`): counted by this replica, not in Redis.
+    let mut without_redis = 0;
+    for r in &during {
+        if on_backend_error == "deny" {
+            assert_refused(
+                r,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "quota_backend_unavailable",
+            );
+        } else if r.status == StatusCode::OK {
+            without_redis += 1;
+        }
+    }
+    if on_backend_error == "local" {
+        assert!(without_redis > 0, "the local limiter admitted none");
+    }
+
+    wait_ready_again(&env).await;
+    let by_redis = |env: &Env| env.stub.seen().len() as u64 - without_redis;
+    let forwarded = by_redis(&env);
+    counts_become(
+        &redis.url(),
+        &prefix,
+        [forwarded, forwarded, forwarded, forwarded, 0],
+        RECOVERY,
+    )
+    .await;
+
+    // The daily quota of 5 is not used up by the requests of the pause.
+    let r = env.get(JOBS, "limited").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let forwarded = by_redis(&env);
+    counts_become(
+        &redis.url(),
+        &prefix,
+        [forwarded, forwarded, forwarded, forwarded, 0],
+        NO_HANG,
+    )
+    .await;
+
+    // Records of admissions and tombstones expire like every other key.
+    let mut conn = redis_conn(&redis.url()).await;
+    for key in scan_prefix(&mut conn, &prefix).await {
+        let ttl = pttl(&mut conn, &key).await;
+        assert!(ttl > 0 || ttl == -2, "{key} has PTTL {ttl}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_refused_during_a_redis_pause_stay_uncounted_after_it_and_the_daily_quota_of_5_is_not_spent()
+ {
+    redis_pause_leaves_redis_counting_what_it_forwarded("deny").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_decided_locally_during_a_redis_pause_are_not_also_counted_in_redis_after_it() {
+    redis_pause_leaves_redis_counting_what_it_forwarded("local").await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // 7. Every Redis key has a TTL
 
@@ -1097,6 +1248,11 @@ daily = 100
         let key = format!("{prefix}:{suffix}");
         assert!(keys.contains(&key), "{key} missing from {keys:?}");
     }
+    let records = format!("{prefix}:team:limited:adm:");
+    assert!(
+        keys.iter().any(|k| k.starts_with(&records)),
+        "no admission record in {keys:?}"
+    );
     for key in &keys {
         let ttl = pttl(&mut conn, key).await;
         // -1: no TTL (a leak); -2: expired between SCAN and PTTL (fine)

@@ -35,6 +35,8 @@
 //!   same limits (per replica, so N replicas admit up to N times the limit while Redis is away).
 //!   While Redis is down, requests skip it (a circuit breaker) and a background probe, plus one
 //!   request every 250 ms, try it again; [`Quotas::not_ready`] reports it.
+//!   An admission that missed its deadline is refunded in the background (or voided before
+//!   Redis runs it, see `redis_store.rs`), so a stall never leaves refused requests counted.
 //!
 //! # Rate-limit headers
 //!
@@ -900,19 +902,17 @@ impl Quotas {
             return self.decide_in_memory(slot, op, Source::Memory);
         };
         if store.should_try() {
-            let lease_id = slot
-                .plan
-                .concurrency
-                .map(|_| format!("{:032x}", rand::random::<u128>()));
-            let id = lease_id.as_deref().unwrap_or("");
-            match store.admit(&slot.plan, op.map(|(_, p)| p), id).await {
-                Ok(reply) => return self.decide_from_redis(store, slot, op, reply, lease_id),
+            // One id per admission: its record and tombstone in Redis, and its lease.
+            let id = format!("{:032x}", rand::random::<u128>());
+            match store.admit(&slot.plan, op.map(|(_, p)| p), &id).await {
+                Ok(reply) => {
+                    let lease_id = slot.plan.concurrency.map(|_| id);
+                    return self.decide_from_redis(store, slot, op, reply, lease_id);
+                }
                 Err(_) => {
-                    // The script may still run later (a paused server): give back the lease it
-                    // would take, on the same connection, so it queues behind the script.
-                    if let Some(id) = lease_id {
-                        store.release(slot.plan.inflight_key.clone(), id);
-                    }
+                    // The script may still run later (a paused server), after this request has
+                    // been refused or decided without Redis: undo what it charges, or void it.
+                    store.refund(Arc::clone(slot), op.map(|(i, _)| i), id);
                 }
             }
         }

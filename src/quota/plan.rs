@@ -58,6 +58,8 @@ pub(crate) struct TeamPlan {
     pub rate_key: String,
     pub inflight_key: String,
     pub daily_key: String,
+    /// `{prefix}:team:{team}`: the stem of the team's keys.
+    pub team_key: String,
 }
 
 pub(crate) struct OpPlan {
@@ -111,7 +113,18 @@ impl TeamPlan {
             rate_key: format!("{team_key}:rate"),
             inflight_key: format!("{team_key}:inflight"),
             daily_key: format!("{team_key}:daily"),
+            team_key,
         }
+    }
+
+    /// The record of what the Redis admission `id` charged (`lua/admit.lua`).
+    pub fn admission_key(&self, id: &str) -> String {
+        format!("{}:adm:{id}", self.team_key)
+    }
+
+    /// The tombstone that makes the Redis admission `id` void (`lua/refund.lua`).
+    pub fn void_key(&self, id: &str) -> String {
+        format!("{}:void:{id}", self.team_key)
     }
 
     pub fn op(&self, operation: &str) -> Option<(usize, &OpPlan)> {

@@ -11,7 +11,21 @@
 //! - `{prefix}:team:{team}:op:{operation}:rate`: operation GCRA arrival time
 //! - `{prefix}:team:{team}:op:{operation}:daily`: HASH `d` (UTC day number) and `n` (admitted);
 //!   expires one hour after the UTC day ends
+//! - `{prefix}:team:{team}:adm:{id}`: HASH of what admission `id` charged (arrival-time
+//!   intervals, the day, which daily counts, whether a lease), so that a refund can undo exactly
+//!   that; expires after [`ADMISSION_RECORD_TTL`]
+//! - `{prefix}:team:{team}:void:{id}`: tombstone of an admission the gateway gave up on before
+//!   Redis ran it: the admission does nothing when it runs later; expires after [`VOID_TTL`]
 //! - `{prefix}:upstream:window` (a list of slot start times), `{prefix}:upstream:blocked`: the shared upstream budget
+//!
+//! # Admissions the gateway gave up on
+//!
+//! An admission that misses its deadline (a paused or slow Redis) has already been sent, and
+//! Redis runs it when it gets to it, after the gateway has refused the request (or decided it
+//! without Redis). So every admission carries a fresh id, and one that fails is followed by a
+//! refund (`lua/refund.lua`), in the background and retried a few times: if the admission ran,
+//! its record says what it charged and the refund undoes exactly that; if it has not, the
+//! refund leaves a tombstone and the admission, when it runs, finds it and does nothing.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -21,12 +35,47 @@ use std::time::{Duration, Instant};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, RedisError, Script};
 
-use super::memory::{Status, lock};
+use super::memory::{Status, TeamSlot, lock};
 use super::plan::{OpPlan, TeamPlan};
 
 const ADMIT_LUA: &str = include_str!("lua/admit.lua");
+const REFUND_LUA: &str = include_str!("lua/refund.lua");
 const UPSTREAM_LUA: &str = include_str!("lua/upstream.lua");
 const FEEDBACK_LUA: &str = include_str!("lua/feedback.lua");
+
+/// How long Redis keeps the record of what an admission charged: longer than the refund of an
+/// abandoned admission keeps trying ([`REFUND_BACKOFF`]), so a refund never misses it.
+pub(crate) const ADMISSION_RECORD_TTL: Duration = Duration::from_secs(120);
+/// How long the tombstone of an abandoned admission lasts: an admission that Redis runs later
+/// than this after its refund (a stall of over an hour) would count.
+pub(crate) const VOID_TTL: Duration = Duration::from_secs(3600);
+/// Waits between the attempts of a refund (one more attempt after each): about 13 s in all,
+/// plus one deadline per attempt.
+const REFUND_BACKOFF: [Duration; 7] = [
+    Duration::from_millis(100),
+    Duration::from_millis(200),
+    Duration::from_millis(400),
+    Duration::from_millis(800),
+    Duration::from_millis(1600),
+    Duration::from_millis(3200),
+    Duration::from_millis(6400),
+];
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The five quota keys of one request, in the order both scripts take them. Keys of limits the
+/// request does not have are passed but never touched.
+fn quota_keys<'a>(plan: &'a TeamPlan, op: Option<&'a OpPlan>) -> [&'a str; 5] {
+    [
+        plan.rate_key.as_str(),
+        plan.inflight_key.as_str(),
+        op.map_or(plan.rate_key.as_str(), |o| o.rate_key.as_str()),
+        op.map_or(plan.rate_key.as_str(), |o| o.daily_key.as_str()),
+        plan.daily_key.as_str(),
+    ]
+}
 
 /// The admit script's answer.
 #[derive(Debug, Clone, Copy)]
@@ -111,6 +160,7 @@ pub(crate) struct RedisStore {
     probe_interval: Duration,
     conn: OnceLock<Result<ConnectionManager, String>>,
     admit_script: Script,
+    refund_script: Script,
     upstream_script: Script,
     feedback_script: Script,
     health: Health,
@@ -139,6 +189,7 @@ impl RedisStore {
             probe_interval,
             conn: OnceLock::new(),
             admit_script: Script::new(ADMIT_LUA),
+            refund_script: Script::new(REFUND_LUA),
             upstream_script: Script::new(UPSTREAM_LUA),
             feedback_script: Script::new(FEEDBACK_LUA),
             health: Health {
@@ -217,11 +268,13 @@ impl RedisStore {
         self.connection().inspect_err(|e| self.health.failed(e))
     }
 
+    /// Runs the admission `id` (also its lease id). On `Err` the script may still run later:
+    /// the caller must [`RedisStore::refund`] it.
     pub async fn admit(
         self: &Arc<Self>,
         plan: &TeamPlan,
         op: Option<&OpPlan>,
-        lease_id: &str,
+        id: &str,
     ) -> Result<AdmitReply, String> {
         let mut conn = self.connection_or_fail()?;
         let (team_t, team_b) = plan.rate.map_or((0, 0), |r| (r.us.interval, r.us.burst));
@@ -234,24 +287,22 @@ impl RedisStore {
         let team_daily = plan
             .daily
             .map_or(-1, |d| i64::try_from(d).unwrap_or(i64::MAX));
-        // Unused keys (no operation limits) are passed but never touched by the script.
-        let op_rate_key = op.map_or(plan.rate_key.as_str(), |o| o.rate_key.as_str());
-        let op_daily_key = op.map_or(plan.rate_key.as_str(), |o| o.daily_key.as_str());
         let mut inv = self.admit_script.prepare_invoke();
-        inv.key(&plan.rate_key)
-            .key(&plan.inflight_key)
-            .key(op_rate_key)
-            .key(op_daily_key)
-            .key(&plan.daily_key)
+        for key in quota_keys(plan, op) {
+            inv.key(key);
+        }
+        inv.key(plan.admission_key(id))
+            .key(plan.void_key(id))
             .arg(team_t)
             .arg(team_b)
             .arg(plan.concurrency.unwrap_or(0))
-            .arg(lease_id)
-            .arg(u64::try_from(self.lease_ttl.as_millis()).unwrap_or(u64::MAX))
+            .arg(id)
+            .arg(ms(self.lease_ttl))
             .arg(op_t)
             .arg(op_b)
             .arg(daily)
-            .arg(team_daily);
+            .arg(team_daily)
+            .arg(ms(ADMISSION_RECORD_TTL));
         let v: Vec<i64> = self.bounded(inv.invoke_async(&mut conn)).await?;
         let at = |i: usize| v.get(i).copied().unwrap_or(0);
         let u = |i: usize| u64::try_from(at(i)).unwrap_or(0);
@@ -265,6 +316,8 @@ impl RedisStore {
             1 => Status::Rate,
             2 => Status::Daily,
             3 => Status::Concurrency,
+            // only when a refund came first, that is after this caller gave up
+            4 => return Err("admission void".to_string()),
             other => {
                 let e = format!("unexpected script status {other}");
                 self.health.failed(&e);
@@ -283,6 +336,52 @@ impl RedisStore {
             day: u(8),
             team_daily_used: u(9),
         })
+    }
+
+    /// Undoes the admission `id` of the team in `slot` (to the operation `op`, an index into its
+    /// plan), in the background: what it charged if it ran, else a tombstone that makes it void
+    /// when it runs. Tried up to eight times (see [`REFUND_BACKOFF`]); never waited for.
+    pub fn refund(self: &Arc<Self>, slot: Arc<TeamSlot>, op: Option<usize>, id: String) {
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let store = Arc::clone(self);
+        handle.spawn(async move {
+            let plan = &slot.plan;
+            let op = op.and_then(|i| plan.ops.get(i));
+            let mut waits = REFUND_BACKOFF.iter();
+            loop {
+                match store.refund_once(plan, op, &id).await {
+                    Ok(()) => return,
+                    Err(e) => match waits.next() {
+                        Some(wait) => tokio::time::sleep(*wait).await,
+                        None => {
+                            tracing::warn!(error = %e, "quota: an abandoned admission could not be refunded; what it charged stays until its keys expire");
+                            return;
+                        }
+                    },
+                }
+            }
+        });
+    }
+
+    async fn refund_once(
+        self: &Arc<Self>,
+        plan: &TeamPlan,
+        op: Option<&OpPlan>,
+        id: &str,
+    ) -> Result<(), String> {
+        let mut conn = self.connection_or_fail()?;
+        let mut inv = self.refund_script.prepare_invoke();
+        for key in quota_keys(plan, op) {
+            inv.key(key);
+        }
+        inv.key(plan.admission_key(id))
+            .key(plan.void_key(id))
+            .arg(id)
+            .arg(ms(VOID_TTL));
+        let _: i64 = self.bounded(inv.invoke_async(&mut conn)).await?;
+        Ok(())
     }
 
     /// Reserves an upstream slot: `Ok(Ok(delay))` reserved to start after `delay`,

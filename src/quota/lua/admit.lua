@@ -6,18 +6,30 @@
 -- KEYS[1] team GCRA arrival time      KEYS[2] team concurrency leases (ZSET id -> expiry)
 -- KEYS[3] operation GCRA arrival time KEYS[4] operation daily counter (HASH d = day, n = used)
 -- KEYS[5] team daily counter (HASH d = day, n = used)
+-- KEYS[6] this admission's record (HASH of what it charged, see below)
+-- KEYS[7] this admission's tombstone (set by refund.lua when it came first)
 -- ARGV[1] team interval (us, 0 = no team rate)     ARGV[2] team burst
--- ARGV[3] concurrency cap (0 = none)               ARGV[4] lease id   ARGV[5] lease TTL (ms)
+-- ARGV[3] concurrency cap (0 = none)  ARGV[4] admission id (also the lease id)  ARGV[5] lease TTL (ms)
 -- ARGV[6] operation interval (us, 0 = none)        ARGV[7] operation burst
 -- ARGV[8] operation daily quota (-1 = none)         ARGV[9] team daily quota (-1 = none)
+-- ARGV[10] lifetime of the admission's record (ms)
 -- Returns {status, retry_us, team_tat, op_tat, daily_used, in_use, until_midnight_us, now, day,
 --          team_daily_used}
--- with status 0 admitted, 1 rate, 2 daily, 3 concurrency; the state after the request when it
--- was admitted, before it when refused.
+-- with status 0 admitted, 1 rate, 2 daily, 3 concurrency, 4 void (the gateway gave up on this
+-- admission and its refund came first: nothing is read or spent); the state after the request
+-- when it was admitted, before it when refused.
+--
+-- An admission that spends writes KEYS[6]: `tr` / `or` the team / operation interval added to
+-- the arrival times, `d` the day, `od` / `td` 1 when the operation / team daily count was
+-- raised, `l` 1 when a lease was taken. refund.lua undoes exactly that.
 if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local DAY = 86400000000
+
+if redis.call('EXISTS', KEYS[7]) == 1 then
+  return {4, 0, 0, 0, 0, 0, 0, now, 0, 0}
+end
 
 local team_t, team_b = tonumber(ARGV[1]), tonumber(ARGV[2])
 local cap, lease_ttl = tonumber(ARGV[3]), tonumber(ARGV[5])
@@ -106,6 +118,14 @@ if status == 0 then
     redis.call('PEXPIRE', KEYS[2], string.format('%.0f', lease_ttl + 1000))
     in_use = in_use + 1
   end
+  local record = {'d', string.format('%.0f', day)}
+  if team_t > 0 then table.insert(record, 'tr'); table.insert(record, ARGV[1]) end
+  if op_t > 0 then table.insert(record, 'or'); table.insert(record, ARGV[6]) end
+  if daily >= 0 then table.insert(record, 'od'); table.insert(record, '1') end
+  if team_daily >= 0 then table.insert(record, 'td'); table.insert(record, '1') end
+  if cap > 0 then table.insert(record, 'l'); table.insert(record, '1') end
+  redis.call('HSET', KEYS[6], unpack(record))
+  redis.call('PEXPIRE', KEYS[6], ARGV[10])
 end
 
 return {status, retry, team_tat, op_tat, used, in_use, until_midnight, now, day, team_used}
