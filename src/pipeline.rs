@@ -251,8 +251,7 @@ async fn respond_forwarded(
             }
         })
     });
-    if http_body::Body::is_end_stream(&body)
-        || http_body::Body::size_hint(&body).exact() == Some(0)
+    if http_body::Body::is_end_stream(&body) || http_body::Body::size_hint(&body).exact() == Some(0)
     {
         return respond_empty(head, body, on_finish, fwd.guard).await;
     }

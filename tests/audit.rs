@@ -986,7 +986,9 @@ async fn full_audit_disk_refuses_new_requests_with_503_and_every_forwarded_reque
     let mut refused = 0;
     for _ in 0..400 {
         let r = send().await;
-        if r.as_ref().is_some_and(|r| r.status == StatusCode::SERVICE_UNAVAILABLE) {
+        if r.as_ref()
+            .is_some_and(|r| r.status == StatusCode::SERVICE_UNAVAILABLE)
+        {
             refused += 1;
         }
         replies.push(r);
@@ -1016,10 +1018,7 @@ async fn full_audit_disk_refuses_new_requests_with_503_and_every_forwarded_reque
             other => panic!("unexpected answer {other}: {}", r.text()),
         }
     }
-    let forwarded = recs
-        .iter()
-        .filter(|r| r["decision"] == "forwarded")
-        .count();
+    let forwarded = recs.iter().filter(|r| r["decision"] == "forwarded").count();
     assert_eq!(
         stub.seen().len(),
         forwarded,
@@ -1127,7 +1126,11 @@ async fn empty_upstream_answer_is_not_delivered_before_its_record_is_written() {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert_eq!(stub.seen().len(), 1, "the request never reached the upstream");
+    assert_eq!(
+        stub.seen().len(),
+        1,
+        "the request never reached the upstream"
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
         !call.is_finished(),
@@ -1141,7 +1144,10 @@ async fn empty_upstream_answer_is_not_delivered_before_its_record_is_written() {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert!(text.contains("\"request_id\":\"empty-answer-1\""), "no record written");
+    assert!(
+        text.contains("\"request_id\":\"empty-answer-1\""),
+        "no record written"
+    );
     let r = call.await.expect("request task");
     assert_eq!(r.status, StatusCode::NO_CONTENT);
 }

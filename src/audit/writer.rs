@@ -255,6 +255,7 @@ impl AuditLog {
         !s.failed.load(Ordering::Acquire)
             && !s.closed.load(Ordering::Acquire)
             && s.pending.load(Ordering::Acquire) < s.capacity
+            && s.outstanding.load(Ordering::Acquire) < s.capacity
             && s.spare.load(Ordering::Acquire) >= MAX_RECORD_BYTES as u64
     }
 
@@ -485,8 +486,8 @@ struct Pending {
 impl Writer {
     fn run(mut self, rx: Receiver<Msg>) {
         loop {
-            let sync_at =
-                (self.dirty && self.fsync == Fsync::Batch).then(|| self.last_sync + self.batch_interval);
+            let sync_at = (self.dirty && self.fsync == Fsync::Batch)
+                .then(|| self.last_sync + self.batch_interval);
             let topup_at = self.reserve_short.then_some(self.next_topup);
             let deadline = match (sync_at, topup_at) {
                 (Some(a), Some(b)) => Some(a.min(b)),
@@ -546,8 +547,7 @@ impl Writer {
 
     /// The batch fsync and the reserve top-up, when due.
     fn on_timer(&mut self, now: Instant) {
-        if self.dirty && self.fsync == Fsync::Batch && now >= self.last_sync + self.batch_interval
-        {
+        if self.dirty && self.fsync == Fsync::Batch && now >= self.last_sync + self.batch_interval {
             self.periodic_sync();
         }
         if self.reserve_short && now >= self.next_topup {
