@@ -377,8 +377,15 @@ async fn unwritable_trail_with_reject_gives_503_and_no_upstream_call() {
     })
     .await;
     let t = h.sourcing_token();
-    // The first failed write marks the trail unhealthy ...
-    let _ = h.get("/v1/partner/jobs", &t).await;
+    // The first failed write marks the trail unhealthy (that request was forwarded: its answer
+    // ends broken, or never arrives, rather than as a success) ...
+    let _ = TestClient::new()
+        .send_fallible(
+            Method::GET,
+            &h.url("/v1/partner/jobs"),
+            &[("authorization", &format!("Bearer {t}"))],
+        )
+        .await;
     for _ in 0..100 {
         let ready = TestClient::new()
             .send(Method::GET, &h.admin_url("/readyz"), &[], Bytes::new())
