@@ -12,8 +12,9 @@
 //! 7. query and body against the spec (refused, or recorded in report mode)
 //! 8. forward with the upstream credential (within the shared Greenhouse budget); one replay
 //!    with a fresh token after a 401; a 429 pauses the credential
-//! 9. the response streams back; its audit record is written before its last bytes are released,
-//!    and a caller that does not take it within `listen.response_write_timeout` is cut off
+//! 9. the response streams back; its audit record is written before its last bytes are released
+//!    (an empty response: before its head is sent), into room reserved before forwarding, and a
+//!    caller that does not take it within `listen.response_write_timeout` is cut off
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -28,7 +29,9 @@ use hyper::body::Incoming;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use crate::audit::{AuditLog, AuditRecord, Decision, OnError as AuditOnError};
+use crate::audit::{
+    AuditError, AuditLog, AuditRecord, AuditReservation, Decision, OnError as AuditOnError,
+};
 use crate::auth::jwt::{AuthError, VerifiedToken, Verifier};
 use crate::auth::upstream::{UpstreamCredentials, ceil_secs, retry_after};
 use crate::config::Config;
@@ -107,11 +110,13 @@ impl Gateway {
 
 /// What the pipeline learned about a request: the audit record's fields, metrics labels and the
 /// rate-limit headers every response to a team carries.
-#[derive(Default, Clone)]
+#[derive(Default)]
 struct Context {
     record: AuditRecord,
     ratelimit: Vec<(&'static str, String)>,
     validation: Vec<Value>,
+    /// Room for the record in the audit reserve, taken before forwarding.
+    reservation: Option<AuditReservation>,
 }
 
 impl Context {
@@ -179,7 +184,7 @@ pub async fn handle(
         return respond_error(&gw, ctx, e, started).await;
     };
     match decide_and_forward(&gw, req, routed, peer, &request_id, &mut ctx, permit).await {
-        Ok(fwd) => respond_forwarded(gw, ctx, fwd, started),
+        Ok(fwd) => respond_forwarded(gw, ctx, fwd, started).await,
         Err(e) => respond_error(&gw, ctx, e, started).await,
     }
 }
@@ -201,12 +206,17 @@ async fn respond_error(
     ctx.record.code = Some(e.code().to_string());
     ctx.record.status = resp.status().as_u16();
     ctx.record.response_bytes = http_body::Body::size_hint(resp.body()).exact().unwrap_or(0);
-    finish_record(gw, ctx, started).await;
+    let _ = finish_record(gw, ctx, started).await;
     resp
 }
 
-/// Greenhouse's answer, streamed back; the audit record is written when its body ends.
-fn respond_forwarded(
+/// Greenhouse's answer, streamed back; the audit record is written when its body ends, before
+/// its last bytes are released. An empty answer (204, 304, `Content-Length: 0`, a HEAD) is one a
+/// server may send without ever polling its body, so its record is written before the head is
+/// returned. With `on_error = "reject"`, a record that could not be written means the caller
+/// never sees a complete success: an empty answer becomes 503 `audit_unavailable`, a body ends
+/// with an error (the connection or stream is reset before the last bytes).
+async fn respond_forwarded(
     gw: Arc<Gateway>,
     mut ctx: Context,
     fwd: Forwarded,
@@ -263,9 +273,17 @@ fn respond_forwarded(
                     "response_incomplete".into()
                 });
             }
-            finish_record(&gw, ctx, started).await;
+            let written = finish_record(&gw, ctx, started).await;
+            match written {
+                Err(e) if gw.audit.on_error() == AuditOnError::Reject => Err(Box::new(e).into()),
+                _ => Ok(()),
+            }
         })
     });
+    if http_body::Body::is_end_stream(&body) || http_body::Body::size_hint(&body).exact() == Some(0)
+    {
+        return respond_empty(head, body, on_finish, fwd.guard).await;
+    }
     let body = body
         .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
         .boxed();
@@ -278,9 +296,51 @@ fn respond_forwarded(
     Response::from_parts(head, body.boxed_unsync())
 }
 
-/// Writes the audit record and the request metrics. With `fsync = "always"` this resolves only
-/// once the record is on disk.
-async fn finish_record(gw: &Gateway, mut ctx: Context, started: Instant) {
+/// An empty forwarded answer: its (empty) body is read and its record written first, then the
+/// head is returned with an empty body. A record that could not be written with `on_error =
+/// "reject"` turns it into 503 `audit_unavailable` (not recorded again).
+async fn respond_empty(
+    head: http::response::Parts,
+    body: Incoming,
+    on_finish: OnFinish,
+    guard: Box<dyn std::any::Any + Send>,
+) -> Response<RespBody> {
+    let request_id = head
+        .headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    // Nothing to read; a body that does bring something is cut off and recorded incomplete.
+    let complete = matches!(
+        http_body_util::BodyExt::frame(&mut Limited::new(body, 0)).await,
+        None | Some(Ok(_))
+    );
+    let written = on_finish(Finished {
+        bytes: 0,
+        copy: Some(Bytes::new()),
+        complete,
+    })
+    .await;
+    drop(guard);
+    if written.is_err() {
+        let mut resp = GatewayError::AuditUnavailable
+            .to_response(&request_id)
+            .map(|b| Full::new(b).map_err(|never| match never {}).boxed_unsync());
+        if let Ok(v) = HeaderValue::from_str(&request_id) {
+            resp.headers_mut().insert("x-request-id", v);
+        }
+        return resp;
+    }
+    let empty = http_body_util::Empty::<Bytes>::new()
+        .map_err(|never| match never {})
+        .boxed_unsync();
+    Response::from_parts(head, empty)
+}
+
+/// Writes the audit record (into the room reserved for it, when there is one) and the request
+/// metrics. With `fsync = "always"` this resolves only once the record is on disk.
+async fn finish_record(gw: &Gateway, mut ctx: Context, started: Instant) -> Result<(), AuditError> {
     ctx.record.duration_ms = started.elapsed().as_secs_f64() * 1000.0;
     if !ctx.validation.is_empty() {
         ctx.record.validation = Some(Value::Array(std::mem::take(&mut ctx.validation)));
@@ -296,13 +356,18 @@ async fn finish_record(gw: &Gateway, mut ctx: Context, started: Instant) {
         &code,
         started.elapsed().as_secs_f64(),
     );
-    match gw.audit.write(ctx.record).await {
+    let written = match ctx.reservation.take() {
+        Some(room) => gw.audit.write_reserved(ctx.record, room).await,
+        None => gw.audit.write(ctx.record).await,
+    };
+    match &written {
         Ok(()) => gw.metrics.audit_written(),
         Err(e) => {
             gw.metrics.audit_error();
             tracing::error!(error = %e, "audit record could not be written");
         }
     }
+    written
 }
 
 /// `X-Request-Id` and the team's rate-limit headers, on every response.
@@ -458,9 +523,19 @@ async fn decide_and_forward(
     let query = check_query(gw, team, op, parts.uri.query(), ctx)?;
     check_body(gw, team, op, &parts, &body, ctx)?;
 
-    // 8. Forward, unless the audit trail cannot record it.
-    if gw.audit.on_error() == AuditOnError::Reject && !gw.audit.healthy() {
-        return Err(GatewayError::AuditUnavailable);
+    // 8. Forward, unless the audit trail cannot record it: room for the record is reserved
+    //    first, so the record of a forwarded request cannot fail for want of disk or queue.
+    if gw.audit.on_error() == AuditOnError::Reject {
+        if !gw.audit.healthy() {
+            return Err(GatewayError::AuditUnavailable);
+        }
+        let room = gw
+            .audit
+            .reserve()
+            .map_err(|_| GatewayError::AuditUnavailable)?;
+        ctx.reservation = Some(room);
+    } else {
+        ctx.reservation = gw.audit.reserve().ok();
     }
     let upstream = Upstream {
         gw,

@@ -377,8 +377,15 @@ async fn unwritable_trail_with_reject_gives_503_and_no_upstream_call() {
     })
     .await;
     let t = h.sourcing_token();
-    // The first failed write marks the trail unhealthy ...
-    let _ = h.get("/v1/partner/jobs", &t).await;
+    // The first failed write marks the trail unhealthy (that request was forwarded: its answer
+    // ends broken, or never arrives, rather than as a success) ...
+    let _ = TestClient::new()
+        .send_fallible(
+            Method::GET,
+            &h.url("/v1/partner/jobs"),
+            &[("authorization", &format!("Bearer {t}"))],
+        )
+        .await;
     for _ in 0..100 {
         let ready = TestClient::new()
             .send(Method::GET, &h.admin_url("/readyz"), &[], Bytes::new())
@@ -893,4 +900,296 @@ async fn compressed_upstream_answers_are_read_decoded_and_forwarded_as_encoded()
     let r = h.get(&lookup, &h.sourcing_token()).await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.json().as_array().map(Vec::len), Some(3), "{}", r.text());
+}
+
+/// A tmpfs mounted for one test, unmounted when dropped (also when the test fails).
+struct TinyDisk {
+    dir: tempfile::TempDir,
+}
+
+impl TinyDisk {
+    /// `None` (after saying why) where mounting is not permitted.
+    fn mount(size: &str) -> Option<TinyDisk> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            eprintln!("SKIPPED: cannot mount a tmpfs here (this test needs root)");
+            return None;
+        }
+        Some(TinyDisk { dir })
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Writes a filler file until the disk says it is full.
+    fn fill(&self) {
+        use std::io::Write;
+        let mut f = std::fs::File::create(self.path().join("filler")).expect("filler");
+        let chunk = vec![b'x'; 4096];
+        loop {
+            match f.write(&chunk) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+        // The last partial page, if any.
+        while f.write(&chunk[..1]).is_ok_and(|n| n == 1) {}
+    }
+}
+
+impl Drop for TinyDisk {
+    fn drop(&mut self) {
+        // Lazy: the gateway's writer may still hold the file open for a moment.
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn full_audit_disk_refuses_new_requests_with_503_and_every_forwarded_request_has_its_record()
+{
+    let Some(disk) = TinyDisk::mount("256k") else {
+        return;
+    };
+    let trail = disk.path().join("audit.jsonl");
+    let stub = Stub::start().await;
+    let h = Harness::start_with(Setup {
+        upstream: Some(stub.base_url()),
+        extra: format!(
+            "[audit]\npath = \"{}\"\nfsync = \"always\"\non_error = \"reject\"\nrotate_bytes = 0\nreserve_bytes = 65536\n",
+            trail.display()
+        ),
+        ..Setup::default()
+    })
+    .await;
+    let t = h.sourcing_token();
+    assert_eq!(h.get("/v1/partner/jobs", &t).await.status, StatusCode::OK);
+    disk.fill();
+
+    let auth = format!("Bearer {t}");
+    let url = h.url("/v1/partner/jobs");
+    let send = || {
+        let (client, url, auth) = (TestClient::new(), url.clone(), auth.clone());
+        async move {
+            client
+                .send_fallible(Method::GET, &url, &[("authorization", &auth)])
+                .await
+        }
+    };
+    let mut replies = Vec::new();
+    // A burst first (requests in flight together), then one at a time until refused.
+    let burst: Vec<_> = (0..8).map(|_| tokio::spawn(send())).collect();
+    for b in burst {
+        replies.push(b.await.expect("request task"));
+    }
+    let mut refused = 0;
+    for _ in 0..400 {
+        let r = send().await;
+        if r.as_ref()
+            .is_some_and(|r| r.status == StatusCode::SERVICE_UNAVAILABLE)
+        {
+            refused += 1;
+        }
+        replies.push(r);
+        if refused >= 5 {
+            break;
+        }
+    }
+    assert!(refused >= 5, "the full disk never led to 503s");
+
+    // Complete records only: a write cut short by the full disk is not a record.
+    let recs: Vec<Value> = std::fs::read_to_string(&trail)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let recorded: HashSet<&str> = recs
+        .iter()
+        .filter_map(|r| r["request_id"].as_str())
+        .collect();
+    for r in replies.iter().flatten() {
+        match r.status {
+            StatusCode::OK => {
+                let id = r.headers["x-request-id"].to_str().expect("request id");
+                assert!(recorded.contains(id), "a 200 without its record: {id}");
+            }
+            StatusCode::SERVICE_UNAVAILABLE => assert_eq!(r.code(), "audit_unavailable"),
+            other => panic!("unexpected answer {other}: {}", r.text()),
+        }
+    }
+    let forwarded = recs.iter().filter(|r| r["decision"] == "forwarded").count();
+    assert_eq!(
+        stub.seen().len(),
+        forwarded,
+        "the upstream saw requests that have no record"
+    );
+    drop(h);
+}
+
+/// A FIFO as the audit file whose pipe buffer is filled by the test: the gateway's writer then
+/// blocks in write(2) until the test reads.
+struct StalledTrail {
+    path: PathBuf,
+    reader: std::fs::File,
+    _dir: tempfile::TempDir,
+}
+
+impl StalledTrail {
+    fn new() -> StalledTrail {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("audit.fifo");
+        assert!(
+            Command::new("mkfifo")
+                .arg(&path)
+                .status()
+                .is_ok_and(|s| s.success())
+        );
+        let reader = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+                .open(&path)
+                .expect("open the fifo for reading")
+        };
+        StalledTrail {
+            path,
+            reader,
+            _dir: dir,
+        }
+    }
+
+    /// Fills the pipe buffer with newlines (empty lines, skipped when reading records).
+    fn stall(&self) {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut w = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+            .open(&self.path)
+            .expect("open the fifo for writing");
+        let chunk = vec![b'\n'; 4096];
+        while w.write(&chunk).is_ok_and(|n| n > 0) {}
+        while w.write(b"\n").is_ok_and(|n| n > 0) {}
+    }
+
+    /// Everything the pipe holds now.
+    fn drain(&mut self) -> String {
+        use std::io::Read;
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 65536];
+        while let Ok(n) = self.reader.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+}
+
+#[tokio::test]
+async fn empty_upstream_answer_is_not_delivered_before_its_record_is_written() {
+    let mut trail = StalledTrail::new();
+    let stub = Stub::start().await;
+    stub.set_reply(204, "", Duration::ZERO);
+    let h = Harness::start_with(Setup {
+        upstream: Some(stub.base_url()),
+        extra: format!(
+            // `batch`: a pipe cannot be fsynced; the record is acknowledged after its write(2).
+            "[audit]\npath = \"{}\"\nfsync = \"batch\"\non_error = \"reject\"\nrotate_bytes = 0\n",
+            trail.path.display()
+        ),
+        ..Setup::default()
+    })
+    .await;
+    let t = h.sourcing_token();
+    let _ = trail.drain();
+    trail.stall();
+    let auth = format!("Bearer {t}");
+    let url = h.url("/v1/partner/jobs");
+    let call = tokio::spawn(async move {
+        TestClient::new()
+            .send(
+                Method::GET,
+                &url,
+                &[("authorization", &auth), ("x-request-id", "empty-answer-1")],
+                Bytes::new(),
+            )
+            .await
+    });
+    // The upstream has answered; the record cannot be written while the pipe is full.
+    for _ in 0..500 {
+        if !stub.seen().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        stub.seen().len(),
+        1,
+        "the request never reached the upstream"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !call.is_finished(),
+        "the empty answer was delivered while its record was still unwritten"
+    );
+    let mut text = String::new();
+    for _ in 0..500 {
+        text.push_str(&trail.drain());
+        if text.contains("empty-answer-1") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        text.contains("\"request_id\":\"empty-answer-1\""),
+        "no record written"
+    );
+    let r = call.await.expect("request task");
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+}
+
+#[tokio::test]
+async fn forwarded_answer_whose_record_fails_with_reject_never_completes_as_a_success() {
+    let trail = StalledTrail::new();
+    let stub = Stub::start().await;
+    let h = Harness::start_with(Setup {
+        upstream: Some(stub.base_url()),
+        extra: format!(
+            // `batch`: a pipe cannot be fsynced; the record is acknowledged after its write(2).
+            "[audit]\npath = \"{}\"\nfsync = \"batch\"\non_error = \"reject\"\nrotate_bytes = 0\n",
+            trail.path.display()
+        ),
+        ..Setup::default()
+    })
+    .await;
+    let t = h.sourcing_token();
+    // Nobody reads any more: the writer's next write(2) fails (EPIPE).
+    drop(trail);
+    let auth = format!("Bearer {t}");
+    let url = h.url("/v1/partner/jobs");
+    for (status, body) in [(200, "[{\"id\": 1}]"), (200, "")] {
+        stub.set_reply(status, body, Duration::ZERO);
+        let r = TestClient::new()
+            .send_fallible(Method::GET, &url, &[("authorization", &auth)])
+            .await;
+        if let Some(r) = r {
+            assert_ne!(
+                r.status,
+                StatusCode::OK,
+                "a forwarded answer completed as a success without its record ({body:?})"
+            );
+            assert_eq!(r.code(), "audit_unavailable", "{}", r.text());
+        }
+    }
 }

@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use greenhouse_gateway::audit::{
     AuditError, AuditLog, AuditRecord, AuditSettings, BadReason, Decision, Fsync,
-    GENESIS_PREV_HASH, MAX_PATH_BYTES, OnError, PATH_TRUNCATED_MARKER, QueryFilter, chain_files,
-    cli_verify, parse_ts, query, render_table, rotated_file_name, verify,
+    GENESIS_PREV_HASH, MAX_PATH_BYTES, MAX_RECORD_BYTES, OnError, PATH_TRUNCATED_MARKER,
+    QueryFilter, chain_files, cli_verify, parse_ts, query, render_table, rotated_file_name, verify,
 };
 use greenhouse_gateway::config::values::Secret;
 use hmac::{Hmac, Mac};
@@ -346,7 +346,12 @@ async fn hostile_values_still_give_one_well_formed_line_per_record() {
     );
     for line in lines(&path) {
         let rec: AuditRecord = serde_json::from_str(&line).unwrap();
-        assert_eq!(rec.subject.as_deref(), Some(evil.as_str()));
+        // Kept whole, or (the line over MAX_RECORD_BYTES) cut with the marker.
+        let subject = rec.subject.unwrap_or_default();
+        let kept = subject
+            .strip_suffix(PATH_TRUNCATED_MARKER)
+            .unwrap_or(&subject);
+        assert!(subject == evil || evil.starts_with(kept), "{subject:?}");
         assert!(rec.path.len() <= MAX_PATH_BYTES && rec.path.ends_with(PATH_TRUNCATED_MARKER));
         assert!(rec.path.bytes().all(|b| b.is_ascii_graphic()));
     }
@@ -712,14 +717,29 @@ async fn reopening_after_a_record_larger_than_the_tail_window_continues_the_chai
     let path = s.path.clone();
     let log = AuditLog::open(s).unwrap();
     write_records(&log, 1..3).await;
-    log.write(AuditRecord {
-        external_ids: (0..20_000).map(|i| format!("external-{i:08}")).collect(),
-        ..record(3)
-    })
-    .await
-    .unwrap();
     log.shutdown().await;
+    // Today's writer bounds a line (MAX_RECORD_BYTES); a file from an older version may end in
+    // a much longer one, so it is appended here by hand, chained like the writer would.
+    let prev: AuditRecord = serde_json::from_str(lines(&path).last().unwrap()).unwrap();
+    let mut big = AuditRecord {
+        external_ids: (0..20_000).map(|i| format!("external-{i:08}")).collect(),
+        seq: 3,
+        prev_hash: prev.hash.clone(),
+        ts: prev.ts.clone(),
+        ..record(3)
+    };
+    big.duration_ms = 1.5;
+    big.upstream_duration_ms = Some(1.0);
+    let text = serde_json::to_string(&big).unwrap();
+    let canon = format!("{}}}", text.strip_suffix(",\"hash\":\"\"}").unwrap());
+    let hash = hex::encode(Sha256::digest(format!("{}\n{canon}", prev.hash)));
+    let line = format!("{},\"hash\":\"{hash}\"}}\n", &canon[..canon.len() - 1]);
+    let mut f = fs::OpenOptions::new().append(true).open(&path).unwrap();
+    std::io::Write::write_all(&mut f, line.as_bytes()).unwrap();
+    drop(f);
     assert!(fs::metadata(&path).unwrap().len() > 256 * 1024);
+    let log = AuditLog::open(settings(dir.path())).unwrap();
+    log.shutdown().await;
     let log = AuditLog::open(settings(dir.path())).unwrap();
     write_records(&log, 4..6).await;
     log.shutdown().await;
@@ -1348,4 +1368,53 @@ fn render_table_aligns_every_column_and_escapes_controls() {
 fn audit_log_handle_is_cheap_to_share_across_tasks() {
     fn shareable<T: Clone + Send + Sync + 'static>() {}
     shareable::<AuditLog>();
+}
+
+#[tokio::test]
+async fn oversized_record_is_shrunk_to_the_record_bound_and_still_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = settings(dir.path());
+    let path = s.path.clone();
+    let log = AuditLog::open(s).unwrap();
+    let controls = "\u{1}".repeat(5000);
+    let rec = AuditRecord {
+        subject: Some(controls.clone()),
+        on_behalf_of: Some(controls.clone()),
+        method: controls.clone(),
+        operation: Some(controls.clone()),
+        code: Some(controls),
+        external_ids: (0..5000).map(|i| format!("ext-\u{2}-{i:06}")).collect(),
+        candidate_ids: (0..5000).map(|i| i64::MAX - i).collect(),
+        validation: Some(json!(
+            (0..2000)
+                .map(|i| json!({"in": "body", "pointer": format!("/a/{i}"), "keyword": "type"}))
+                .collect::<Vec<_>>()
+        )),
+        quota: Some(json!({"big": "q".repeat(5000)})),
+        ..record(1)
+    };
+    log.write(rec).await.unwrap();
+    log.write(record(2)).await.unwrap();
+    log.shutdown().await;
+    let raw = fs::read(&path).unwrap();
+    let first = raw.split(|&b| b == b'\n').next().unwrap();
+    assert!(
+        first.len() < MAX_RECORD_BYTES,
+        "{} bytes over the bound",
+        first.len()
+    );
+    let v: serde_json::Value = serde_json::from_slice(first).unwrap();
+    assert!(
+        v["subject"]
+            .as_str()
+            .unwrap()
+            .ends_with(PATH_TRUNCATED_MARKER)
+    );
+    assert_eq!(
+        v["external_ids"].as_array().unwrap().last().unwrap(),
+        PATH_TRUNCATED_MARKER
+    );
+    assert!(v["validation"].as_array().unwrap().last().unwrap()["truncated"].is_u64());
+    let report = check(&path);
+    assert!(report.is_ok() && report.records == 2, "{report:?}");
 }

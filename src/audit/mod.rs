@@ -88,6 +88,23 @@
 //! them, and continues the chain from the last complete record. An unterminated last line that is
 //! a complete, valid record only lost its `\n`; it is kept and terminated.
 //!
+//! # Disk reserve (`[audit] reserve_bytes`)
+//!
+//! No request is forwarded unless its record can be written. A line is at most
+//! [`MAX_RECORD_BYTES`] (a record that would be longer has its free-form strings cut to 64 bytes
+//! and its lists cut to about 2 KiB, ending in `...[truncated]` or `{"truncated": n}`). The writer
+//! keeps `reserve_bytes` of disk allocated beyond the end of the current file
+//! (`fallocate(FALLOC_FL_KEEP_SIZE)`: the file size does not change), topping it up when less than
+//! half is left. Every record first takes a reservation of [`MAX_RECORD_BYTES`] out of that space
+//! ([`AuditLog::reserve`]); the pipeline takes it before forwarding and hands it to
+//! [`AuditLog::write_reserved`] at the end. When the disk is full the reserve cannot be topped up:
+//! the records of requests already in flight are still written into it, while new requests get
+//! 503 `audit_unavailable` once it cannot hold one more record (checked again every second and
+//! after every write). Rotation allocates the new file's reserve before switching to it (and
+//! trims the old file's); until that allocation succeeds the current file keeps growing past
+//! `rotate_bytes` into its own reserve. Devices, pipes and filesystems without `fallocate` have
+//! no reserve (logged at start); there a write failure is only noticed when it happens.
+//!
 //! # What the chain does and does not prove
 //!
 //! Without a key, anyone who can write the file can recompute every hash after an edit; the chain
@@ -116,10 +133,11 @@ pub use chain::GENESIS_PREV_HASH;
 pub use files::{chain_files, rotated_file_name};
 pub use query::{QueryFilter, cli_query, query, render_table};
 pub use record::{
-    AuditRecord, Decision, MAX_PATH_BYTES, PATH_TRUNCATED_MARKER, format_ts, parse_ts,
+    AuditRecord, Decision, MAX_PATH_BYTES, MAX_RECORD_BYTES, PATH_TRUNCATED_MARKER, format_ts,
+    parse_ts,
 };
 pub use verify::{BadReason, BadRecord, ChainHead, VerifyReport, cli_verify, verify};
-pub use writer::AuditLog;
+pub use writer::{AuditLog, AuditReservation};
 
 /// When the writer calls `fdatasync` (see the module documentation).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -160,12 +178,20 @@ pub struct AuditSettings {
     pub queue_capacity: usize,
     /// With [`Fsync::Batch`], the longest an acknowledged record stays unsynced.
     pub batch_interval: Duration,
+    /// Disk space kept allocated ahead of the current file (see "Disk reserve").
+    pub reserve_bytes: u64,
 }
 
 /// 100 MiB.
 pub const DEFAULT_ROTATE_BYTES: u64 = 100 * 1024 * 1024;
 pub const DEFAULT_QUEUE_CAPACITY: usize = 4096;
 pub const DEFAULT_BATCH_INTERVAL: Duration = Duration::from_millis(50);
+/// 32 MiB: room for 2048 records of [`MAX_RECORD_BYTES`] in flight.
+pub const DEFAULT_RESERVE_BYTES: u64 = 32 * 1024 * 1024;
+/// The smallest reserve accepted: four records.
+pub const MIN_RESERVE_BYTES: u64 = 4 * MAX_RECORD_BYTES as u64;
+/// The largest reserve accepted: 4 GiB.
+pub const MAX_RESERVE_BYTES: u64 = 4 * 1024 * 1024 * 1024;
 
 impl AuditSettings {
     /// Defaults for everything but the path.
@@ -178,6 +204,7 @@ impl AuditSettings {
             hmac_key: None,
             queue_capacity: DEFAULT_QUEUE_CAPACITY,
             batch_interval: DEFAULT_BATCH_INTERVAL,
+            reserve_bytes: DEFAULT_RESERVE_BYTES,
         }
     }
 }
@@ -196,6 +223,8 @@ pub enum AuditError {
     QueueFull(usize),
     #[error("the audit log is shut down")]
     Closed,
+    #[error("the audit disk reserve is used up (the disk is full)")]
+    NoSpace,
     #[error("audit log write failed: {0}")]
     Write(String),
     #[error("{}: {message}", path.display())]

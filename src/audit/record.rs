@@ -92,6 +92,15 @@ pub struct AuditRecord {
     pub hash: String,
 }
 
+/// The longest line the writer produces, `\n` included: the unit of the disk reserve. A record
+/// that would be longer is shrunk (see [`AuditRecord::shrink`]).
+pub const MAX_RECORD_BYTES: usize = 16 * 1024;
+/// A free-form string of a shrunk record keeps at most this many bytes (then the marker).
+const SHRUNK_STRING_BYTES: usize = 64;
+/// The serialized lists of a shrunk record (`external_ids`, `candidate_ids`, `validation`) keep
+/// at most about this many bytes each; `quota` half of it.
+const SHRUNK_LIST_BYTES: usize = 2048;
+
 /// The longest `path` kept, in bytes, marker included.
 pub const MAX_PATH_BYTES: usize = 512;
 /// Ends a truncated `path`.
@@ -131,9 +140,105 @@ impl AuditRecord {
         out
     }
 
+    /// Bounds a record whose line would exceed [`MAX_RECORD_BYTES`]: every free-form string is
+    /// cut to 64 bytes ending in [`PATH_TRUNCATED_MARKER`], `external_ids` and `candidate_ids`
+    /// keep their first entries up to about 2 KiB (`external_ids` then ends in the marker),
+    /// `validation` keeps its first entries up to about 2 KiB followed by `{"truncated": n}` (n
+    /// entries left out), and a `quota` over 1 KiB becomes `{"truncated": true}`. With the path
+    /// bound and the fixed fields the line then stays under 13 KiB, even when every string is
+    /// made of control characters (6 bytes each once escaped).
+    pub(crate) fn shrink(&mut self) {
+        for s in [&mut self.request_id, &mut self.method] {
+            cut_string(s);
+        }
+        for s in [
+            &mut self.team,
+            &mut self.subject,
+            &mut self.issuer,
+            &mut self.client_addr,
+            &mut self.operation,
+            &mut self.on_behalf_of,
+            &mut self.credential,
+            &mut self.code,
+            &mut self.body_sha256,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            cut_string(s);
+        }
+        let budget = SHRUNK_LIST_BYTES - 2 * SHRUNK_STRING_BYTES;
+        let (mut used, mut kept) = (0, 0);
+        for id in &mut self.external_ids {
+            cut_string(id);
+            used += json_len(id.as_str()) + 1;
+            if used > budget {
+                break;
+            }
+            kept += 1;
+        }
+        if kept < self.external_ids.len() {
+            self.external_ids.truncate(kept);
+            self.external_ids.push(PATH_TRUNCATED_MARKER.to_string());
+        }
+        let mut used = 0;
+        let kept = self
+            .candidate_ids
+            .iter()
+            .take_while(|id| {
+                used += id.to_string().len() + 1;
+                used <= SHRUNK_LIST_BYTES
+            })
+            .count();
+        self.candidate_ids.truncate(kept);
+        if let Some(v) = &mut self.validation
+            && json_len(&*v) > SHRUNK_LIST_BYTES
+        {
+            *v = match v {
+                serde_json::Value::Array(items) => {
+                    let mut used = 0;
+                    let kept = items
+                        .iter()
+                        .take_while(|item| {
+                            used += json_len(*item) + 1;
+                            used <= budget
+                        })
+                        .count();
+                    let omitted = items.len() - kept;
+                    items.truncate(kept);
+                    items.push(serde_json::json!({ "truncated": omitted }));
+                    serde_json::Value::Array(std::mem::take(items))
+                }
+                _ => serde_json::json!({ "truncated": true }),
+            };
+        }
+        if let Some(q) = &mut self.quota
+            && json_len(&*q) > SHRUNK_LIST_BYTES / 2
+        {
+            *q = serde_json::json!({ "truncated": true });
+        }
+    }
+
     pub(crate) fn path_is_sanitized(path: &str) -> bool {
         path.len() <= MAX_PATH_BYTES && !path.bytes().any(needs_escape)
     }
+}
+
+/// Cuts `s` to [`SHRUNK_STRING_BYTES`] (at a character boundary) and appends the marker.
+fn cut_string(s: &mut String) {
+    if s.len() <= SHRUNK_STRING_BYTES {
+        return;
+    }
+    let mut cut = SHRUNK_STRING_BYTES - PATH_TRUNCATED_MARKER.len();
+    while !s.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    s.truncate(cut);
+    s.push_str(PATH_TRUNCATED_MARKER);
+}
+
+fn json_len<T: Serialize + ?Sized>(v: &T) -> usize {
+    serde_json::to_vec(v).map_or(usize::MAX / 4, |b| b.len())
 }
 
 fn needs_escape(b: u8) -> bool {

@@ -14,13 +14,13 @@ use tokio::sync::oneshot;
 
 use super::chain::{self, ChainKey, GENESIS_PREV_HASH};
 use super::files::{self, rotated_file_name, rotated_siblings};
-use super::record::format_ts;
+use super::record::{MAX_RECORD_BYTES, format_ts};
 use super::{AuditError, AuditRecord, AuditSettings, Fsync, OnError};
 
 type Ack = oneshot::Sender<Result<(), AuditError>>;
 
 enum Msg {
-    Record(Box<AuditRecord>, Ack),
+    Record(Box<AuditRecord>, Ack, AuditReservation),
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -32,6 +32,29 @@ struct Shared {
     capacity: usize,
     written: AtomicU64,
     errors: AtomicU64,
+    /// Reservations taken and not yet written (or given up).
+    outstanding: AtomicUsize,
+    /// Bytes allocated beyond the end of the current file; `u64::MAX` without a reserve.
+    spare: AtomicU64,
+}
+
+/// Room for one record in the disk reserve and a place in the queue, taken before a request is
+/// forwarded (see "Disk reserve" in the module documentation). Given back when dropped, or when
+/// the record it was handed with has been written.
+pub struct AuditReservation {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for AuditReservation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AuditReservation")
+    }
+}
+
+impl Drop for AuditReservation {
+    fn drop(&mut self) {
+        self.shared.outstanding.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 struct Inner {
@@ -60,6 +83,9 @@ impl std::fmt::Debug for AuditLog {
 /// The most records committed by one `write(2)`.
 const MAX_GROUP: usize = 1024;
 
+/// What a line adds to the canonical JSON: `,"hash":"<64 hex>"` and `\n`.
+const LINE_OVERHEAD: usize = 80;
+
 impl AuditLog {
     /// Opens the log (creating folders), continues the chain of the newest file (a torn last
     /// line is moved aside to `<file>.torn-<unix ms>` and logged), and starts the writer thread.
@@ -72,6 +98,11 @@ impl AuditLog {
             return Err(AuditError::Settings(
                 "queue_capacity must be at least 1".into(),
             ));
+        }
+        if settings.reserve_bytes < MAX_RECORD_BYTES as u64 {
+            return Err(AuditError::Settings(format!(
+                "reserve_bytes must be at least {MAX_RECORD_BYTES} (one record)"
+            )));
         }
         let key = ChainKey::new(settings.hmac_key.as_ref())?;
         let base = settings.path.clone();
@@ -90,6 +121,8 @@ impl AuditLog {
             capacity: settings.queue_capacity,
             written: AtomicU64::new(0),
             errors: AtomicU64::new(0),
+            outstanding: AtomicUsize::new(0),
+            spare: AtomicU64::new(0),
         });
         let mut writer = Writer {
             base,
@@ -110,6 +143,13 @@ impl AuditLog {
             buf: Vec::with_capacity(64 * 1024),
             canon: Vec::with_capacity(4096),
             shared: shared.clone(),
+            reserve_bytes: settings.reserve_bytes,
+            reserve_supported: true,
+            allocated_end: 0,
+            reserve_short: false,
+            next_topup: Instant::now(),
+            next_file: None,
+            rotation_deferred: false,
         };
         writer
             .open_current()
@@ -136,14 +176,65 @@ impl AuditLog {
     ///
     /// With [`Fsync::Always`] a failed fsync fails the waiters of records that did reach the
     /// file (the chain goes on from them): such a record may still be found in the log.
+    ///
+    /// Takes its room in the disk reserve first ([`AuditLog::reserve`]): fails with
+    /// [`AuditError::NoSpace`] when the reserve cannot hold it.
     pub async fn write(&self, rec: AuditRecord) -> Result<(), AuditError> {
+        let reservation = self.reserve().inspect_err(|_| {
+            self.inner.shared.errors.fetch_add(1, Ordering::Relaxed);
+        })?;
+        self.write_reserved(rec, reservation).await
+    }
+
+    /// Room for one record: a place in the queue and [`MAX_RECORD_BYTES`] of the disk reserve,
+    /// so the record written later with [`AuditLog::write_reserved`] cannot fail for want of
+    /// space. Fails with [`AuditError::QueueFull`] when the queue's capacity is taken by records
+    /// not yet written, [`AuditError::NoSpace`] when the reserve cannot hold one more record,
+    /// [`AuditError::Closed`] after shutdown.
+    pub fn reserve(&self) -> Result<AuditReservation, AuditError> {
+        let s = &self.inner.shared;
+        if s.closed.load(Ordering::Acquire) {
+            return Err(AuditError::Closed);
+        }
+        let unit = MAX_RECORD_BYTES as u64;
+        let mut n = s.outstanding.load(Ordering::Acquire);
+        loop {
+            if n >= s.capacity {
+                return Err(AuditError::QueueFull(s.capacity));
+            }
+            // The writer lowers `spare` before it gives back the reservations of what it wrote,
+            // so this can only undercount the room left.
+            if (n as u64 + 1).saturating_mul(unit) > s.spare.load(Ordering::Acquire) {
+                return Err(AuditError::NoSpace);
+            }
+            match s
+                .outstanding
+                .compare_exchange_weak(n, n + 1, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => break,
+                Err(now) => n = now,
+            }
+        }
+        Ok(AuditReservation { shared: s.clone() })
+    }
+
+    /// [`AuditLog::write`] with room taken earlier by [`AuditLog::reserve`].
+    pub async fn write_reserved(
+        &self,
+        rec: AuditRecord,
+        reservation: AuditReservation,
+    ) -> Result<(), AuditError> {
         let shared = &self.inner.shared;
         if shared.closed.load(Ordering::Acquire) {
             return Err(AuditError::Closed);
         }
         let (ack, done) = oneshot::channel();
         shared.pending.fetch_add(1, Ordering::AcqRel);
-        match self.inner.tx.try_send(Msg::Record(Box::new(rec), ack)) {
+        match self
+            .inner
+            .tx
+            .try_send(Msg::Record(Box::new(rec), ack, reservation))
+        {
             Ok(()) => {}
             Err(e) => {
                 shared.pending.fetch_sub(1, Ordering::AcqRel);
@@ -157,13 +248,15 @@ impl AuditLog {
         done.await.unwrap_or(Err(AuditError::Closed))
     }
 
-    /// False after a write error until a write succeeds again, while the queue is full, and
-    /// after shutdown.
+    /// False after a write error until a write succeeds again, while the queue is full, while
+    /// the disk reserve cannot hold one more record, and after shutdown.
     pub fn healthy(&self) -> bool {
         let s = &self.inner.shared;
         !s.failed.load(Ordering::Acquire)
             && !s.closed.load(Ordering::Acquire)
             && s.pending.load(Ordering::Acquire) < s.capacity
+            && s.outstanding.load(Ordering::Acquire) < s.capacity
+            && s.spare.load(Ordering::Acquire) >= MAX_RECORD_BYTES as u64
     }
 
     pub fn on_error(&self) -> OnError {
@@ -367,27 +460,49 @@ struct Writer {
     buf: Vec<u8>,
     canon: Vec<u8>,
     shared: Arc<Shared>,
+    reserve_bytes: u64,
+    /// False for devices and pipes, and where the filesystem has no `fallocate`.
+    reserve_supported: bool,
+    /// The current file has disk allocated up to here (at least).
+    allocated_end: u64,
+    /// The last top-up failed; retried every [`TOPUP_RETRY`] and after every write.
+    reserve_short: bool,
+    next_topup: Instant,
+    /// The next current file, its reserve allocated, waiting for the rotation.
+    next_file: Option<File>,
+    /// The next file's reserve could not be allocated during this group: rotation waits.
+    rotation_deferred: bool,
 }
+
+/// How often a reserve that could not be topped up is tried again while nothing is written.
+const TOPUP_RETRY: Duration = Duration::from_secs(1);
 
 struct Pending {
     rec: Box<AuditRecord>,
     ack: Ack,
+    reservation: AuditReservation,
 }
 
 impl Writer {
     fn run(mut self, rx: Receiver<Msg>) {
         loop {
-            let first = if self.dirty && self.fsync == Fsync::Batch {
-                let deadline = self.last_sync + self.batch_interval;
+            let sync_at = (self.dirty && self.fsync == Fsync::Batch)
+                .then(|| self.last_sync + self.batch_interval);
+            let topup_at = self.reserve_short.then_some(self.next_topup);
+            let deadline = match (sync_at, topup_at) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let first = if let Some(deadline) = deadline {
                 let now = Instant::now();
                 if now >= deadline {
-                    self.periodic_sync();
+                    self.on_timer(now);
                     continue;
                 }
                 match rx.recv_timeout(deadline - now) {
                     Ok(m) => m,
                     Err(RecvTimeoutError::Timeout) => {
-                        self.periodic_sync();
+                        self.on_timer(Instant::now());
                         continue;
                     }
                     Err(RecvTimeoutError::Disconnected) => break,
@@ -430,11 +545,25 @@ impl Writer {
         self.final_sync();
     }
 
+    /// The batch fsync and the reserve top-up, when due.
+    fn on_timer(&mut self, now: Instant) {
+        if self.dirty && self.fsync == Fsync::Batch && now >= self.last_sync + self.batch_interval {
+            self.periodic_sync();
+        }
+        if self.reserve_short && now >= self.next_topup {
+            self.top_up();
+        }
+    }
+
     fn take(&self, m: Msg, group: &mut Vec<Pending>) -> Option<oneshot::Sender<()>> {
         match m {
-            Msg::Record(rec, ack) => {
+            Msg::Record(rec, ack, reservation) => {
                 self.shared.pending.fetch_sub(1, Ordering::AcqRel);
-                group.push(Pending { rec, ack });
+                group.push(Pending {
+                    rec,
+                    ack,
+                    reservation,
+                });
                 None
             }
             Msg::Shutdown(ack) => Some(ack),
@@ -448,9 +577,18 @@ impl Writer {
         let mut segment: Vec<Ack> = Vec::with_capacity(group.len());
         let mut segment_first_seq: Option<u64> = None;
         let mut failure: Option<(AuditError, Vec<Ack>)> = None;
+        // Given back only once the space they stand for is no longer counted as spare.
+        let mut reservations = Vec::with_capacity(group.len());
         self.buf.clear();
+        self.rotation_deferred = false;
         let mut group = group.into_iter();
-        while let Some(Pending { mut rec, ack }) = group.next() {
+        while let Some(Pending {
+            mut rec,
+            ack,
+            reservation,
+        }) = group.next()
+        {
+            reservations.push(reservation);
             let line_start = self.buf.len();
             let before = (self.next_seq, self.prev_hash.clone());
             if let Err(e) = self.encode(&mut rec) {
@@ -458,7 +596,7 @@ impl Writer {
                 let _ = ack.send(Err(e));
                 continue;
             }
-            if self.must_rotate_before(line_start) {
+            if self.must_rotate_before(line_start) && self.prepare_next() {
                 let line = self.buf.split_off(line_start);
                 let result = self.write_segment(segment_first_seq).and_then(|()| {
                     self.committed = before;
@@ -467,7 +605,10 @@ impl Writer {
                 });
                 if let Err(e) = result {
                     segment.push(ack);
-                    segment.extend(group.by_ref().map(|p| p.ack));
+                    for p in group.by_ref() {
+                        segment.push(p.ack);
+                        reservations.push(p.reservation);
+                    }
                     failure = Some((e, std::mem::take(&mut segment)));
                     break;
                 }
@@ -498,7 +639,9 @@ impl Writer {
                 let _ = ack.send(Err(e.clone()));
             }
         }
+        self.top_up();
         if written.is_empty() {
+            drop(reservations);
             return;
         }
         self.dirty = true;
@@ -529,6 +672,7 @@ impl Writer {
                 }
             }
         }
+        drop(reservations);
         if self.fsync == Fsync::Batch && self.last_sync.elapsed() >= self.batch_interval {
             self.periodic_sync();
         }
@@ -543,6 +687,16 @@ impl Writer {
         }
         chain::normalize(rec);
         chain::canonical_into(rec, &mut self.canon)?;
+        if self.canon.len() + LINE_OVERHEAD > MAX_RECORD_BYTES {
+            rec.shrink();
+            chain::normalize(rec);
+            chain::canonical_into(rec, &mut self.canon)?;
+            if self.canon.len() + LINE_OVERHEAD > MAX_RECORD_BYTES {
+                return Err(AuditError::Encode(format!(
+                    "the record is longer than {MAX_RECORD_BYTES} bytes even when shrunk"
+                )));
+            }
+        }
         rec.hash = self.key.digest(&rec.prev_hash, &self.canon);
         chain::push_line(&self.canon, &rec.hash, &mut self.buf);
         self.buf.push(b'\n');
@@ -551,7 +705,7 @@ impl Writer {
         Ok(())
     }
 
-    /// Whether the line that starts at `line_start` in `buf` must go to a new file.
+    /// Whether the line that starts at `line_start` in `buf` should go to a new file.
     fn must_rotate_before(&self, line_start: usize) -> bool {
         self.regular
             && self.rotate_bytes > 0
@@ -573,6 +727,8 @@ impl Writer {
         if self.needs_truncate && self.regular {
             file.set_len(self.file_len)
                 .map_err(|e| AuditError::Write(format!("{}: {e}", self.base.display())))?;
+            // Truncating also gave back the blocks allocated beyond the end.
+            self.allocated_end = self.file_len;
         }
         self.needs_truncate = false;
         if let Err(e) = file.write_all(&self.buf) {
@@ -584,7 +740,112 @@ impl Writer {
         }
         self.file_len += self.buf.len() as u64;
         self.dirty = true;
+        self.publish_spare();
         Ok(())
+    }
+
+    /// Tells the handles how much room the reserve has left.
+    fn publish_spare(&self) {
+        let spare = if self.regular && self.reserve_supported {
+            self.allocated_end.saturating_sub(self.file_len)
+        } else {
+            u64::MAX
+        };
+        self.shared.spare.store(spare, Ordering::Release);
+    }
+
+    /// Allocates `reserve_bytes` beyond the end of the current file once less than half of it is
+    /// left. A failure (the disk is full) is logged once and retried later; in the meantime the
+    /// reservations already taken are still covered by what is left.
+    fn top_up(&mut self) {
+        if !(self.regular && self.reserve_supported) {
+            self.publish_spare();
+            return;
+        }
+        let Some(file) = self.file.as_ref() else {
+            return;
+        };
+        if self.allocated_end.saturating_sub(self.file_len) >= self.reserve_bytes / 2 {
+            return;
+        }
+        match preallocate(file, self.file_len, self.reserve_bytes) {
+            Ok(()) => {
+                self.allocated_end = self.file_len + self.reserve_bytes;
+                if self.reserve_short {
+                    tracing::info!("the audit disk reserve is allocated again");
+                }
+                self.reserve_short = false;
+            }
+            Err(e) if is_unsupported(&e) => {
+                self.reserve_supported = false;
+                self.reserve_short = false;
+                tracing::warn!(
+                    file = %self.base.display(),
+                    "the filesystem cannot preallocate (fallocate): the audit log has no disk reserve, a full disk is only noticed when a write fails"
+                );
+            }
+            Err(e) => {
+                if !self.reserve_short {
+                    tracing::error!(
+                        file = %self.base.display(),
+                        error = %e,
+                        "the audit disk reserve cannot be topped up; requests in flight are still recorded, new ones get 503 audit_unavailable once the reserve is used up"
+                    );
+                }
+                self.reserve_short = true;
+                self.next_topup = Instant::now() + TOPUP_RETRY;
+            }
+        }
+        self.publish_spare();
+    }
+
+    /// The next current file, created next to the current one with its reserve allocated.
+    /// False when that allocation fails: the rotation waits (the current file grows past
+    /// `rotate_bytes` into its own reserve) and is tried again with the next group.
+    fn prepare_next(&mut self) -> bool {
+        if self.next_file.is_some() {
+            return true;
+        }
+        if self.rotation_deferred {
+            return false;
+        }
+        let path = self.next_path();
+        let _ = fs::remove_file(&path);
+        let prepared = OpenOptions::new()
+            .create_new(true)
+            .append(true)
+            .open(&path)
+            .and_then(|f| {
+                if self.reserve_supported {
+                    preallocate(&f, 0, self.reserve_bytes)?;
+                }
+                Ok(f)
+            });
+        match prepared {
+            Ok(f) => {
+                self.next_file = Some(f);
+                true
+            }
+            Err(e) => {
+                let _ = fs::remove_file(&path);
+                self.rotation_deferred = true;
+                tracing::warn!(
+                    file = %self.base.display(),
+                    error = %e,
+                    "audit rotation postponed: the new file's disk reserve cannot be allocated"
+                );
+                false
+            }
+        }
+    }
+
+    fn next_path(&self) -> PathBuf {
+        let name = self
+            .base
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        self.base.with_file_name(format!("{name}.next"))
     }
 
     fn write_error(&self, e: io::Error) -> AuditError {
@@ -611,12 +872,30 @@ impl Writer {
                 target.display()
             ))
         })?;
-        self.file = None;
+        let old = self.file.take();
+        let old_len = self.file_len;
         self.file_len = 0;
         self.file_first_seq = None;
         self.needs_truncate = false;
-        self.open_current().map_err(|e| self.write_error(e))?;
+        let next = self.next_file.take();
+        match next {
+            Some(f) if fs::rename(self.next_path(), &self.base).is_ok() => {
+                self.file = Some(f);
+                self.allocated_end = if self.reserve_supported {
+                    self.reserve_bytes
+                } else {
+                    0
+                };
+                self.publish_spare();
+            }
+            _ => self.open_current().map_err(|e| self.write_error(e))?,
+        }
         sync_dir(&self.base);
+        // The rotated file's reserve is given back (truncating to its size frees the blocks
+        // allocated beyond it).
+        if let Some(old) = old {
+            let _ = old.set_len(old_len);
+        }
         Ok(())
     }
 
@@ -636,6 +915,9 @@ impl Writer {
         if !existed {
             sync_dir(&self.base);
         }
+        // Whatever was allocated beyond the end before is not known: allocate (again).
+        self.allocated_end = self.file_len;
+        self.top_up();
         Ok(())
     }
 
@@ -672,6 +954,35 @@ impl Writer {
             self.shared.errors.fetch_add(1, Ordering::Relaxed);
             tracing::error!(error = %e, "audit fsync at shutdown failed");
         }
+    }
+}
+
+/// Allocates `[offset, offset + len)` of `file` without changing its size.
+fn preallocate(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        rustix::fs::fallocate(file, rustix::fs::FallocateFlags::KEEP_SIZE, offset, len)
+            .map_err(io::Error::from)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (file, offset, len);
+        Err(io::Error::from(io::ErrorKind::Unsupported))
+    }
+}
+
+/// The filesystem (or platform) has no `fallocate` with `FALLOC_FL_KEEP_SIZE`.
+fn is_unsupported(e: &io::Error) -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        let raw = e.raw_os_error();
+        e.kind() == io::ErrorKind::Unsupported
+            || raw == Some(rustix::io::Errno::OPNOTSUPP.raw_os_error())
+            || raw == Some(rustix::io::Errno::NOSYS.raw_os_error())
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        e.kind() == io::ErrorKind::Unsupported
     }
 }
 

@@ -68,6 +68,9 @@ pub struct AuditFile {
     pub queue_capacity: Option<u64>,
     /// With `fsync = "batch"`, the longest an acknowledged record may stay unsynced (default `50ms`).
     pub batch_interval: Option<String>,
+    /// Disk kept allocated ahead of the audit file, so records of requests in flight can always
+    /// be written (default 33554432; at least 65536).
+    pub reserve_bytes: Option<u64>,
 }
 
 /// `[listen]`: the gateway listener.

@@ -12,7 +12,9 @@ use std::time::Duration;
 use super::file::{CredentialFile, GatewayFile, IssuerFile, SecretFile, TeamFile, TeamQuotaFile};
 use super::model::*;
 use super::values::{Secret, parse_duration, parse_rate};
-use crate::audit::{AuditSettings, Fsync, OnError as AuditOnError};
+use crate::audit::{
+    AuditSettings, Fsync, MAX_RESERVE_BYTES, MIN_RESERVE_BYTES, OnError as AuditOnError,
+};
 use crate::auth::jwks::{IssuerConfig, KeySource};
 use crate::policy::ValidationMode;
 use crate::policy::{Glob, MemberRule, OboPolicy, Team, Teams, is_valid_email};
@@ -980,6 +982,15 @@ pub fn validate(
     );
     if audit.batch_interval.is_zero() || audit.batch_interval > Duration::from_secs(10) {
         r.add("audit.batch_interval", "must be between 1ms and 10s");
+    }
+    if let Some(n) = a.reserve_bytes {
+        if !(MIN_RESERVE_BYTES..=MAX_RESERVE_BYTES).contains(&n) {
+            r.add(
+                "audit.reserve_bytes",
+                format!("must be between {MIN_RESERVE_BYTES} and {MAX_RESERVE_BYTES}"),
+            );
+        }
+        audit.reserve_bytes = n.clamp(MIN_RESERVE_BYTES, MAX_RESERVE_BYTES);
     }
 
     // teams

@@ -3,7 +3,9 @@
 //! Every data chunk is passed on as it arrives, except the most recent one, which is held back
 //! until the next arrives. When the upstream body ends, the finishing work (the audit record,
 //! spec-drift checks) runs to completion first and only then is the held chunk released: so a
-//! caller cannot have received the whole response before its audit record was written. If the
+//! caller cannot have received the whole response before its audit record was written; when the
+//! finishing work fails (the record could not be written and the gateway fails closed), the body
+//! ends with that error instead, so the caller sees a broken response. If the
 //! caller goes away mid-stream, the finishing work still runs (spawned from `Drop`), marked
 //! incomplete. A bounded copy of the bytes is kept for the finishing work (JSON responses of the
 //! Partner API are small; beyond the bound, the copy is dropped and only the count kept).
@@ -31,7 +33,9 @@ pub struct Finished {
     pub complete: bool,
 }
 
-pub type FinishFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+/// Resolves when the finishing work is done; an error (the audit record could not be written
+/// while the gateway fails closed) ends the body with it instead of releasing the last bytes.
+pub type FinishFuture = Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send>>;
 pub type OnFinish = Box<dyn FnOnce(Finished) -> FinishFuture + Send>;
 
 pub struct ObservedBody {
@@ -125,9 +129,15 @@ impl Body for ObservedBody {
             if let Some(fut) = &mut this.finishing {
                 match fut.as_mut().poll(cx) {
                     Poll::Pending => return Poll::Pending,
-                    Poll::Ready(()) => {
+                    Poll::Ready(result) => {
                         this.finishing = None;
                         this.done = true;
+                        if let Err(e) = result {
+                            // The caller must not see a complete response.
+                            this.held = None;
+                            this.queued.clear();
+                            return Poll::Ready(Some(Err(e)));
+                        }
                     }
                 }
             }
@@ -186,7 +196,14 @@ impl Body for ObservedBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        let hint = self.inner.size_hint();
+        // An exact 0 lets a server finish the response without ever polling the body, so before
+        // the finishing work ran. (The pipeline finishes empty responses before their head is
+        // sent; this keeps any other empty body honest.)
+        if hint.exact() == Some(0) && !self.done {
+            return SizeHint::default();
+        }
+        hint
     }
 }
 
@@ -234,6 +251,7 @@ mod tests {
                     .unwrap_or_else(|p| p.into_inner())
                     .push("finished".into());
                 *f2.lock().unwrap_or_else(|p| p.into_inner()) = Some(f);
+                Ok(())
             })
         });
         let mut body = ObservedBody::new(chunks(&["ab", "cd", "ef"]), 1024, on_finish, None);
@@ -266,6 +284,7 @@ mod tests {
         let on_finish: OnFinish = Box::new(move |f| {
             Box::pin(async move {
                 *f2.lock().unwrap_or_else(|p| p.into_inner()) = Some(f);
+                Ok(())
             })
         });
         let body = ObservedBody::new(chunks(&["0123456789", "0123456789"]), 15, on_finish, None);
@@ -295,6 +314,7 @@ mod tests {
         let on_finish: OnFinish = Box::new(move |f| {
             Box::pin(async move {
                 let _ = tx.send(f);
+                Ok(())
             })
         });
         let stalled = chunks(&["ab"]).map_frame(|f| f);
@@ -357,6 +377,7 @@ mod tests {
         let on_finish: OnFinish = Box::new(move |f| {
             Box::pin(async move {
                 let _ = tx.send(f);
+                Ok(())
             })
         });
         let mut body = ObservedBody::new(chunks(&["ab", "cd", "ef"]), 1024, on_finish, None);
