@@ -167,6 +167,7 @@ mod tests {
         let on_finish: OnFinish = Box::new(move |f| {
             Box::pin(async move {
                 let _ = tx.send(f);
+                Ok(())
             })
         });
         let frames: Vec<Result<Frame<Bytes>, BoxError>> = parts
