@@ -209,7 +209,7 @@ async fn fifty_concurrent_cold_requests_cause_exactly_one_token_fetch() {
     let creds = credentials_for(&stub.url(), Duration::from_secs(5));
     let calls = (0..50).map(|_| {
         let c = creds.clone();
-        tokio::spawn(async move { c.authorization("default").await })
+        tokio::spawn(async move { c.get("default").expect("configured").authorization().await })
     });
     let results: Vec<_> = futures_util::future::join_all(calls)
         .await
@@ -238,7 +238,11 @@ async fn failing_token_endpoint_without_a_token_gives_503_quickly_and_backs_off(
         let stub = TokenStub::start(reply.clone(), Duration::ZERO).await;
         let creds = credentials_for(&stub.url(), Duration::from_millis(500));
         let started = Instant::now();
-        let first = creds.authorization("default").await;
+        let first = creds
+            .get("default")
+            .expect("configured")
+            .authorization()
+            .await;
         assert_eq!(
             first.map_err(|e| e.code()),
             Err("upstream_credentials_unavailable"),
@@ -252,7 +256,14 @@ async fn failing_token_endpoint_without_a_token_gives_503_quickly_and_backs_off(
         let hits = stub.hits();
         let started = Instant::now();
         for _ in 0..20 {
-            assert!(creds.authorization("default").await.is_err());
+            assert!(
+                creds
+                    .get("default")
+                    .expect("configured")
+                    .authorization()
+                    .await
+                    .is_err()
+            );
         }
         assert!(
             started.elapsed() < Duration::from_secs(1),
@@ -290,7 +301,14 @@ async fn token_endpoint_recovers_after_backoff_and_readiness_follows() {
         creds.not_ready().is_empty(),
         "the credential did not recover by itself"
     );
-    assert!(creds.authorization("default").await.is_ok());
+    assert!(
+        creds
+            .get("default")
+            .expect("configured")
+            .authorization()
+            .await
+            .is_ok()
+    );
 }
 
 #[tokio::test]

@@ -90,7 +90,7 @@ pub enum KeySource {
 }
 
 /// One trusted token issuer.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct IssuerConfig {
     /// Exact `iss` value.
     pub issuer: String,

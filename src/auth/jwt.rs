@@ -162,6 +162,11 @@ pub struct Verifier {
 }
 
 struct Issuer {
+    /// The settings as configured (before capping), to tell on reload whether they changed.
+    configured: IssuerConfig,
+    /// Whether its keys were fetched once and its refresher runs (a reload reuses the issuer,
+    /// its keys and its refresher when its settings did not change).
+    started: AtomicBool,
     keys: Arc<IssuerKeys>,
     /// Accepted algorithms (configured ones minus HMAC) with the `Validation` for each.
     validations: Vec<(Algorithm, Validation)>,
@@ -170,6 +175,37 @@ struct Issuer {
 }
 
 impl Issuer {
+    fn new(configured: IssuerConfig, client: &HttpClient, fetches: &Arc<AtomicU64>) -> Issuer {
+        let mut config = configured.clone();
+        if config.leeway > MAX_LEEWAY {
+            tracing::warn!(issuer = %config.issuer, "jwt: leeway capped at one hour");
+            config.leeway = MAX_LEEWAY;
+        }
+        let mut algs: Vec<Algorithm> = Vec::new();
+        for alg in &config.algorithms {
+            if is_hmac(*alg) {
+                tracing::warn!(issuer = %config.issuer, alg = ?alg, "jwt: HMAC algorithm ignored");
+            } else if !algs.contains(alg) {
+                algs.push(*alg);
+            }
+        }
+        if algs.is_empty() {
+            tracing::warn!(issuer = %config.issuer, "jwt: issuer has no usable algorithm; its tokens are refused");
+        }
+        let validations = algs
+            .iter()
+            .map(|alg| (*alg, build_validation(&config, *alg)))
+            .collect();
+        Issuer {
+            audiences: config.audiences.iter().cloned().collect(),
+            leeway: config.leeway.as_secs(),
+            validations,
+            keys: Arc::new(IssuerKeys::new(config, client.clone(), fetches.clone())),
+            started: AtomicBool::new(false),
+            configured,
+        }
+    }
+
     fn validation(&self, alg: Algorithm) -> Option<&Validation> {
         self.validations
             .iter()
@@ -194,8 +230,8 @@ struct Inner {
     any_alg: HashSet<Algorithm>,
     cache: moka::future::Cache<CacheKey, Arc<Cached>>,
     fetches: Arc<AtomicU64>,
-    signature_checks: AtomicU64,
-    started: AtomicBool,
+    signature_checks: Arc<AtomicU64>,
+    client: HttpClient,
 }
 
 /// Per-entry expiry of the verified-token cache: never past `exp`, never over [`MAX_CACHE_TTL`].
@@ -219,54 +255,52 @@ impl moka::Expiry<CacheKey, Arc<Cached>> for UntilExpiry {
 impl Verifier {
     /// Builds a verifier; no I/O happens until [`Verifier::start`] or the first [`Verifier::verify`].
     pub fn new(issuers: Vec<IssuerConfig>, client: HttpClient) -> Self {
-        let fetches = Arc::new(AtomicU64::new(0));
+        Verifier::build(issuers, client, None)
+    }
+
+    /// The verifier for a reloaded configuration. An issuer whose settings did not change is
+    /// the same issuer: its keys, its refresher and the tokens it verified are kept. A changed
+    /// or new issuer starts without keys (call [`Verifier::start`] before using it); a removed
+    /// one is dropped with its refresher. Verified tokens are kept only when no issuer changed
+    /// or went away, so a token is never honoured under settings it was not checked against.
+    pub fn reconfigured(&self, issuers: Vec<IssuerConfig>) -> Verifier {
+        Verifier::build(issuers, self.inner.client.clone(), Some(&self.inner))
+    }
+
+    fn build(issuers: Vec<IssuerConfig>, client: HttpClient, previous: Option<&Inner>) -> Self {
+        let fetches = previous.map_or_else(|| Arc::new(AtomicU64::new(0)), |p| p.fetches.clone());
         let mut list: Vec<Arc<Issuer>> = Vec::new();
         let mut by_name = HashMap::new();
         let mut any_alg = HashSet::new();
-        for mut config in issuers {
+        for config in issuers {
             if by_name.contains_key(&config.issuer) {
                 tracing::warn!(issuer = %config.issuer, "jwt: issuer configured twice; later entry ignored");
                 continue;
             }
-            if config.leeway > MAX_LEEWAY {
-                tracing::warn!(issuer = %config.issuer, "jwt: leeway capped at one hour");
-                config.leeway = MAX_LEEWAY;
-            }
-            let mut algs: Vec<Algorithm> = Vec::new();
-            for alg in &config.algorithms {
-                if is_hmac(*alg) {
-                    tracing::warn!(issuer = %config.issuer, alg = ?alg, "jwt: HMAC algorithm ignored");
-                } else if !algs.contains(alg) {
-                    algs.push(*alg);
-                }
-            }
-            if algs.is_empty() {
-                tracing::warn!(issuer = %config.issuer, "jwt: issuer has no usable algorithm; its tokens are refused");
-            }
-            let leeway = config.leeway.as_secs();
-            let validations = algs
-                .iter()
-                .map(|alg| (*alg, build_validation(&config, *alg)))
-                .collect();
-            any_alg.extend(algs.iter().copied());
-            let issuer = Arc::new(Issuer {
-                audiences: config.audiences.iter().cloned().collect(),
-                leeway,
-                validations,
-                keys: Arc::new(IssuerKeys::new(
-                    config.clone(),
-                    client.clone(),
-                    fetches.clone(),
-                )),
-            });
-            by_name.insert(config.issuer.clone(), issuer.clone());
+            let issuer = match previous
+                .and_then(|p| p.by_name.get(&config.issuer))
+                .filter(|old| old.configured == config)
+            {
+                Some(same) => same.clone(),
+                None => Arc::new(Issuer::new(config, &client, &fetches)),
+            };
+            any_alg.extend(issuer.validations.iter().map(|(alg, _)| *alg));
+            by_name.insert(issuer.configured.issuer.clone(), issuer.clone());
             list.push(issuer);
         }
-        let cache = moka::future::Cache::builder()
-            .name("verified-tokens")
-            .max_capacity(TOKEN_CACHE_CAPACITY)
-            .expire_after(UntilExpiry)
-            .build();
+        let unchanged = previous.is_some_and(|p| {
+            p.issuers
+                .iter()
+                .all(|old| list.iter().any(|new| Arc::ptr_eq(old, new)))
+        });
+        let cache = match previous {
+            Some(p) if unchanged => p.cache.clone(),
+            _ => moka::future::Cache::builder()
+                .name("verified-tokens")
+                .max_capacity(TOKEN_CACHE_CAPACITY)
+                .expire_after(UntilExpiry)
+                .build(),
+        };
         Verifier {
             inner: Arc::new(Inner {
                 issuers: list,
@@ -274,20 +308,31 @@ impl Verifier {
                 any_alg,
                 cache,
                 fetches,
-                signature_checks: AtomicU64::new(0),
-                started: AtomicBool::new(false),
+                signature_checks: previous.map_or_else(
+                    || Arc::new(AtomicU64::new(0)),
+                    |p| p.signature_checks.clone(),
+                ),
+                client,
             }),
         }
     }
 
-    /// Fetches every issuer's keys in parallel (bounded in time), then spawns the background
-    /// refresh tasks. Never fails: an issuer left without keys shows up in [`Verifier::not_ready`].
-    /// A second call does nothing.
+    /// Fetches the keys of every issuer not started yet in parallel (bounded in time), then
+    /// spawns their background refresh tasks. Never fails: an issuer left without keys shows up
+    /// in [`Verifier::not_ready`]. Issuers already started (a second call, or issuers a reload
+    /// kept) are left alone.
     pub async fn start(&self) {
-        if self.inner.started.swap(true, Ordering::SeqCst) {
+        let fresh: Vec<Arc<Issuer>> = self
+            .inner
+            .issuers
+            .iter()
+            .filter(|i| !i.started.swap(true, Ordering::SeqCst))
+            .cloned()
+            .collect();
+        if fresh.is_empty() {
             return;
         }
-        let initial = self.inner.issuers.iter().map(|issuer| {
+        let initial = fresh.iter().map(|issuer| {
             let keys = issuer.keys.clone();
             async move {
                 let next = keys.refresh().await;
@@ -304,7 +349,7 @@ impl Verifier {
             }
             Err(_) => {
                 tracing::warn!("jwks: initial key fetch did not finish in time");
-                for issuer in &self.inner.issuers {
+                for issuer in &fresh {
                     let c = &issuer.keys.config;
                     spawn_refresher(&issuer.keys, c.refresh_interval.min(c.refetch_cooldown));
                 }

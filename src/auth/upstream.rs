@@ -20,6 +20,7 @@
 //!   `upstream_rate_limited` without calling the upstream.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -29,7 +30,7 @@ use http::{HeaderMap, HeaderValue, Method, Request, header};
 use rand::Rng;
 use serde_json::Value;
 
-use crate::config::{ClientAuth, Credential, OAuth2Credential};
+use crate::config::{ClientAuth, Credential as CredentialConfig, OAuth2Credential};
 use crate::error::GatewayError;
 use crate::http_client::{FetchError, HttpClient, error_chain, fetch, full_body};
 use crate::metrics::Metrics;
@@ -51,13 +52,27 @@ const MAX_REFUSED_USERS: usize = 64;
 /// All configured credentials, by name.
 #[derive(Clone)]
 pub struct UpstreamCredentials {
-    sources: Arc<BTreeMap<String, Arc<Source>>>,
+    sources: Arc<BTreeMap<String, Credential>>,
+    client: HttpClient,
+    metrics: Metrics,
+}
+
+/// One credential, resolved: what a team holds (never looked up by name per request). Cheap to
+/// clone.
+#[derive(Clone)]
+pub struct Credential {
+    name: Arc<str>,
+    source: Arc<Source>,
 }
 
 struct Source {
+    /// The settings it was built from, to tell on reload whether they changed.
+    configured: CredentialConfig,
     kind: Kind,
     /// Set after an upstream 429: no call with this credential until then.
     paused_until: Mutex<Option<Instant>>,
+    /// Whether its first token was fetched and its refresher runs.
+    started: std::sync::atomic::AtomicBool,
 }
 
 enum Kind {
@@ -98,50 +113,67 @@ struct Token {
 
 impl UpstreamCredentials {
     pub fn new(
-        credentials: &BTreeMap<String, Credential>,
+        credentials: &BTreeMap<String, CredentialConfig>,
         client: HttpClient,
         metrics: Metrics,
+    ) -> Self {
+        UpstreamCredentials::build(credentials, client, metrics, None)
+    }
+
+    /// The credentials of a reloaded configuration. A credential whose settings did not change
+    /// is the same credential (its token, its pause and its refresher are kept); a changed or new
+    /// one starts without a token (call [`UpstreamCredentials::start`]); a removed one is
+    /// dropped, and its refresher ends with it.
+    pub fn reconfigured(&self, credentials: &BTreeMap<String, CredentialConfig>) -> Self {
+        UpstreamCredentials::build(
+            credentials,
+            self.client.clone(),
+            self.metrics.clone(),
+            Some(self),
+        )
+    }
+
+    fn build(
+        credentials: &BTreeMap<String, CredentialConfig>,
+        client: HttpClient,
+        metrics: Metrics,
+        previous: Option<&UpstreamCredentials>,
     ) -> Self {
         let sources = credentials
             .iter()
             .map(|(name, c)| {
-                let kind = match c {
-                    Credential::Basic { api_key } => {
-                        let encoded = STANDARD.encode(format!("{}:", api_key.expose()));
-                        let mut v = HeaderValue::from_str(&format!("Basic {encoded}"))
-                            .unwrap_or_else(|_| HeaderValue::from_static("Basic"));
-                        v.set_sensitive(true);
-                        Kind::Basic(v)
-                    }
-                    Credential::OAuth2(cfg) => Kind::OAuth2(Arc::new(TokenSource {
-                        name: name.clone(),
-                        cfg: cfg.clone(),
-                        client: client.clone(),
-                        metrics: metrics.clone(),
-                        state: Mutex::new(TokenState::default()),
-                        fetch_lock: tokio::sync::Mutex::new(()),
-                    })),
-                };
-                (
-                    name.clone(),
-                    Arc::new(Source {
-                        kind,
-                        paused_until: Mutex::new(None),
-                    }),
-                )
+                let kept = previous
+                    .and_then(|p| p.sources.get(name))
+                    .filter(|old| old.source.configured == *c)
+                    .cloned();
+                let credential = kept.unwrap_or_else(|| Credential {
+                    name: Arc::from(name.as_str()),
+                    source: Arc::new(Source::new(name, c, &client, &metrics)),
+                });
+                (name.clone(), credential)
             })
             .collect();
         UpstreamCredentials {
             sources: Arc::new(sources),
+            client,
+            metrics,
         }
     }
 
-    /// Fetches every OAuth2 token once and starts the background refreshers.
+    /// The credential of this name (`None` when not configured: configuration validation makes
+    /// every team's credential exist, so this is for resolving a policy once, at load).
+    pub fn get(&self, name: &str) -> Option<Credential> {
+        self.sources.get(name).cloned()
+    }
+
+    /// Fetches every OAuth2 token not fetched yet once and starts their background refreshers
+    /// (credentials a reload kept are left alone).
     pub async fn start(&self) {
         let tokens: Vec<Arc<TokenSource>> = self
             .sources
             .values()
-            .filter_map(|s| match &s.kind {
+            .filter(|c| !c.source.started.swap(true, Ordering::SeqCst))
+            .filter_map(|c| match &c.source.kind {
                 Kind::OAuth2(t) => Some(t.clone()),
                 Kind::Basic(_) => None,
             })
@@ -149,7 +181,7 @@ impl UpstreamCredentials {
         futures_util::future::join_all(tokens.iter().map(|t| async move { t.get().await.ok() }))
             .await;
         for t in tokens {
-            tokio::spawn(t.refresher());
+            tokio::spawn(TokenSource::refresher(Arc::downgrade(&t)));
         }
     }
 
@@ -157,7 +189,7 @@ impl UpstreamCredentials {
     pub fn not_ready(&self) -> Vec<String> {
         self.sources
             .values()
-            .filter_map(|s| match &s.kind {
+            .filter_map(|c| match &c.source.kind {
                 Kind::OAuth2(t) if t.valid_token().is_none() => {
                     let why = t
                         .with_state(|st| st.last_error.clone())
@@ -169,15 +201,18 @@ impl UpstreamCredentials {
             })
             .collect()
     }
+}
 
-    fn source(&self, name: &str) -> Result<&Arc<Source>, GatewayError> {
-        self.sources.get(name).ok_or(GatewayError::Internal)
+impl Credential {
+    /// The configured name (for the audit record and logs).
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
-    /// The `Authorization` value to send upstream for this credential; 503 while the credential
-    /// is paused after an upstream 429 or has no valid token.
-    pub async fn authorization(&self, name: &str) -> Result<HeaderValue, GatewayError> {
-        let src = self.source(name)?;
+    /// The `Authorization` value to send upstream; 503 while the credential is paused after an
+    /// upstream 429 or has no valid token.
+    pub async fn authorization(&self) -> Result<HeaderValue, GatewayError> {
+        let src = &self.source;
         if let Some(left) = src.paused_for() {
             return Err(GatewayError::UpstreamRateLimited {
                 retry_after_secs: ceil_secs(left),
@@ -193,30 +228,25 @@ impl UpstreamCredentials {
     /// evicts that token and returns a fresh one (one fetch shared by every request that saw the
     /// same rejection). `upstream_rejected_credentials` without a fetch when a partner key (it
     /// cannot be renewed), when this token was already refused for this user after a fresh fetch
-    /// ([`UpstreamCredentials::refused_after_replay`]), or when a 401 made a fetch less than
+    /// ([`Credential::refused_after_replay`]), or when a 401 made a fetch less than
     /// [`MIN_UNAUTHORIZED_REFETCH`] ago.
     pub async fn after_unauthorized(
         &self,
-        name: &str,
         rejected: &HeaderValue,
         on_behalf_of: &str,
     ) -> Result<HeaderValue, GatewayError> {
-        match &self.source(name)?.kind {
+        match &self.source.kind {
             Kind::Basic(_) => Err(GatewayError::UpstreamRejectedCredentials),
             Kind::OAuth2(t) => t.replace(rejected, on_behalf_of).await,
         }
     }
 
     /// The upstream answered 401 again to the replay with `fresh`, the token
-    /// [`UpstreamCredentials::after_unauthorized`] returned: the token is not what it refuses (a
-    /// fresh token is as good as tokens get), so later 401s with this token and user leave the
-    /// token alone.
-    pub fn refused_after_replay(&self, name: &str, fresh: &HeaderValue, on_behalf_of: &str) {
-        if let Ok(Source {
-            kind: Kind::OAuth2(t),
-            ..
-        }) = self.source(name).map(|s| &**s)
-        {
+    /// [`Credential::after_unauthorized`] returned: the token is not what it refuses (a fresh
+    /// token is as good as tokens get), so later 401s with this token and user leave the token
+    /// alone.
+    pub fn refused_after_replay(&self, fresh: &HeaderValue, on_behalf_of: &str) {
+        if let Kind::OAuth2(t) = &self.source.kind {
             t.with_state(|st| {
                 if st.token.as_ref().is_some_and(|tok| tok.header == fresh) {
                     let user = on_behalf_of.to_ascii_lowercase();
@@ -232,16 +262,14 @@ impl UpstreamCredentials {
     }
 
     /// After an upstream 429: no call with this credential for `retry_after`.
-    pub fn pause(&self, name: &str, retry_after: Duration) {
-        if let Ok(src) = self.source(name)
-            && let Ok(mut p) = src.paused_until.lock()
-        {
+    pub fn pause(&self, retry_after: Duration) {
+        if let Ok(mut p) = self.source.paused_until.lock() {
             let until = Instant::now() + retry_after.min(MAX_PAUSE);
             if p.is_none_or(|cur| cur < until) {
                 *p = Some(until);
             }
             tracing::warn!(
-                credential = name,
+                credential = %self.name,
                 retry_after_s = retry_after.as_secs(),
                 "Greenhouse rate-limited the credential; pausing it"
             );
@@ -250,6 +278,32 @@ impl UpstreamCredentials {
 }
 
 impl Source {
+    fn new(name: &str, c: &CredentialConfig, client: &HttpClient, metrics: &Metrics) -> Source {
+        let kind = match c {
+            CredentialConfig::Basic { api_key } => {
+                let encoded = STANDARD.encode(format!("{}:", api_key.expose()));
+                let mut v = HeaderValue::from_str(&format!("Basic {encoded}"))
+                    .unwrap_or_else(|_| HeaderValue::from_static("Basic"));
+                v.set_sensitive(true);
+                Kind::Basic(v)
+            }
+            CredentialConfig::OAuth2(cfg) => Kind::OAuth2(Arc::new(TokenSource {
+                name: name.to_string(),
+                cfg: cfg.clone(),
+                client: client.clone(),
+                metrics: metrics.clone(),
+                state: Mutex::new(TokenState::default()),
+                fetch_lock: tokio::sync::Mutex::new(()),
+            })),
+        };
+        Source {
+            configured: c.clone(),
+            kind,
+            paused_until: Mutex::new(None),
+            started: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
     fn paused_for(&self) -> Option<Duration> {
         let until = (*self.paused_until.lock().ok()?)?;
         until
@@ -383,9 +437,13 @@ impl TokenSource {
     }
 
     /// Renews the token ahead of expiry, and retries after failures, without any caller waiting.
-    async fn refresher(self: Arc<Self>) {
+    /// Ends when the credential is dropped (removed or changed by a reload).
+    async fn refresher(this: std::sync::Weak<Self>) {
         loop {
-            let wait = self
+            let Some(this_now) = this.upgrade() else {
+                return;
+            };
+            let wait = this_now
                 .with_state(|st| {
                     let by_backoff = st
                         .next_attempt
@@ -402,13 +460,17 @@ impl TokenSource {
                     }
                 })
                 .unwrap_or(MAX_BACKOFF);
+            drop(this_now);
             tokio::time::sleep(wait.max(Duration::from_millis(50))).await;
-            let _guard = self.fetch_lock.lock().await;
-            let due = self
+            let Some(this_now) = this.upgrade() else {
+                return;
+            };
+            let _guard = this_now.fetch_lock.lock().await;
+            let due = this_now
                 .with_state(|st| st.token.as_ref().is_none_or(|t| t.refresh_at <= now()))
                 .unwrap_or(false);
-            if due && !self.backing_off() {
-                let _ = self.fetch().await;
+            if due && !this_now.backing_off() {
+                let _ = this_now.fetch().await;
             }
         }
     }

@@ -74,7 +74,7 @@ pub struct Upstream {
     pub ca_file: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Credential {
     OAuth2(OAuth2Credential),
     Basic { api_key: Secret },
@@ -97,7 +97,7 @@ pub enum ClientAuth {
     Post,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OAuth2Credential {
     pub token_url: http::Uri,
     pub client_id: String,
