@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -113,11 +113,15 @@ pub(crate) struct TeamSlot {
     pub plan: TeamPlan,
     state: Mutex<TeamState>,
     /// Memory leases alive. Only incremented under `state`'s lock (so the cap is exact);
-    /// decremented lock-free when an `Admission` drops.
-    inflight: AtomicU32,
+    /// decremented lock-free when an `Admission` drops. Shared with the slot that replaces this
+    /// one on reload, so leases taken under either count against the cap together.
+    inflight: Arc<AtomicU32>,
     /// Redis leases held by this replica (the cluster-wide count is in Redis).
-    pub redis_inflight: AtomicU32,
+    pub redis_inflight: Arc<AtomicU32>,
     pub observed: Mutex<Observed>,
+    /// Set (under `state`'s lock) when a reload replaced this team's limits: its counts moved
+    /// there, and a request still holding this slot is decided by the successor.
+    successor: OnceLock<Arc<TeamSlot>>,
 }
 
 impl TeamSlot {
@@ -130,10 +134,72 @@ impl TeamSlot {
                 daily: DayCount::default(),
                 ops,
             }),
-            inflight: AtomicU32::new(0),
-            redis_inflight: AtomicU32::new(0),
+            inflight: Arc::new(AtomicU32::new(0)),
+            redis_inflight: Arc::new(AtomicU32::new(0)),
             observed: Mutex::new(Observed::default()),
+            successor: OnceLock::new(),
         }
+    }
+
+    /// The slot for `plan` that takes over from `old` (a reload changed the team's limits): the
+    /// team's counts and every operation's counts (by name) carry over, so requests already
+    /// counted stay counted and the new limits apply from the next decision. `old` is retired in
+    /// the same step, under its lock, so no decision is taken by both or by neither.
+    pub fn succeed(old: &Arc<TeamSlot>, plan: TeamPlan) -> Arc<TeamSlot> {
+        let old = old.current();
+        let st = lock(&old.state);
+        let ops = plan
+            .ops
+            .iter()
+            .map(|op| {
+                old.plan
+                    .op(&op.name)
+                    .and_then(|(i, _)| st.ops.get(i).copied())
+                    .unwrap_or_default()
+            })
+            .collect();
+        let seen = lock(&old.observed).clone();
+        let observed = Observed {
+            ops: seen
+                .ops
+                .iter()
+                .filter_map(|(i, o)| {
+                    let name = &old.plan.ops.get(*i)?.name;
+                    Some((plan.op(name)?.0, *o))
+                })
+                .collect(),
+            ..seen
+        };
+        let new = Arc::new(TeamSlot {
+            plan,
+            state: Mutex::new(TeamState {
+                tat: st.tat,
+                daily: st.daily,
+                ops,
+            }),
+            inflight: old.inflight.clone(),
+            redis_inflight: old.redis_inflight.clone(),
+            observed: Mutex::new(observed),
+            successor: OnceLock::new(),
+        });
+        let _ = old.successor.set(new.clone());
+        drop(st);
+        new
+    }
+
+    /// The slot in force for this team: itself, or the one a reload put in its place.
+    pub fn current(self: &Arc<Self>) -> Arc<TeamSlot> {
+        let mut slot = self.clone();
+        while let Some(next) = slot.successor.get().cloned() {
+            slot = next;
+        }
+        slot
+    }
+
+    /// The index, in `self`'s plan, of the operation `op` indexes in `from`'s plan.
+    pub fn op_from(&self, from: &TeamSlot, op: Option<usize>) -> Option<usize> {
+        let name = &from.plan.ops.get(op?)?.name;
+        self.plan.op(name).map(|(i, _)| i)
     }
 
     /// All of a request's checks against the in-process state; spends in every counter or in
@@ -143,9 +209,14 @@ impl TeamSlot {
     /// times: with `now` read before the lock, a request that waited for it would be judged at
     /// an earlier time than the one decided before it, and both would report the same remaining
     /// count.
-    pub fn admit(&self, op: Option<usize>, now: impl FnOnce() -> Duration) -> Verdict {
+    ///
+    /// `None` when a reload retired this slot: ask [`TeamSlot::current`].
+    pub fn admit(&self, op: Option<usize>, now: impl FnOnce() -> Duration) -> Option<Verdict> {
         let op_plan = op.and_then(|i| self.plan.ops.get(i));
         let mut st = lock(&self.state);
+        if self.successor.get().is_some() {
+            return None;
+        }
         let now = now();
         let now_ns = nanos(now);
         let (day, until_reset) = day_and_reset(now);
@@ -227,11 +298,11 @@ impl TeamSlot {
                 until_reset,
             }),
         };
-        Verdict {
+        Some(Verdict {
             status,
             retry_after,
             obs,
-        }
+        })
     }
 
     /// Gives back a memory concurrency lease.

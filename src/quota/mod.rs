@@ -64,6 +64,9 @@ mod gcra;
 mod memory;
 mod plan;
 mod redis_store;
+mod resolve;
+
+pub use resolve::TeamQuota;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
@@ -701,7 +704,7 @@ impl fmt::Debug for Admission {
 // ---------------------------------------------------------------------------------------------
 // The limiter
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct UpState {
     /// The start times (ns) of the last `count` slots, oldest first; never decreasing.
     starts: VecDeque<u64>,
@@ -758,11 +761,15 @@ impl Upstream {
 
 struct Inner {
     teams: HashMap<String, Arc<TeamSlot>>,
+    /// The limits the slots were built from, to tell on reload which changed.
+    limits: BTreeMap<String, TeamLimits>,
+    /// The namespace of Redis keys (also used to name the memory backend's plans).
+    prefix: String,
     on_backend_error: OnBackendError,
     clock: Arc<dyn Clock>,
     redis: Option<Arc<RedisStore>>,
-    upstream: Option<Upstream>,
-    allowed: AtomicU64,
+    upstream: Option<Arc<Upstream>>,
+    allowed: Arc<AtomicU64>,
 }
 
 /// The quota decisions of one gateway process. Cheap to clone; `Send + Sync`.
@@ -870,18 +877,22 @@ impl Quotas {
                 (name.clone(), Arc::new(TeamSlot::new(plan)))
             })
             .collect();
-        let upstream = settings.upstream.map(|budget| Upstream {
-            budget,
-            state: Mutex::new(UpState::default()),
+        let upstream = settings.upstream.map(|budget| {
+            Arc::new(Upstream {
+                budget,
+                state: Mutex::new(UpState::default()),
+            })
         });
         Quotas {
             inner: Arc::new(Inner {
                 teams,
+                limits: settings.teams,
+                prefix,
                 on_backend_error: settings.on_backend_error,
                 clock: options.clock,
                 redis,
                 upstream,
-                allowed: AtomicU64::new(0),
+                allowed: Arc::new(AtomicU64::new(0)),
             }),
         }
     }
@@ -889,12 +900,29 @@ impl Quotas {
     /// All checks for one request (team rate, concurrency and daily quota, operation rate and
     /// daily quota); spends in all of them or in none. A team without configured limits is admitted
     /// without headers.
+    ///
+    /// By name, for tools and tests; the gateway resolves its teams once ([`Quotas::resolve`])
+    /// and admits with [`Quotas::admit_team`].
     pub async fn admit(&self, team: &str, operation: &str) -> Result<Admission, Refusal> {
+        let resolved = self.resolve(team, &[operation]);
+        self.admit_team(&resolved, 0).await
+    }
+
+    async fn admit_slot(
+        &self,
+        slot: &Arc<TeamSlot>,
+        op: Option<usize>,
+    ) -> Result<Admission, Refusal> {
         let inner = &self.inner;
-        let Some(slot) = inner.teams.get(team) else {
-            return Ok(Admission::unlimited());
+        // A slot a reload replaced hands its decisions to its successor.
+        let current = slot.current();
+        let op = if Arc::ptr_eq(&current, slot) {
+            op
+        } else {
+            current.op_from(slot, op)
         };
-        let op = slot.plan.op(operation);
+        let slot = &current;
+        let op = op.and_then(|i| slot.plan.ops.get(i).map(|p| (i, p)));
         if !slot.plan.limits_anything(op.map(|(_, p)| p)) {
             return Ok(Admission::unlimited());
         }
@@ -936,11 +964,25 @@ impl Quotas {
         op: Option<(usize, &OpPlan)>,
         source: Source,
     ) -> Result<Admission, Refusal> {
+        // Retired by a reload between `current` and the decision: decided by its successor.
+        let mut slot = slot.clone();
+        let mut op_index = op.map(|(i, _)| i);
         let Verdict {
             status,
             retry_after,
             obs,
-        } = slot.admit(op.map(|(i, _)| i), || self.inner.clock.now());
+        } = loop {
+            match slot.admit(op_index, || self.inner.clock.now()) {
+                Some(v) => break v,
+                None => {
+                    let next = slot.current();
+                    op_index = next.op_from(&slot, op_index);
+                    slot = next;
+                }
+            }
+        };
+        let slot = &slot;
+        let op = op_index.and_then(|i| slot.plan.ops.get(i).map(|p| (i, p)));
         let headers = render(&slot.plan, op.map(|(_, p)| p), Some(&obs));
         if status != Status::Admitted {
             return Err(refusal(status, retry_after, headers));
