@@ -434,8 +434,7 @@ async fn shutdown_signal() {
     }
 }
 
-/// SIGHUP would end the process by default; reload is not built yet, so say so instead
-/// (`serve`, `dev` and `sandbox` alike).
+/// SIGHUP would end the process by default; the sandbox has nothing to reload, so it says so.
 fn ignore_sighup() {
     #[cfg(unix)]
     {
@@ -443,9 +442,25 @@ fn ignore_sighup() {
         if let Ok(mut hup) = signal(SignalKind::hangup()) {
             tokio::spawn(async move {
                 while hup.recv().await.is_some() {
-                    tracing::warn!(
-                        "SIGHUP received: configuration reload is not supported in this version; restart the gateway to apply changes"
-                    );
+                    tracing::warn!("SIGHUP received: the sandbox has no configuration to reload");
+                }
+            });
+        }
+    }
+}
+
+/// SIGHUP reloads the configuration (`serve` and `dev`); the outcome is logged and counted.
+fn reload_on_sighup(gateway: &std::sync::Arc<crate::gateway::Gateway>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut hup) = signal(SignalKind::hangup()) {
+            let gateway = std::sync::Arc::downgrade(gateway);
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    let Some(gw) = gateway.upgrade() else { break };
+                    tracing::info!("SIGHUP received: reloading the configuration");
+                    let _ = gw.reload().await;
                 }
             });
         }
@@ -453,13 +468,13 @@ fn ignore_sighup() {
 }
 
 async fn serve(cfg: Config) -> i32 {
-    ignore_sighup();
     match crate::server::start(cfg).await {
         Err(e) => {
             eprintln!("cannot start: {e}");
             1
         }
         Ok(running) => {
+            reload_on_sighup(&running.gateway);
             shutdown_signal().await;
             tracing::info!("shutting down: no new connections; waiting for in-flight requests");
             running.shutdown().await;
@@ -520,7 +535,6 @@ pub fn sandbox_options_for(cfg: &Config) -> SandboxOptions {
 }
 
 async fn dev(cfg: Config) -> i32 {
-    ignore_sighup();
     let up = &cfg.upstream.base_url;
     let Some(sandbox_addr) = up
         .authority()
@@ -560,6 +574,7 @@ async fn dev(cfg: Config) -> i32 {
             return 1;
         }
     };
+    reload_on_sighup(&running.gateway);
     if tokio::time::timeout(Duration::from_secs(15), running.wait_ready())
         .await
         .is_err()
@@ -569,15 +584,13 @@ async fn dev(cfg: Config) -> i32 {
             crate::admin::not_ready(&running.gateway)
         );
     }
-    let scheme = if running.gateway.config.listen.tls.is_some() {
+    let config = running.gateway.policy().config.clone();
+    let scheme = if config.listen.tls.is_some() {
         "https"
     } else {
         "http"
     };
-    let base = format!(
-        "{scheme}://{}{}",
-        running.addr, running.gateway.config.upstream.prefix
-    );
+    let base = format!("{scheme}://{}{}", running.addr, config.upstream.prefix);
     println!("greenhouse-gateway dev playground");
     println!(
         "  gateway  {scheme}://{}   (admin http://{}/metrics)",

@@ -59,6 +59,11 @@ struct TeamLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: String,
 }
@@ -83,6 +88,7 @@ struct Inner {
     inflight: Family<TeamLabels, Gauge>,
     audit_records: Counter,
     audit_errors: Counter,
+    config_reloads: Family<ResultLabels, Counter>,
 }
 
 /// Cheap to clone; shared by every request.
@@ -116,6 +122,12 @@ impl Metrics {
         let inflight = Family::<TeamLabels, Gauge>::default();
         let audit_records = Counter::default();
         let audit_errors = Counter::default();
+        let config_reloads = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "gateway_config_reloads",
+            "Configuration reloads, by result (success, invalid, restart_required)",
+            config_reloads.clone(),
+        );
         registry.register(
             "gateway_quota_rejections",
             "Requests refused by a quota, by team, operation and kind",
@@ -183,6 +195,7 @@ impl Metrics {
         );
         registry.register("gateway_build_info", "Build information", build_info);
         Metrics(Arc::new(Inner {
+            config_reloads,
             quota_rejections,
             quota_backend_allowed,
             validation_failures,
@@ -291,6 +304,16 @@ impl Metrics {
             .clone();
         g.inc();
         InflightGuard(g)
+    }
+
+    /// One reload attempt; `result` is `success`, `invalid` or `restart_required`.
+    pub fn config_reload(&self, result: &'static str) {
+        self.0
+            .config_reloads
+            .get_or_create(&ResultLabels {
+                result: result.into(),
+            })
+            .inc();
     }
 
     pub fn audit_written(&self) {

@@ -16,7 +16,7 @@
 //!    (an empty response: before its head is sent), into room reserved before forwarding, and a
 //!    caller that does not take it within `listen.response_write_timeout` is cut off
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Instant, SystemTime};
@@ -29,90 +29,46 @@ use hyper::body::Incoming;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use crate::audit::{
-    AuditError, AuditLog, AuditRecord, AuditReservation, Decision, OnError as AuditOnError,
-};
-use crate::auth::jwt::{AuthError, VerifiedToken, Verifier};
-use crate::auth::upstream::{UpstreamCredentials, ceil_secs, retry_after};
-use crate::config::Config;
+use crate::audit::{AuditError, AuditRecord, AuditReservation, Decision, OnError as AuditOnError};
+use crate::auth::jwt::{AuthError, VerifiedToken};
+use crate::auth::upstream::{ceil_secs, retry_after};
 use crate::error::{FieldProblem, GatewayError};
-use crate::http_client::HttpClient;
-use crate::metrics::Metrics;
-use crate::policy::{Team, ValidationMode, decide_on_behalf_of};
+use crate::gateway::{Gateway, Policy, Route, TeamPolicy};
+use crate::policy::{ValidationMode, decide_on_behalf_of};
 use crate::proxy::body::{Finished, ObservedBody, OnFinish};
 use crate::proxy::deadline::ResponseDeadline;
 use crate::proxy::{self, Outbound, encoding, target};
-use crate::quota::{NoSlot, Quotas, Refusal};
-use crate::spec::{Operation, RouteMatch};
-use crate::validate::{BodyError, QueryError, Validators};
+use crate::quota::{NoSlot, Refusal};
+use crate::validate::{BodyError, QueryError};
 
 /// The response body type of the gateway listener.
 pub type RespBody =
     http_body_util::combinators::UnsyncBoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
+/// Errors a request body may fail with (any body type the pipeline is driven with).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// The largest upstream response kept in memory for spec-drift checks and candidate ids; larger
 /// responses still stream through, unchecked.
 const RESPONSE_COPY_LIMIT: usize = 4 * 1024 * 1024;
 
-/// Everything a request needs, built once at start.
-pub struct Gateway {
-    pub config: Arc<Config>,
-    pub verifier: Verifier,
-    pub credentials: UpstreamCredentials,
-    pub quotas: Quotas,
-    pub validators: Arc<Validators>,
-    pub audit: AuditLog,
-    pub client: HttpClient,
-    pub metrics: Metrics,
-    upstream_host: HeaderValue,
-    /// `listen.max_requests_in_flight`: a permit per request, held until its response body ends.
-    in_flight: Arc<tokio::sync::Semaphore>,
-    body_budget: BodyBudget,
-}
+/// The connection's peer, set by the listener as a request extension. Without it (a request
+/// driven in-process), the peer is unknown and recorded as `0.0.0.0`.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerAddr(pub SocketAddr);
 
-/// The parts a [`Gateway`] is made of.
-pub struct Parts {
-    pub verifier: Verifier,
-    pub credentials: UpstreamCredentials,
-    pub quotas: Quotas,
-    pub audit: AuditLog,
-    pub client: HttpClient,
-    pub metrics: Metrics,
-}
-
-impl Gateway {
-    pub fn new(config: Arc<Config>, p: Parts) -> Self {
-        let host = config
-            .upstream
-            .base_url
-            .authority()
-            .map(|a| a.as_str().to_string())
-            .unwrap_or_default();
-        let upstream_host =
-            HeaderValue::from_str(&host).unwrap_or_else(|_| HeaderValue::from_static("localhost"));
-        Gateway {
-            body_budget: BodyBudget::new(config.limits.max_buffered_body_bytes),
-            validators: config.validators.clone(),
-            verifier: p.verifier,
-            credentials: p.credentials,
-            quotas: p.quotas,
-            audit: p.audit,
-            client: p.client,
-            metrics: p.metrics,
-            upstream_host,
-            in_flight: Arc::new(tokio::sync::Semaphore::new(
-                config.listen.max_requests_in_flight,
-            )),
-            config,
-        }
-    }
-}
+/// The request id chosen for a request before the pipeline runs (by [`crate::service`]), as a
+/// request extension, so that its span, its answer and its record carry the same one.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
 
 /// What the pipeline learned about a request: the audit record's fields, metrics labels and the
 /// rate-limit headers every response to a team carries.
 #[derive(Default)]
 struct Context {
     record: AuditRecord,
+    /// The caller's address (written into the record only when the record is written).
+    client_ip: Option<IpAddr>,
     ratelimit: Vec<(&'static str, String)>,
     validation: Vec<Value>,
     /// Room for the record in the audit reserve, taken before forwarding.
@@ -138,34 +94,57 @@ impl Context {
 /// A forwarded response, before its body is wrapped.
 struct Forwarded {
     response: Response<Incoming>,
-    /// The operation id (looked up again at the end: operations carry their schemas, too big to
-    /// clone per request).
-    op: String,
+    route: Arc<Route>,
     /// Held until the response body is finished: the concurrency lease, the in-flight gauge and
     /// the gateway-wide in-flight permit.
     guard: Box<dyn std::any::Any + Send>,
 }
 
-/// Handles one request on the gateway listener. Never fails: every outcome is a response.
-pub async fn handle(
-    gw: Arc<Gateway>,
-    req: Request<Incoming>,
-    peer: SocketAddr,
-) -> Response<RespBody> {
+/// Handles one request on the gateway listener. Never fails: every outcome is a response. The
+/// policy in force when it starts judges it to its end.
+pub async fn handle<B>(gw: Arc<Gateway>, req: Request<B>) -> Response<RespBody>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
     let started = Instant::now();
-    let request_id = request_id(req.headers());
+    let policy = gw.policy();
+    let peer = req
+        .extensions()
+        .get::<PeerAddr>()
+        .map_or(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)), |p| p.0);
     let mut ctx = Context::default();
-    ctx.record.request_id = request_id.clone();
+    ctx.record.request_id = match req.extensions().get::<RequestId>() {
+        Some(id) => id.0.clone(),
+        None => request_id(req.headers()),
+    };
     ctx.record.method = req.method().to_string();
-    ctx.record.client_addr = Some(client_addr(&gw.config, peer.ip(), req.headers()).to_string());
+    ctx.client_ip = Some(client_addr(&policy, peer.ip(), req.headers()));
     // The route is looked up once, here, so that even a request refused before routing (an
     // invalid token, say) is recorded by its route and the ids it names, never by raw URL.
-    let routed = route(&gw.config, &req);
-    let op = routed.as_ref().ok().copied();
-    let (cfg, uri) = (&gw.config, req.uri());
+    let routed = policy.route(req.method(), req.uri().path()).cloned();
+    note_target(&policy, &mut ctx, req.uri(), routed.as_ref().ok());
+    // 0. The gateway-wide bound on requests in flight, before any work is spent on this one.
+    let Ok(permit) = gw.runtime.in_flight.clone().try_acquire_owned() else {
+        let e = GatewayError::Overloaded {
+            what: "too many requests in flight",
+            retry_after_secs: 1,
+        };
+        return respond_error(&gw, ctx, e, started).await;
+    };
+    match decide_and_forward(&gw, &policy, req, routed, peer, &mut ctx, permit).await {
+        Ok(fwd) => respond_forwarded(gw, policy, ctx, fwd, started).await,
+        Err(e) => respond_error(&gw, ctx, e, started).await,
+    }
+}
+
+/// The record's path (the route's template, never a value from the URL) and the ids the query
+/// names.
+fn note_target(policy: &Policy, ctx: &mut Context, uri: &http::Uri, route: Option<&Arc<Route>>) {
+    let op = route.map(|r| &r.op);
     ctx.record.path = AuditRecord::sanitize_path(&target::audit_path(
-        &cfg.spec,
-        &cfg.upstream.prefix,
+        &policy.config.spec,
+        &policy.config.upstream.prefix,
         uri.path(),
         uri.query(),
         op,
@@ -175,18 +154,29 @@ pub async fn handle(
         ctx.record.candidate_ids = ids.candidate_ids;
         ctx.record.external_ids = ids.external_ids;
     }
-    // 0. The gateway-wide bound on requests in flight, before any work is spent on this one.
-    let Ok(permit) = gw.in_flight.clone().try_acquire_owned() else {
-        let e = GatewayError::Overloaded {
-            what: "too many requests in flight",
-            retry_after_secs: 1,
-        };
-        return respond_error(&gw, ctx, e, started).await;
-    };
-    match decide_and_forward(&gw, req, routed, peer, &request_id, &mut ctx, permit).await {
-        Ok(fwd) => respond_forwarded(gw, ctx, fwd, started).await,
-        Err(e) => respond_error(&gw, ctx, e, started).await,
+}
+
+/// The answer and record for a request whose handling panicked (see [`crate::service`]): 500
+/// `internal_error`, recorded with what was known before the pipeline ran.
+pub async fn respond_panicked(
+    gw: &Gateway,
+    request_id: String,
+    method: &http::Method,
+    uri: &http::Uri,
+    peer: Option<SocketAddr>,
+    started: Instant,
+) -> Response<RespBody> {
+    let policy = gw.policy();
+    let mut ctx = Context::default();
+    ctx.record.request_id = request_id;
+    ctx.record.method = method.to_string();
+    ctx.client_ip = peer.map(|p| p.ip());
+    let routed = policy.route(method, uri.path()).ok().cloned();
+    note_target(&policy, &mut ctx, uri, routed.as_ref());
+    if let Some(r) = &routed {
+        ctx.record.operation = Some(r.op.id.clone());
     }
+    respond_error(gw, ctx, GatewayError::Internal, started).await
 }
 
 /// The gateway's own answer: written to the audit trail before it is sent.
@@ -218,6 +208,7 @@ async fn respond_error(
 /// with an error (the connection or stream is reset before the last bytes).
 async fn respond_forwarded(
     gw: Arc<Gateway>,
+    policy: Arc<Policy>,
     mut ctx: Context,
     fwd: Forwarded,
     started: Instant,
@@ -232,14 +223,14 @@ async fn respond_forwarded(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
     {
-        gw.quotas.upstream_feedback(Some(remaining), None);
+        policy.quotas.upstream_feedback(Some(remaining), None);
     }
     let status = head.status.as_u16();
     // A body that stalls longer than the upstream timeout is cut off (and recorded incomplete).
-    let idle = gw.config.upstream.timeout;
-    let within = gw.config.listen.response_write_timeout;
+    let idle = policy.config.upstream.timeout;
+    let within = policy.config.listen.response_write_timeout;
     set_headers(&mut head.headers, &ctx);
-    let op_id = fwd.op;
+    let route = fwd.route;
     // The copy is read decoded; the caller gets the bytes as Greenhouse encoded them.
     let mut coding = http::HeaderMap::new();
     for v in head.headers.get_all(header::CONTENT_ENCODING) {
@@ -251,21 +242,22 @@ async fn respond_forwarded(
     let on_finish: OnFinish = Box::new(move |f: Finished| {
         Box::pin(async move {
             ctx.record.response_bytes = f.bytes;
-            let spec = gw.config.spec.clone();
-            if let (Some(raw), Some(op)) = (f.copy.filter(|_| f.complete), spec.operation(&op_id))
-                && let Some(copy) = decoded(&coding, &raw, op)
+            if let Some(raw) = f.copy.filter(|_| f.complete)
+                && let Some(copy) = decoded(&coding, &raw, &route.op)
             {
-                let drift = gw.validators.check_response(op, status, &copy);
+                let drift = route.validators.check_response(status, &copy);
                 if !drift.is_empty() {
-                    gw.metrics.spec_drift(&op.id);
-                    sample_drift(&op.id, &drift);
+                    gw.runtime.metrics.spec_drift(&route.op.id);
+                    sample_drift(&route.op.id, &drift);
                 }
                 // Greenhouse documents its answers only as "200-level": ids are taken from any
                 // 2xx answer of an operation that returns candidates.
-                if (200..300).contains(&status) && returns_candidates(op) {
+                if (200..300).contains(&status) && route.returns_candidates {
                     merge_candidate_ids(&mut ctx.record.candidate_ids, &copy);
                 }
             }
+            // The policy this request was judged under stays alive until its record is written.
+            drop(policy);
             if !f.complete {
                 ctx.record.code = Some(if expired_seen.load(Ordering::SeqCst) {
                     "response_write_timeout".into()
@@ -275,7 +267,9 @@ async fn respond_forwarded(
             }
             let written = finish_record(&gw, ctx, started).await;
             match written {
-                Err(e) if gw.audit.on_error() == AuditOnError::Reject => Err(Box::new(e).into()),
+                Err(e) if gw.runtime.audit.on_error() == AuditOnError::Reject => {
+                    Err(Box::new(e).into())
+                }
                 _ => Ok(()),
             }
         })
@@ -342,6 +336,7 @@ async fn respond_empty(
 /// metrics. With `fsync = "always"` this resolves only once the record is on disk.
 async fn finish_record(gw: &Gateway, mut ctx: Context, started: Instant) -> Result<(), AuditError> {
     ctx.record.duration_ms = started.elapsed().as_secs_f64() * 1000.0;
+    ctx.record.client_addr = ctx.client_ip.map(|ip| ip.to_string());
     if !ctx.validation.is_empty() {
         ctx.record.validation = Some(Value::Array(std::mem::take(&mut ctx.validation)));
     }
@@ -350,20 +345,21 @@ async fn finish_record(gw: &Gateway, mut ctx: Context, started: Instant) -> Resu
         .code
         .clone()
         .unwrap_or_else(|| "forwarded".to_string());
-    gw.metrics.request(
+    let rt = &gw.runtime;
+    rt.metrics.request(
         ctx.team(),
         ctx.operation(),
         &code,
         started.elapsed().as_secs_f64(),
     );
     let written = match ctx.reservation.take() {
-        Some(room) => gw.audit.write_reserved(ctx.record, room).await,
-        None => gw.audit.write(ctx.record).await,
+        Some(room) => rt.audit.write_reserved(ctx.record, room).await,
+        None => rt.audit.write(ctx.record).await,
     };
     match &written {
-        Ok(()) => gw.metrics.audit_written(),
+        Ok(()) => rt.metrics.audit_written(),
         Err(e) => {
-            gw.metrics.audit_error();
+            rt.metrics.audit_error();
             tracing::error!(error = %e, "audit record could not be written");
         }
     }
@@ -389,7 +385,7 @@ fn set_headers(h: &mut http::HeaderMap, ctx: &Context) {
 fn decoded<'a>(
     coding: &http::HeaderMap,
     raw: &'a [u8],
-    op: &Operation,
+    op: &crate::spec::Operation,
 ) -> Option<std::borrow::Cow<'a, [u8]>> {
     match encoding::decode(coding, raw, RESPONSE_COPY_LIMIT) {
         Ok(copy) => Some(copy),
@@ -419,20 +415,6 @@ fn sample_drift(operation: &str, problems: &[FieldProblem]) {
     }
 }
 
-/// Whether a documented success response is a candidate (or a list of them): its objects
-/// declare an `external_id`, which in the Partner API only candidates have. Read from the spec,
-/// so no path is named here.
-fn returns_candidates(op: &Operation) -> bool {
-    op.responses
-        .iter()
-        .filter(|(status, _)| status.starts_with('2'))
-        .filter_map(|(_, schema)| schema.as_ref())
-        .any(|schema| {
-            let object = schema.get("items").unwrap_or(schema);
-            object.pointer("/properties/external_id").is_some()
-        })
-}
-
 /// Candidate ids from a successful response: `id` of the object or of each array element.
 fn merge_candidate_ids(ids: &mut Vec<i64>, body: &[u8]) {
     let Ok(v) = serde_json::from_slice::<Value>(body) else {
@@ -451,46 +433,49 @@ fn merge_candidate_ids(ids: &mut Vec<i64>, body: &[u8]) {
     }
 }
 
-async fn decide_and_forward(
+async fn decide_and_forward<B>(
     gw: &Gateway,
-    req: Request<Incoming>,
-    routed: Result<&Operation, GatewayError>,
+    policy: &Policy,
+    req: Request<B>,
+    routed: Result<Arc<Route>, GatewayError>,
     peer: SocketAddr,
-    request_id: &str,
     ctx: &mut Context,
     permit: tokio::sync::OwnedSemaphorePermit,
-) -> Result<Forwarded, GatewayError> {
-    let cfg = &gw.config;
+) -> Result<Forwarded, GatewayError>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let cfg = &policy.config;
     // 1. Framing and target sanity; a declared body over the limit is refused before anything
     //    else, without reading it.
     check_target(&req)?;
     if let Some(len) = declared_length(&req)?
         && len > cfg.limits.max_body_bytes
     {
-        return Err(too_large(gw, routed.as_ref().ok().copied()));
+        return Err(too_large(policy, routed.as_deref().ok()));
     }
 
     // 2. Who is calling.
-    let token = authenticate(gw, &req, request_id).await?;
+    let token = authenticate(gw, policy, req.headers(), &ctx.record.request_id).await?;
     ctx.record.subject = token.subject.clone();
     ctx.record.issuer = Some(token.issuer.clone());
 
     // 3. Which operation (looked up in `handle`).
-    let op = routed?;
-    ctx.record.operation = Some(op.id.clone());
+    let route = routed?;
+    ctx.record.operation = Some(route.op.id.clone());
 
     // 4. Which team, may it call this, on whose behalf.
-    let team: &Team = cfg
-        .teams
-        .find(&token.claims)
+    let team: &TeamPolicy = policy
+        .team_for(&token.claims)
         .ok_or(GatewayError::UnknownTeam)?;
-    ctx.record.team = Some(team.name.clone());
-    ctx.record.credential = Some(team.credential.clone());
-    if !team.may_call(&op.id) {
+    ctx.record.team = Some(team.team.name.clone());
+    ctx.record.credential = Some(team.credential.name().to_string());
+    if !team.may_call(&route) {
         return Err(GatewayError::OperationNotAllowed);
     }
     let obo_headers: Vec<&HeaderValue> = req.headers().get_all("on-behalf-of").iter().collect();
-    let on_behalf_of = decide_on_behalf_of(&team.on_behalf_of, &obo_headers, &token.claims)
+    let on_behalf_of = decide_on_behalf_of(&team.team.on_behalf_of, &obo_headers, &token.claims)
         .map_err(GatewayError::OnBehalfOfNotAllowed)?;
     ctx.record.on_behalf_of = Some(on_behalf_of.clone());
 
@@ -499,7 +484,7 @@ async fn decide_and_forward(
     //    held until the body is dropped, after forwarding). These bytes are what is validated
     //    and what is forwarded.
     let (parts, body) = req.into_parts();
-    let mut reserved = gw.body_budget.reserve(
+    let mut reserved = gw.runtime.body_budget.reserve(
         http_body::Body::size_hint(&body).exact(),
         cfg.limits.max_body_bytes,
     )?;
@@ -510,55 +495,60 @@ async fn decide_and_forward(
     .await
     .map_err(|_| GatewayError::BodyTimeout)?
     .map_err(|e| match e {
-        GatewayError::PayloadTooLarge { .. } => too_large(gw, Some(op)),
+        GatewayError::PayloadTooLarge { .. } => too_large(policy, Some(&route)),
         other => other,
     })?;
     BodyBudget::shrink(&mut reserved, body.len() as u64);
 
     // 6. The team's quotas: all checks at once; a refusal spends nothing.
-    let admission = admit(gw, team, op, ctx).await?;
-    let inflight = gw.metrics.inflight(&team.name);
+    let admission = admit(gw, policy, team, &route, ctx).await?;
+    let inflight = gw.runtime.metrics.inflight(&team.team.name);
 
     // 7. Query and body against the spec.
-    let query = check_query(gw, team, op, parts.uri.query(), ctx)?;
-    check_body(gw, team, op, &parts, &body, ctx)?;
+    let query = check_query(gw, team, &route, parts.uri.query(), ctx)?;
+    check_body(gw, policy, team, &route, &parts, &body, ctx)?;
 
     // 8. Forward, unless the audit trail cannot record it: room for the record is reserved
     //    first, so the record of a forwarded request cannot fail for want of disk or queue.
-    if gw.audit.on_error() == AuditOnError::Reject {
-        if !gw.audit.healthy() {
+    let audit = &gw.runtime.audit;
+    if audit.on_error() == AuditOnError::Reject {
+        if !audit.healthy() {
             return Err(GatewayError::AuditUnavailable);
         }
-        let room = gw
-            .audit
+        let room = audit
             .reserve()
             .map_err(|_| GatewayError::AuditUnavailable)?;
         ctx.reservation = Some(room);
     } else {
-        ctx.reservation = gw.audit.reserve().ok();
+        ctx.reservation = audit.reserve().ok();
     }
+    let request_id = ctx.record.request_id.clone();
     let upstream = Upstream {
         gw,
+        policy,
         parts: &parts,
         query: query.as_deref(),
         body,
         on_behalf_of: &on_behalf_of,
-        request_id,
+        request_id: &request_id,
         peer,
     };
-    let authorization = gw.credentials.authorization(&team.credential).await?;
-    let mut resp = upstream.send(op, authorization.clone(), ctx).await?;
+    let credential = &team.credential;
+    let authorization = credential.authorization().await?;
+    let mut resp = upstream.send(&route, authorization.clone(), ctx).await?;
     if resp.status() == StatusCode::UNAUTHORIZED {
         drop(resp);
-        let fresh = gw
-            .credentials
-            .after_unauthorized(&team.credential, &authorization, &on_behalf_of)
+        let fresh = credential
+            .after_unauthorized(&authorization, &on_behalf_of)
             .await?;
-        resp = upstream.send(op, fresh.clone(), ctx).await?;
+        resp = upstream.send(&route, fresh.clone(), ctx).await?;
         if resp.status() == StatusCode::UNAUTHORIZED {
-            gw.credentials
-                .refused_after_replay(&team.credential, &fresh, &on_behalf_of);
-            tracing::error!(request_id, credential = %team.credential, "Greenhouse refused a fresh token (or the On-Behalf-Of user)");
+            credential.refused_after_replay(&fresh, &on_behalf_of);
+            tracing::error!(
+                request_id,
+                credential = credential.name(),
+                "Greenhouse refused a fresh token (or the On-Behalf-Of user)"
+            );
             return Err(GatewayError::UpstreamRejectedCredentials);
         }
     }
@@ -566,7 +556,7 @@ async fn decide_and_forward(
         // The budget is shared by every team: not this caller's fault, and nobody should call
         // Greenhouse with this credential until it says so.
         let wait = retry_after(resp.headers(), SystemTime::now());
-        gw.credentials.pause(&team.credential, wait);
+        credential.pause(wait);
         return Err(GatewayError::UpstreamRateLimited {
             retry_after_secs: ceil_secs(wait),
         });
@@ -575,14 +565,14 @@ async fn decide_and_forward(
     drop(reserved);
     Ok(Forwarded {
         response: resp,
-        op: op.id.clone(),
+        route,
         guard: Box::new((admission, inflight, permit)),
     })
 }
 
 /// Request body bytes buffered at once by the whole gateway (`limits.max_buffered_body_bytes`).
 /// Counted in KiB (rounded up), so that any budget fits the semaphore's permit count.
-struct BodyBudget {
+pub(crate) struct BodyBudget {
     kib: Arc<tokio::sync::Semaphore>,
 }
 
@@ -591,7 +581,7 @@ fn kib(bytes: u64) -> u64 {
 }
 
 impl BodyBudget {
-    fn new(bytes: u64) -> Self {
+    pub(crate) fn new(bytes: u64) -> Self {
         let permits = usize::try_from(kib(bytes))
             .unwrap_or(usize::MAX)
             .min(tokio::sync::Semaphore::MAX_PERMITS);
@@ -630,26 +620,27 @@ impl BodyBudget {
 
 async fn admit(
     gw: &Gateway,
-    team: &Team,
-    op: &Operation,
+    policy: &Policy,
+    team: &TeamPolicy,
+    route: &Route,
     ctx: &mut Context,
 ) -> Result<crate::quota::Admission, GatewayError> {
-    match gw.quotas.admit(&team.name, &op.id).await {
+    let metrics = &gw.runtime.metrics;
+    match policy.quotas.admit_team(&team.quota, route.index).await {
         Ok(a) => {
             ctx.ratelimit = a.headers.clone();
             ctx.record.quota = Some(json!({"decision": "admitted", "source": a.source()}));
             // Counted per event: copying the limiter's running total into the counter raced
             // between concurrent requests and could count twice.
             if a.source() == "allowed" {
-                gw.metrics.quota_backend_allowed();
+                metrics.quota_backend_allowed();
             }
             Ok(a)
         }
         Err(refusal) => {
             ctx.ratelimit = refusal.headers();
             ctx.record.quota = Some(json!({"decision": "refused", "kind": refusal.kind()}));
-            gw.metrics
-                .quota_rejection(&team.name, &op.id, refusal.kind());
+            metrics.quota_rejection(&team.team.name, &route.op.id, refusal.kind());
             Err(match refusal {
                 Refusal::RateLimited { retry_after, .. } => GatewayError::RateLimited {
                     retry_after_secs: ceil_secs(retry_after),
@@ -674,17 +665,21 @@ async fn admit(
 /// parameters (which are recorded instead).
 fn check_query(
     gw: &Gateway,
-    team: &Team,
-    op: &Operation,
+    team: &TeamPolicy,
+    route: &Route,
     raw: Option<&str>,
     ctx: &mut Context,
 ) -> Result<Option<String>, GatewayError> {
-    let report = team.validation == ValidationMode::Report;
-    match gw.validators.check_query(op, raw) {
+    let (op, name) = (&route.op, team.team.name.as_str());
+    let mode = team.team.validation;
+    let metrics = &gw.runtime.metrics;
+    match route.validators.check_query(raw) {
         Ok(()) => Ok(raw.map(str::to_string)),
-        Err(QueryError::Undeclared(names)) if !report => Err(GatewayError::UndeclaredQuery(names)),
+        Err(QueryError::Undeclared(names)) if mode == ValidationMode::Enforce => {
+            Err(GatewayError::UndeclaredQuery(names))
+        }
         Err(QueryError::Undeclared(names)) => {
-            gw.metrics.validation_failure(&team.name, &op.id, "report");
+            metrics.validation_failure(name, &op.id, "report");
             for n in &names {
                 ctx.validation.push(json!({"in": "query", "pointer": format!("/query/{n}"), "keyword": "undeclared"}));
             }
@@ -699,15 +694,14 @@ fn check_query(
                 .collect();
             // What is left may itself be malformed: recorded too, still forwarded.
             let kept = (!kept.is_empty()).then(|| kept.join("&"));
-            if let Err(QueryError::Invalid(p)) = gw.validators.check_query(op, kept.as_deref()) {
+            if let Err(QueryError::Invalid(p)) = route.validators.check_query(kept.as_deref()) {
                 ctx.note_problems("query", &p);
             }
             Ok(kept)
         }
         Err(QueryError::Invalid(problems)) => {
-            gw.metrics
-                .validation_failure(&team.name, &op.id, team.validation.as_str());
-            if report {
+            metrics.validation_failure(name, &op.id, mode.as_str());
+            if mode == ValidationMode::Report {
                 ctx.note_problems("query", &problems);
                 Ok(raw.map(str::to_string))
             } else {
@@ -721,8 +715,9 @@ fn check_query(
 /// modes (Greenhouse could do nothing with them); schema violations are recorded in report mode.
 fn check_body(
     gw: &Gateway,
-    team: &Team,
-    op: &Operation,
+    policy: &Policy,
+    team: &TeamPolicy,
+    route: &Route,
     parts: &http::request::Parts,
     body: &Bytes,
     ctx: &mut Context,
@@ -731,22 +726,24 @@ fn check_body(
     if !body.is_empty() {
         ctx.record.body_sha256 = Some(hex::encode(Sha256::digest(body)));
     }
-    if body.is_empty() && op.request_body.is_none() {
+    if body.is_empty() && route.op.request_body.is_none() {
         return Ok(());
     }
     let ct = parts.headers.get(header::CONTENT_TYPE);
-    match gw.validators.check_body(op, ct, body) {
+    match route.validators.check_body(ct, body) {
         Ok(facts) => {
             ctx.record.external_ids = facts.external_ids;
             Ok(())
         }
         Err(BodyError::UnsupportedMediaType) => Err(GatewayError::UnsupportedMediaType),
         Err(BodyError::InvalidJson(why)) => Err(GatewayError::InvalidJson(why)),
-        Err(BodyError::PayloadTooLarge) => Err(too_large(gw, Some(op))),
+        Err(BodyError::PayloadTooLarge) => Err(too_large(policy, Some(route))),
         Err(BodyError::Invalid(problems)) => {
-            gw.metrics
-                .validation_failure(&team.name, &op.id, team.validation.as_str());
-            if team.validation == ValidationMode::Report {
+            let mode = team.team.validation;
+            gw.runtime
+                .metrics
+                .validation_failure(&team.team.name, &route.op.id, mode.as_str());
+            if mode == ValidationMode::Report {
                 ctx.note_problems("body", &problems);
                 Ok(())
             } else {
@@ -758,17 +755,18 @@ fn check_body(
 
 /// 413 for this gateway's body limit, saying how large an attachment fits when the operation
 /// takes them.
-fn too_large(gw: &Gateway, op: Option<&Operation>) -> GatewayError {
+fn too_large(policy: &Policy, route: Option<&Route>) -> GatewayError {
     GatewayError::PayloadTooLarge {
-        limit: gw.config.limits.max_body_bytes,
-        attachments: op.is_some_and(|op| gw.validators.takes_attachments(op)),
+        limit: policy.config.limits.max_body_bytes,
+        attachments: route.is_some_and(|r| r.validators.takes_attachments()),
     }
 }
 
 /// The caller's address: the socket peer, or, when the peer is a trusted proxy, the nearest
 /// untrusted address in `X-Forwarded-For` (read right to left).
-fn client_addr(cfg: &Config, peer: IpAddr, headers: &http::HeaderMap) -> IpAddr {
-    let trusted = |ip: &IpAddr| cfg.listen.trusted_proxies.iter().any(|n| n.contains(ip));
+fn client_addr(policy: &Policy, peer: IpAddr, headers: &http::HeaderMap) -> IpAddr {
+    let proxies = &policy.config.listen.trusted_proxies;
+    let trusted = |ip: &IpAddr| proxies.iter().any(|n| n.contains(ip));
     if !trusted(&peer) {
         return peer;
     }
@@ -790,6 +788,7 @@ fn client_addr(cfg: &Config, peer: IpAddr, headers: &http::HeaderMap) -> IpAddr 
 /// One request's upstream call, repeatable with another credential.
 struct Upstream<'a> {
     gw: &'a Gateway,
+    policy: &'a Policy,
     parts: &'a http::request::Parts,
     query: Option<&'a str>,
     body: Bytes,
@@ -801,47 +800,38 @@ struct Upstream<'a> {
 impl Upstream<'_> {
     async fn send(
         &self,
-        op: &Operation,
+        route: &Route,
         authorization: HeaderValue,
         ctx: &mut Context,
     ) -> Result<Response<Incoming>, GatewayError> {
-        let cfg = &self.gw.config;
+        let (policy, rt) = (self.policy, &self.gw.runtime);
+        let op = &route.op;
         // The account's budget at Greenhouse, shared by every team and replica.
-        self.gw
-            .quotas
-            .upstream_slot()
-            .await
-            .map_err(|no| match no {
-                NoSlot::Later(wait) => GatewayError::UpstreamRateLimited {
-                    retry_after_secs: ceil_secs(wait),
-                },
-                NoSlot::BackendUnavailable => {
-                    self.gw
-                        .metrics
-                        .quota_rejection(ctx.team(), &op.id, "backend");
-                    GatewayError::QuotaBackendUnavailable
-                }
-            })?;
+        policy.quotas.upstream_slot().await.map_err(|no| match no {
+            NoSlot::Later(wait) => GatewayError::UpstreamRateLimited {
+                retry_after_secs: ceil_secs(wait),
+            },
+            NoSlot::BackendUnavailable => {
+                rt.metrics.quota_rejection(ctx.team(), &op.id, "backend");
+                GatewayError::QuotaBackendUnavailable
+            }
+        })?;
         let headers = proxy::upstream_headers(
             &self.parts.headers,
             Outbound {
-                upstream_host: &self.gw.upstream_host,
+                upstream_host: &policy.upstream_host,
                 authorization,
                 on_behalf_of: self.on_behalf_of,
                 request_id: self.request_id,
-                client_ip: ctx
-                    .record
-                    .client_addr
-                    .as_deref()
-                    .and_then(|a| a.parse().ok())
-                    .unwrap_or(self.peer.ip()),
+                client_ip: ctx.client_ip.unwrap_or(self.peer.ip()),
             },
         )?;
+        let cfg = &policy.config;
         let uri = proxy::upstream_uri(&cfg.upstream.base_url, self.parts.uri.path(), self.query)?;
         ctx.record.decision = Decision::Forwarded;
         let sent = Instant::now();
         let result = proxy::send(
-            &self.gw.client,
+            &rt.client,
             self.parts.method.clone(),
             uri,
             headers,
@@ -850,7 +840,7 @@ impl Upstream<'_> {
         )
         .await;
         let took = sent.elapsed();
-        self.gw.metrics.upstream(&op.id, took.as_secs_f64());
+        rt.metrics.upstream(&op.id, took.as_secs_f64());
         ctx.record.upstream_duration_ms =
             Some(ctx.record.upstream_duration_ms.unwrap_or(0.0) + took.as_secs_f64() * 1000.0);
         if let Ok(r) = &result {
@@ -861,7 +851,7 @@ impl Upstream<'_> {
 }
 
 /// A caller's `X-Request-Id` is kept when it is 1 to 128 characters of `A-Z a-z 0-9 . _ -`.
-fn request_id(headers: &http::HeaderMap) -> String {
+pub fn request_id(headers: &http::HeaderMap) -> String {
     let mut given = headers.get_all("x-request-id").iter();
     if let (Some(v), None) = (given.next(), given.next())
         && let Ok(s) = v.to_str()
@@ -883,7 +873,7 @@ pub fn new_request_id() -> String {
     format!("{ms:012x}{:016x}", rand::random::<u64>())
 }
 
-fn check_target(req: &Request<Incoming>) -> Result<(), GatewayError> {
+fn check_target<B>(req: &Request<B>) -> Result<(), GatewayError> {
     if req.method() == http::Method::CONNECT {
         return Err(GatewayError::BadRequest(
             "authority-form request targets are not accepted",
@@ -920,7 +910,7 @@ fn check_target(req: &Request<Incoming>) -> Result<(), GatewayError> {
     Ok(())
 }
 
-fn declared_length(req: &Request<Incoming>) -> Result<Option<u64>, GatewayError> {
+fn declared_length<B>(req: &Request<B>) -> Result<Option<u64>, GatewayError> {
     let mut values = req.headers().get_all(header::CONTENT_LENGTH).iter();
     match (values.next(), values.next()) {
         (None, _) => Ok(None),
@@ -938,10 +928,11 @@ fn declared_length(req: &Request<Incoming>) -> Result<Option<u64>, GatewayError>
 
 async fn authenticate(
     gw: &Gateway,
-    req: &Request<Incoming>,
+    policy: &Policy,
+    headers: &http::HeaderMap,
     request_id: &str,
 ) -> Result<Arc<VerifiedToken>, GatewayError> {
-    let mut values = req.headers().get_all(header::AUTHORIZATION).iter();
+    let mut values = headers.get_all(header::AUTHORIZATION).iter();
     let value = match (values.next(), values.next()) {
         (None, _) => return Err(GatewayError::MissingToken),
         (Some(v), None) => v,
@@ -952,11 +943,11 @@ async fn authenticate(
         }
     };
     let token = bearer_token(value)?;
-    let verified = gw.verifier.verify_detailed(token).await;
+    let verified = policy.verifier.verify_detailed(token).await;
     verified.map_err(|r| match r.error {
         AuthError::JwksUnavailable => GatewayError::JwksUnavailable,
         AuthError::Invalid(reason) => {
-            gw.metrics.jwt_rejection(reason.as_str());
+            gw.runtime.metrics.jwt_rejection(reason.as_str());
             // `alg` is a known name or a short alphanumeric value, `issuer` a configured one.
             tracing::info!(
                 request_id,
@@ -1008,20 +999,11 @@ fn reason_text(r: crate::auth::jwt::RejectReason) -> &'static str {
     }
 }
 
-fn route<'a>(cfg: &'a Config, req: &Request<Incoming>) -> Result<&'a Operation, GatewayError> {
-    let path = req.uri().path();
-    let rest = path
-        .strip_prefix(cfg.upstream.prefix.as_str())
-        .filter(|r| r.starts_with('/'))
-        .ok_or(GatewayError::RouteNotFound)?;
-    match cfg.spec.route(req.method(), rest) {
-        RouteMatch::Found(op) => Ok(op),
-        RouteMatch::MethodNotAllowed(allow) => Err(GatewayError::MethodNotAllowed { allow }),
-        RouteMatch::NotFound => Err(GatewayError::RouteNotFound),
-    }
-}
-
-async fn read_body(body: Incoming, limit: u64) -> Result<Bytes, GatewayError> {
+async fn read_body<B>(body: B, limit: u64) -> Result<Bytes, GatewayError>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
     let limit = usize::try_from(limit).unwrap_or(usize::MAX);
     match Limited::new(body, limit).collect().await {
         Ok(c) => Ok(c.to_bytes()),

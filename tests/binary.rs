@@ -70,17 +70,23 @@ async fn serve_on_sigterm_finishes_the_in_flight_request_and_exits_0() {
         1,
         "the request did not reach the upstream"
     );
-    // A SIGHUP (reload is not built yet) must not end the process.
+    // A SIGHUP reloads the configuration (unchanged here) while the request is in flight; the
+    // process keeps running and the request finishes.
     let hup = Command::new("kill")
         .args(["-HUP", &served.child.id().to_string()])
         .status()
         .unwrap();
     assert!(hup.success());
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        generation(&client, &admin, 2).await,
+        2,
+        "SIGHUP did not reload"
+    );
     assert!(
         served.child.try_wait().unwrap().is_none(),
         "SIGHUP ended the gateway"
     );
+    assert!(served.log_text().contains("configuration reloaded"));
     let killed = Command::new("kill")
         .args(["-TERM", &served.child.id().to_string()])
         .status()
@@ -120,6 +126,27 @@ async fn serve_on_sigterm_finishes_the_in_flight_request_and_exits_0() {
     );
 }
 
+/// Polls `/admin/teams` until the policy generation reaches `want` (or 5 s pass); the last seen.
+async fn generation(client: &TestClient, admin: &str, want: u64) -> u64 {
+    let mut seen = 0;
+    for _ in 0..200 {
+        let r = client
+            .send(
+                Method::GET,
+                &format!("http://{admin}/admin/teams"),
+                &[],
+                Bytes::new(),
+            )
+            .await;
+        seen = r.json()["generation"].as_u64().unwrap_or(0);
+        if seen >= want {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    seen
+}
+
 /// The shipped playground config, moved to free ports in a temporary copy of `policies/`.
 fn playground_copy() -> (tempfile::TempDir, [u16; 3]) {
     let dir = tempfile::tempdir().unwrap();
@@ -149,6 +176,90 @@ fn playground_copy() -> (tempfile::TempDir, [u16; 3]) {
         .unwrap();
     }
     (dir, ports)
+}
+
+/// The platform engineer's loop in the playground: edit a team's quota, `check`, SIGHUP, and the
+/// next request is judged by the new limit while what was counted stays counted.
+#[tokio::test]
+async fn dev_applies_an_edited_quota_on_sighup_keeping_what_was_counted() {
+    use std::io::{BufRead, BufReader};
+    let (dir, ports) = playground_copy();
+    let mut child = Command::new(support::binary())
+        .args(["dev", "--config"])
+        .arg(dir.path().join("gateway.toml"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut token = None;
+    while let Ok(line) = rx.recv_timeout(Duration::from_secs(30)) {
+        if let Some(rest) = line.strip_prefix("export AGENCY_TOKEN='") {
+            token = rest.strip_suffix('\'').map(str::to_string);
+        }
+        if line.starts_with("Ctrl-C") {
+            break;
+        }
+    }
+    let token = token.expect("dev printed the agency token");
+    let client = TestClient::new();
+    let create = |n: u32| {
+        let (client, token) = (client.clone(), token.clone());
+        let url = format!("http://127.0.0.1:{}/v1/partner/candidates", ports[0]);
+        async move {
+            let body = serde_json::json!({"first_name": "Ada", "last_name": "Example", "external_id": format!("ext-{n}")});
+            client
+                .send(
+                    Method::POST,
+                    &url,
+                    &[
+                        ("authorization", &format!("Bearer {token}")),
+                        ("content-type", "application/json"),
+                    ],
+                    Bytes::from(body.to_string()),
+                )
+                .await
+        }
+    };
+    for n in 0..2 {
+        let r = create(n).await;
+        assert!(r.status.is_success(), "{} {}", r.status, r.text());
+    }
+    // createPartnerCandidate: 500 a day -> 3 a day; two are already counted.
+    let team = dir.path().join("teams/agency.toml");
+    let text = std::fs::read_to_string(&team).unwrap();
+    assert!(text.contains("daily = 500"));
+    std::fs::write(&team, text.replace("daily = 500", "daily = 3")).unwrap();
+    let check = Command::new(support::binary())
+        .args(["check", "--config"])
+        .arg(dir.path().join("gateway.toml"))
+        .output()
+        .unwrap();
+    assert!(check.status.success());
+    let hup = Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    let admin = format!("127.0.0.1:{}", ports[2]);
+    assert_eq!(
+        generation(&client, &admin, 2).await,
+        2,
+        "SIGHUP did not reload"
+    );
+    let third = create(2).await;
+    assert!(third.status.is_success(), "{}", third.text());
+    let fourth = create(3).await;
+    assert_eq!(fourth.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(fourth.code(), "daily_quota_exhausted");
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 #[tokio::test]

@@ -596,7 +596,7 @@ fn hostile_tokens(h: &Harness, jku: &str) -> Vec<Hostile> {
 
 /// Counts of `gateway_jwt_rejections_total` by reason.
 fn rejections(h: &Harness) -> std::collections::BTreeMap<String, u64> {
-    let text = h.gateway.gateway.metrics.render();
+    let text = h.gateway.gateway.runtime.metrics.render();
     text.lines()
         .filter_map(|l| l.strip_prefix("gateway_jwt_rejections_total{reason=\""))
         .filter_map(|l| {
@@ -897,7 +897,7 @@ async fn random_kid_flood_is_all_401_with_at_most_one_jwks_fetch_and_no_signatur
         })
         .collect();
     let fetches_before = h.sandbox.jwks_requests();
-    let checks_before = h.gateway.gateway.verifier.signature_checks();
+    let checks_before = h.gateway.gateway.policy().verifier.signature_checks();
     let replies =
         futures_util::future::join_all(tokens.iter().map(|t| h.get("/v1/partner/jobs", t))).await;
     for (i, (r, t)) in replies.iter().zip(&tokens).enumerate() {
@@ -910,7 +910,7 @@ async fn random_kid_flood_is_all_401_with_at_most_one_jwks_fetch_and_no_signatur
     let grew = h.sandbox.jwks_requests() - fetches_before;
     assert!(grew <= 1, "30 random kids caused {grew} JWKS fetches");
     assert_eq!(
-        h.gateway.gateway.verifier.signature_checks(),
+        h.gateway.gateway.policy().verifier.signature_checks(),
         checks_before,
         "unknown kids must not reach signature checks"
     );
@@ -1060,6 +1060,7 @@ async fn issuer_that_never_had_keys_gives_503_jwks_unavailable_and_readyz_names_
     assert!(
         !h.gateway
             .gateway
+            .policy()
             .verifier
             .not_ready()
             .iter()
@@ -1106,7 +1107,7 @@ async fn withdrawn_key_stops_working_through_the_verified_token_cache_at_the_nex
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     let r = h.get("/v1/partner/jobs", &token).await;
     assert_eq!(r.status, StatusCode::OK, "cached: {}", r.text());
-    let checks = h.gateway.gateway.verifier.signature_checks();
+    let checks = h.gateway.gateway.policy().verifier.signature_checks();
 
     // The provider withdraws the key; a token under its new key makes the gateway refresh.
     h.sandbox.rotate_signing_key(false);
@@ -1114,7 +1115,7 @@ async fn withdrawn_key_stops_working_through_the_verified_token_cache_at_the_nex
     let r = h.get("/v1/partner/jobs", &h.sourcing_token()).await;
     assert_eq!(r.status, StatusCode::OK, "new-key token: {}", r.text());
     assert_eq!(h.sandbox.jwks_requests(), before + 1, "the refresh");
-    assert!(h.gateway.gateway.verifier.signature_checks() > checks);
+    assert!(h.gateway.gateway.policy().verifier.signature_checks() > checks);
 
     let r = h.get("/v1/partner/jobs", &token).await;
     assert_invalid_token(

@@ -8,17 +8,11 @@ use http::{Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
 
-use crate::pipeline::Gateway;
+use crate::gateway::Gateway;
 
 /// Reasons the gateway is not ready; empty when it is.
 pub fn not_ready(gw: &Gateway) -> Vec<String> {
-    let mut out = gw.verifier.not_ready();
-    out.extend(gw.credentials.not_ready());
-    out.extend(gw.quotas.not_ready());
-    if !gw.audit.healthy() {
-        out.push("audit: the audit trail cannot be written".to_string());
-    }
-    out
+    gw.not_ready()
 }
 
 fn text(
@@ -40,7 +34,8 @@ fn text(
 }
 
 fn authorized(gw: &Gateway, req: &Request<Incoming>) -> bool {
-    let Some(token) = &gw.config.admin.token else {
+    let policy = gw.policy();
+    let Some(token) = &policy.config.admin.token else {
         return true;
     };
     let expected = format!("Bearer {}", token.expose());
@@ -56,8 +51,9 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 /// Each team's policy and live quota usage.
 fn teams_json(gw: &Gateway) -> serde_json::Value {
-    let usage = gw.quotas.snapshot();
-    let teams: Vec<serde_json::Value> = gw
+    let policy = gw.policy();
+    let usage = policy.quotas.snapshot();
+    let teams: Vec<serde_json::Value> = policy
         .config
         .teams
         .iter()
@@ -77,10 +73,13 @@ fn teams_json(gw: &Gateway) -> serde_json::Value {
             })
         })
         .collect();
-    serde_json::json!({"teams": teams, "quota_backend": usage.get("backend").cloned().unwrap_or_default(), "upstream_budget": usage.get("upstream").cloned().unwrap_or_default()})
+    serde_json::json!({"generation": policy.generation, "teams": teams, "quota_backend": usage.get("backend").cloned().unwrap_or_default(), "upstream_budget": usage.get("upstream").cloned().unwrap_or_default()})
 }
 
 pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.uri().path() == "/admin/reload" {
+        return reload(&gw, &req).await;
+    }
     if req.method() != http::Method::GET {
         return text(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -104,7 +103,7 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Full<B
         "/metrics" if authorized(&gw, &req) => text(
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            gw.metrics.render(),
+            gw.runtime.metrics.render(),
         ),
         "/metrics" => text(
             StatusCode::UNAUTHORIZED,
@@ -122,5 +121,44 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Full<B
             "admin token required\n",
         ),
         _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
+    }
+}
+
+/// `POST /admin/reload`: the same as SIGHUP, answered with the outcome: 200 with the new
+/// generation, or 422 with every problem (the running configuration stays in force).
+async fn reload(gw: &Gateway, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != http::Method::POST {
+        let mut r = text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "use POST /admin/reload\n",
+        );
+        r.headers_mut()
+            .insert(header::ALLOW, http::HeaderValue::from_static("POST"));
+        return r;
+    }
+    if !authorized(gw, req) {
+        return text(
+            StatusCode::UNAUTHORIZED,
+            "text/plain",
+            "admin token required\n",
+        );
+    }
+    match gw.reload().await {
+        Ok(generation) => text(
+            StatusCode::OK,
+            "application/json",
+            serde_json::json!({"result": "success", "generation": generation}).to_string(),
+        ),
+        Err(e) => text(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "application/json",
+            serde_json::json!({
+                "result": e.result(),
+                "generation": gw.policy().generation,
+                "problems": e.problems(),
+            })
+            .to_string(),
+        ),
     }
 }

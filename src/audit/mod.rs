@@ -164,7 +164,7 @@ pub enum OnError {
 }
 
 /// The validated `[audit]` section.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct AuditSettings {
     /// The current file; rotated files sit next to it.
     pub path: PathBuf,

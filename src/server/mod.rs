@@ -16,13 +16,18 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
+use arc_swap::ArcSwap;
+
 use crate::admin;
 use crate::auth::jwt::Verifier;
 use crate::auth::upstream::UpstreamCredentials;
 use crate::config::Config;
+use crate::gateway::{Gateway, Policy, Runtime};
 use crate::http_client::build_client;
 use crate::metrics::Metrics;
-use crate::pipeline::{self, Gateway};
+use crate::pipeline::{BodyBudget, PeerAddr};
+
+pub use tls::acceptor as tls_acceptor;
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +43,8 @@ pub enum StartError {
     Client(#[from] crate::http_client::ClientBuildError),
     #[error("audit log: {0}")]
     Audit(#[from] crate::audit::AuditError),
+    #[error("policy: {}", .0.join("; "))]
+    Policy(Vec<String>),
 }
 
 /// A running gateway. Dropping it does not stop it; call [`Running::shutdown`].
@@ -59,21 +66,22 @@ impl Running {
         }
         // Records of responses that just finished may still be on their way to the writer.
         tokio::task::yield_now().await;
-        self.gateway.audit.shutdown().await;
+        self.gateway.runtime.audit.shutdown().await;
     }
 
     /// Resolves once every issuer has keys and every credential a token (or never, if that never
     /// happens: callers bound it with a timeout).
     pub async fn wait_ready(&self) {
-        while !admin::not_ready(&self.gateway).is_empty() {
+        while !self.gateway.not_ready().is_empty() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 }
 
-/// Binds both listeners and starts serving. Keys and tokens are fetched in the background; until
-/// they are there, requests that need them get 503 with the matching code.
-pub async fn start(config: Config) -> Result<Running, StartError> {
+/// The gateway for a configuration, without listeners (drive it with [`crate::service`], or
+/// [`start`] it). Keys and tokens are fetched in the background; until they are there, requests
+/// that need them get 503 with the matching code.
+pub async fn build(config: Config) -> Result<Arc<Gateway>, StartError> {
     let config = Arc::new(config);
     let client = build_client(
         config.upstream.ca_file.as_deref(),
@@ -85,22 +93,40 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         UpstreamCredentials::new(&config.credentials, client.clone(), metrics.clone());
     let audit = crate::audit::AuditLog::open(config.audit.clone())?;
     let quotas = crate::quota::Quotas::new(config.quota.clone()).await;
-    let gateway = Arc::new(Gateway::new(
-        config.clone(),
-        pipeline::Parts {
-            verifier: verifier.clone(),
-            credentials: credentials.clone(),
-            quotas,
-            audit,
-            client,
-            metrics,
-        },
-    ));
-
     let tls = match &config.listen.tls {
-        Some(t) => Some(tls::acceptor(t).map_err(StartError::Tls)?),
+        Some(t) => Some(Arc::new(ArcSwap::from_pointee(
+            tls::acceptor(t).map_err(StartError::Tls)?,
+        ))),
         None => None,
     };
+    let runtime = Runtime {
+        client,
+        metrics,
+        audit,
+        in_flight: Arc::new(Semaphore::new(config.listen.max_requests_in_flight)),
+        body_budget: BodyBudget::new(config.limits.max_buffered_body_bytes),
+        tls: tls.clone(),
+    };
+    let policy = Policy::build(
+        config.clone(),
+        1,
+        verifier.clone(),
+        credentials.clone(),
+        quotas,
+    )
+    .map_err(StartError::Policy)?;
+    let gateway = Arc::new(Gateway::new(runtime, policy));
+    tokio::spawn(async move { verifier.start().await });
+    tokio::spawn(async move { credentials.start().await });
+    Ok(gateway)
+}
+
+/// Binds both listeners and starts serving (see [`build`]).
+pub async fn start(config: Config) -> Result<Running, StartError> {
+    let gateway = build(config).await?;
+    let config = gateway.policy().config.clone();
+    let tls = gateway.runtime.tls.clone();
+
     let listener = TcpListener::bind(config.listen.addr)
         .await
         .map_err(|source| StartError::Bind {
@@ -124,18 +150,18 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             source,
         })?;
 
-    tokio::spawn(async move { verifier.start().await });
-    tokio::spawn(async move { credentials.start().await });
-
     check_file_limit(&config.listen);
     let (stop, stop_rx) = watch::channel(false);
-    let gw = gateway.clone();
+    let service = crate::service::gateway_service(gateway.clone());
     let main_task = tokio::spawn(serve(
         listener,
         tls,
         Bounds::gateway(&config.listen),
         stop_rx.clone(),
-        move |req, peer| pipeline::handle(gw.clone(), req, peer),
+        move |mut req: http::Request<hyper::body::Incoming>, peer| {
+            req.extensions_mut().insert(PeerAddr(peer));
+            tower::ServiceExt::oneshot(service.clone(), req)
+        },
     ));
     let gw = gateway.clone();
     let admin_task = tokio::spawn(serve(
@@ -143,7 +169,10 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         None,
         Bounds::admin(&config.listen),
         stop_rx,
-        move |req, _peer| admin::handle(gw.clone(), req),
+        move |req, _peer| {
+            let gw = gw.clone();
+            async move { Ok(admin::handle(gw, req).await) }
+        },
     ));
     tracing::info!(%addr, %admin_addr, tls = config.listen.tls.is_some(), "gateway listening");
     Ok(Running {
@@ -217,13 +246,13 @@ fn check_file_limit(listen: &crate::config::Listen) {
 /// until one closes.
 async fn serve<F, Fut, B>(
     listener: TcpListener,
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    tls: Option<Arc<ArcSwap<tokio_rustls::TlsAcceptor>>>,
     bounds: Bounds,
     mut stop: watch::Receiver<bool>,
     handler: F,
 ) where
     F: Fn(http::Request<hyper::body::Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = http::Response<B>> + Send + 'static,
+    Fut: Future<Output = Result<http::Response<B>, std::convert::Infallible>> + Send + 'static,
     B: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
@@ -287,7 +316,7 @@ async fn serve<F, Fut, B>(
             let h = handler.clone();
             let guard = service_state.request_started();
             async move {
-                let resp = h(req, peer).await;
+                let Ok(resp) = h(req, peer).await;
                 Ok::<_, std::convert::Infallible>(resp.map(|b| conn::GuardedBody::new(b, guard)))
             }
         });
@@ -305,7 +334,9 @@ async fn serve<F, Fut, B>(
                 });
             }
             Some(acceptor) => {
-                let acceptor = acceptor.clone();
+                // The certificate in force when the connection is accepted (a reload replaces it
+                // for the connections after).
+                let acceptor = acceptor.load_full();
                 connections.spawn(async move {
                     let _slot = slot;
                     // The handshake counts against the deadline for the first request head.

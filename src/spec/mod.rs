@@ -84,7 +84,11 @@ enum Segment {
 /// The result of looking a request up.
 #[derive(Debug)]
 pub enum RouteMatch<'a> {
-    Found(&'a Operation),
+    /// The operation and its position in [`Spec::operations`].
+    Found {
+        index: usize,
+        op: &'a Operation,
+    },
     MethodNotAllowed(Vec<Method>),
     NotFound,
 }
@@ -214,12 +218,12 @@ impl Spec {
     pub fn route(&self, method: &Method, path: &str) -> RouteMatch<'_> {
         let parts: Vec<&str> = path.strip_prefix('/').unwrap_or(path).split('/').collect();
         let mut allow = Vec::new();
-        for op in &self.operations {
+        for (index, op) in self.operations.iter().enumerate() {
             if !op.fits(&parts) {
                 continue;
             }
             if op.method == *method {
-                return RouteMatch::Found(op);
+                return RouteMatch::Found { index, op };
             }
             allow.push(op.method.clone());
         }
@@ -477,7 +481,7 @@ mod tests {
     fn route_finds_operation_405_lists_allowed_and_404_for_unknown() {
         let spec = seed();
         assert!(
-            matches!(spec.route(&Method::POST, "/candidates"), RouteMatch::Found(o) if o.id == "createPartnerCandidate")
+            matches!(spec.route(&Method::POST, "/candidates"), RouteMatch::Found { op: o, .. } if o.id == "createPartnerCandidate")
         );
         match spec.route(&Method::DELETE, "/candidates") {
             RouteMatch::MethodNotAllowed(allow) => {

@@ -17,6 +17,7 @@
 use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::sync::Arc;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -122,7 +123,7 @@ pub mod reason {
 
 /// The validators of every operation of a spec.
 pub struct Validators {
-    ops: HashMap<String, OpValidators>,
+    ops: HashMap<String, Arc<OpValidators>>,
     opts: ValidationOptions,
 }
 
@@ -141,12 +142,15 @@ const _: fn() = || {
     assert_send_sync::<Validators>();
 };
 
-struct OpValidators {
+/// One operation's compiled validators (what a route carries).
+#[derive(Default)]
+pub struct OpValidators {
     /// `None` when the operation declares no request body.
     body: Option<BodyValidators>,
     query: Vec<QueryParam>,
     /// Status key as written in the spec (`200`, `2XX`, `default`) to its schema, if any.
     responses: Vec<(String, Option<Compiled>)>,
+    opts: ValidationOptions,
 }
 
 struct BodyValidators {
@@ -256,11 +260,12 @@ impl Validators {
             }
             ops.insert(
                 op.id.clone(),
-                OpValidators {
+                Arc::new(OpValidators {
                     body,
                     query,
                     responses,
-                },
+                    opts,
+                }),
             );
         }
         if problems.is_empty() {
@@ -274,15 +279,59 @@ impl Validators {
         self.opts
     }
 
+    /// Every operation's validators, by operation id (resolved into routes once, at load).
+    pub fn per_operation(&self) -> HashMap<String, Arc<OpValidators>> {
+        self.ops.clone()
+    }
+
+    /// The validators of `op` (by id; for tools and tests: the gateway resolves them at load).
+    pub fn operation(&self, op: &Operation) -> Option<&OpValidators> {
+        self.ops.get(&op.id).map(|v| &**v)
+    }
+
+    /// [`OpValidators::check_query`] for `op`.
+    pub fn check_query(&self, op: &Operation, raw_query: Option<&str>) -> Result<(), QueryError> {
+        match self.operation(op) {
+            Some(ov) => ov.check_query(raw_query),
+            None => Err(QueryError::Invalid(vec![no_validator("/query")])),
+        }
+    }
+
+    /// [`OpValidators::takes_attachments`] for `op`.
+    pub fn takes_attachments(&self, op: &Operation) -> bool {
+        self.operation(op)
+            .is_some_and(OpValidators::takes_attachments)
+    }
+
+    /// [`OpValidators::check_body`] for `op`.
+    pub fn check_body(
+        &self,
+        op: &Operation,
+        content_type: Option<&HeaderValue>,
+        body: &[u8],
+    ) -> Result<BodyFacts, BodyError> {
+        match self.operation(op) {
+            Some(ov) => ov.check_body(content_type, body),
+            None => Err(BodyError::Invalid(vec![no_validator("")])),
+        }
+    }
+
+    /// [`OpValidators::check_response`] for `op`.
+    pub fn check_response(&self, op: &Operation, status: u16, body: &[u8]) -> Vec<FieldProblem> {
+        self.operation(op)
+            .map(|ov| ov.check_response(status, body))
+            .unwrap_or_default()
+    }
+}
+
+impl OpValidators {
     /// Checks the query string as received (raw, percent-encoded). Undeclared parameters come
     /// first (400); then declared parameters with malformed values (422).
     ///
     /// Values are percent-decoded (`+` is a space) before they are split on the style's
     /// delimiter, so `candidate_ids=1%2C2` is two ids: that is how the upstream reads it.
-    pub fn check_query(&self, op: &Operation, raw_query: Option<&str>) -> Result<(), QueryError> {
-        let Some(ov) = self.ops.get(&op.id) else {
-            return Err(QueryError::Invalid(vec![no_validator("/query")]));
-        };
+    pub fn check_query(&self, raw_query: Option<&str>) -> Result<(), QueryError> {
+        let ov = self;
         let raw = raw_query.unwrap_or("");
         if raw.is_empty() && !ov.query.iter().any(|p| p.required) {
             return Ok(());
@@ -325,22 +374,18 @@ impl Validators {
 
     /// Checks a request body: media type, strict JSON, schema, attachments.
     /// Whether an operation's request body can carry attachments (base64 `content`).
-    pub fn takes_attachments(&self, op: &Operation) -> bool {
-        self.ops
-            .get(&op.id)
-            .and_then(|ov| ov.body.as_ref())
+    pub fn takes_attachments(&self) -> bool {
+        self.body
+            .as_ref()
             .is_some_and(|b| b.media.iter().any(|m| !m.attachment_sites.is_empty()))
     }
 
     pub fn check_body(
         &self,
-        op: &Operation,
         content_type: Option<&HeaderValue>,
         body: &[u8],
     ) -> Result<BodyFacts, BodyError> {
-        let Some(ov) = self.ops.get(&op.id) else {
-            return Err(BodyError::Invalid(vec![no_validator("")]));
-        };
+        let ov = self;
         let Some(bv) = &ov.body else {
             if body.is_empty() {
                 return Ok(BodyFacts::default());
@@ -381,10 +426,8 @@ impl Validators {
     /// Checks an upstream response against the schema documented for its status (exact, then
     /// `2XX`, then `default`). Report only: an empty list when it matches or nothing is documented,
     /// except that an undocumented success status is itself a problem (keyword `status`).
-    pub fn check_response(&self, op: &Operation, status: u16, body: &[u8]) -> Vec<FieldProblem> {
-        let Some(ov) = self.ops.get(&op.id) else {
-            return Vec::new();
-        };
+    pub fn check_response(&self, status: u16, body: &[u8]) -> Vec<FieldProblem> {
+        let ov = self;
         let exact = status.to_string();
         let range = format!("{}XX", status / 100);
         let documented = ov
