@@ -73,7 +73,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Map, Value, json};
 
-use crate::config::values::{Rate, parse_duration, parse_rate};
+use crate::config::values::{Rate, parse_rate};
 use gcra::Gcra;
 use memory::{DayCount, Status, TeamSlot, Verdict, lock, nanos};
 use plan::{DailyObs, MICROS, Observation, OpPlan, RateObs, TeamPlan, render};
@@ -221,9 +221,10 @@ impl Default for QuotaSettings {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Validation helpers: raw values in, a validated value or every (key, message) problem out. Keys
-// are relative to the table they come from (`[quota]` of gateway.toml or of a team file, or
-// `[quota.operations.<id>]`, or `[upstream]`); the caller prefixes the path.
+// Validation: the rate-and-burst rule, raw values in, a validated `Limit` or every (key, message)
+// problem out. Keys are relative to the table they come from (a team file's `[quota]` or
+// `[quota.operations.<id>]`); `config::validate`, which runs it for every team and operation,
+// prefixes the path. Every other quota setting is checked there, next to the keys it reads.
 
 /// Problems as (key, message).
 pub type Problems = Vec<(String, String)>;
@@ -273,161 +274,6 @@ pub fn validate_limit(rate: Option<&str>, burst: Option<u64>) -> Result<Limit, P
             rate: parsed,
             burst: burst_value,
         })
-    } else {
-        Err(problems)
-    }
-}
-
-/// A team's `concurrency`.
-pub fn validate_concurrency(concurrency: Option<u64>) -> Result<Option<u32>, Problems> {
-    match concurrency {
-        None => Ok(None),
-        Some(0) => Err(vec![problem("concurrency", "must be at least 1")]),
-        Some(c) => u32::try_from(c).map(Some).map_err(|_| {
-            vec![problem(
-                "concurrency",
-                format!("{c} is too large (at most {})", u32::MAX),
-            )]
-        }),
-    }
-}
-
-/// An operation's `daily`.
-pub fn validate_daily(daily: Option<u64>) -> Result<Option<u64>, Problems> {
-    match daily {
-        Some(0) => Err(vec![problem(
-            "daily",
-            "must be at least 1 (to forbid an operation, leave it out of `operations`)",
-        )]),
-        d => Ok(d),
-    }
-}
-
-/// `[quota]` of gateway.toml: `backend`, `redis_url` (already resolved from its secret),
-/// `redis_timeout` and `key_prefix`. Messages never repeat the URL (it may hold a password).
-pub fn validate_backend(
-    backend: Option<&str>,
-    redis_url: Option<&str>,
-    redis_timeout: Option<&str>,
-    key_prefix: Option<&str>,
-) -> Result<Backend, Problems> {
-    let mut problems = Vec::new();
-    let timeout = match redis_timeout.map(parse_duration) {
-        None => DEFAULT_REDIS_TIMEOUT,
-        Some(Ok(d)) if d.is_zero() => {
-            problems.push(problem("redis_timeout", "must be longer than zero"));
-            DEFAULT_REDIS_TIMEOUT
-        }
-        Some(Ok(d)) => d,
-        Some(Err(e)) => {
-            problems.push(problem("redis_timeout", e));
-            DEFAULT_REDIS_TIMEOUT
-        }
-    };
-    let prefix = key_prefix.unwrap_or(DEFAULT_KEY_PREFIX);
-    if prefix.is_empty() || prefix.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        problems.push(problem(
-            "key_prefix",
-            "must be non-empty, without spaces or control characters",
-        ));
-    }
-    let result = match backend.unwrap_or("memory") {
-        "memory" => {
-            for (key, given) in [
-                ("redis_url", redis_url.is_some()),
-                ("redis_timeout", redis_timeout.is_some()),
-                ("key_prefix", key_prefix.is_some()),
-            ] {
-                if given {
-                    problems.push(problem(key, "only used with backend = \"redis\""));
-                }
-            }
-            Backend::Memory
-        }
-        "redis" => {
-            match redis_url {
-                None => problems.push(problem("redis_url", "required with backend = \"redis\"")),
-                Some(url) => {
-                    if let Some(message) = redis_url_problem(url) {
-                        problems.push(problem("redis_url", message));
-                    }
-                }
-            }
-            Backend::Redis {
-                url: redis_url.unwrap_or_default().to_string(),
-                timeout,
-                key_prefix: prefix.to_string(),
-                ca_pem: None,
-            }
-        }
-        _ => {
-            problems.push(problem("backend", "must be \"memory\" or \"redis\""));
-            Backend::Memory
-        }
-    };
-    if problems.is_empty() {
-        Ok(result)
-    } else {
-        Err(problems)
-    }
-}
-
-fn redis_url_problem(url: &str) -> Option<&'static str> {
-    let lower = url.to_ascii_lowercase();
-    let scheme_ok = ["redis://", "rediss://", "redis+unix://", "unix://"]
-        .iter()
-        .any(|s| lower.starts_with(s));
-    if !scheme_ok || redis::Client::open(url).is_err() {
-        return Some("is not a redis URL (redis://[user:password@]host[:port][/db])");
-    }
-    None
-}
-
-/// `on_backend_error`.
-pub fn validate_on_backend_error(value: Option<&str>) -> Result<OnBackendError, Problems> {
-    match value {
-        None | Some("deny") => Ok(OnBackendError::Deny),
-        Some("allow") => Ok(OnBackendError::Allow),
-        Some("local") => Ok(OnBackendError::Local),
-        Some(_) => Err(vec![problem(
-            "on_backend_error",
-            "must be \"deny\", \"allow\" or \"local\"",
-        )]),
-    }
-}
-
-/// `[upstream]` `rate` and `max_wait`.
-pub fn validate_upstream(
-    rate: Option<&str>,
-    max_wait: Option<&str>,
-) -> Result<Option<UpstreamBudget>, Problems> {
-    let mut problems = Vec::new();
-    let wait = match max_wait.map(parse_duration) {
-        None => DEFAULT_MAX_WAIT,
-        Some(Ok(d)) => d,
-        Some(Err(e)) => {
-            problems.push(problem("max_wait", e));
-            DEFAULT_MAX_WAIT
-        }
-    };
-    let budget = match rate.map(parse_rate) {
-        None => {
-            if max_wait.is_some() {
-                problems.push(problem("max_wait", "only used with `rate`"));
-            }
-            None
-        }
-        Some(Ok(r)) => Some(UpstreamBudget {
-            rate: r,
-            max_wait: wait,
-        }),
-        Some(Err(e)) => {
-            problems.push(problem("rate", e));
-            None
-        }
-    };
-    if problems.is_empty() {
-        Ok(budget)
     } else {
         Err(problems)
     }
