@@ -32,3 +32,4 @@ pub mod sandbox;
 pub mod server;
 pub mod spec;
 pub mod validate;
+pub mod values;

@@ -14,12 +14,12 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use greenhouse_gateway::config::values::Rate;
 use greenhouse_gateway::config::{self, Config, Problem};
 use greenhouse_gateway::quota::{
     Backend, Limit, ManualClock, NoSlot, OnBackendError, OpLimits, QuotaOptions, QuotaSettings,
     Quotas, Refusal, TeamLimits, UpstreamBudget, validate_limit,
 };
+use greenhouse_gateway::values::Rate;
 
 // ---------------------------------------------------------------------------------------------
 // Helpers

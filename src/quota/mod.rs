@@ -74,7 +74,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::config::values::{Rate, parse_rate};
+use crate::values::{Rate, parse_rate};
 use admission::{Lease, Source};
 use gcra::Gcra;
 use memory::{DayCount, Status, TeamSlot, Verdict, lock, nanos};
