@@ -13,10 +13,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use greenhouse_gateway::config::values::Rate;
 use greenhouse_gateway::quota::{
     Backend, Limit, OnBackendError, OpLimits, QuotaSettings, Quotas, TeamLimits,
 };
+use greenhouse_gateway::values::Rate;
 
 /// Every limit configured, none ever reached during a run.
 fn teams() -> BTreeMap<String, TeamLimits> {

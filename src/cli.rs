@@ -71,7 +71,7 @@ pub enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
         /// Longest wait for the answer, connecting included.
-        #[arg(long, default_value = "2s", value_parser = config::values::parse_duration)]
+        #[arg(long, default_value = "2s", value_parser = crate::values::parse_duration)]
         timeout: Duration,
     },
 }

@@ -35,3 +35,4 @@ pub mod server;
 pub mod service;
 pub mod spec;
 pub mod validate;
+pub mod values;

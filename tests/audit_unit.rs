@@ -21,7 +21,7 @@ use greenhouse_gateway::audit::{
     GENESIS_PREV_HASH, MAX_PATH_BYTES, MAX_RECORD_BYTES, OnError, PATH_TRUNCATED_MARKER,
     QueryFilter, chain_files, cli_verify, parse_ts, query, render_table, rotated_file_name, verify,
 };
-use greenhouse_gateway::config::values::Secret;
+use greenhouse_gateway::values::Secret;
 use hmac::{Hmac, Mac};
 use serde_json::json;
 use sha2::{Digest, Sha256};

@@ -14,11 +14,11 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use greenhouse_gateway::auth::upstream::UpstreamCredentials;
-use greenhouse_gateway::config::values::Secret;
 use greenhouse_gateway::config::{ClientAuth, Credential, OAuth2Credential};
 use greenhouse_gateway::http_client::build_client;
 use greenhouse_gateway::metrics::Metrics;
 use greenhouse_gateway::sandbox::SandboxOptions;
+use greenhouse_gateway::values::Secret;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;

@@ -14,12 +14,12 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use greenhouse_gateway::config::values::Rate;
+use greenhouse_gateway::config::{self, Config, Problem};
 use greenhouse_gateway::quota::{
     Backend, Limit, ManualClock, NoSlot, OnBackendError, OpLimits, QuotaOptions, QuotaSettings,
-    Quotas, Refusal, TeamLimits, UpstreamBudget, validate_backend, validate_concurrency,
-    validate_daily, validate_limit, validate_on_backend_error, validate_upstream,
+    Quotas, Refusal, TeamLimits, UpstreamBudget, validate_limit,
 };
+use greenhouse_gateway::values::Rate;
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
@@ -425,44 +425,242 @@ fn validate_limit_reports_every_problem_with_its_key() {
     assert!(validate_limit(Some("5/s"), Some(u64::from(u32::MAX) + 1)).is_err());
 }
 
-#[test]
-fn validators_for_backend_upstream_and_counts_name_the_key_and_never_echo_the_url() {
-    assert!(matches!(
-        validate_backend(None, None, None, None),
-        Ok(Backend::Memory)
-    ));
-    assert_eq!(
-        validate_backend(Some("redis"), Some("redis://127.0.0.1:6379"), None, None),
-        Ok(Backend::redis("redis://127.0.0.1:6379"))
-    );
-    let problems = validate_backend(Some("redis"), None, Some("0ms"), Some("")).unwrap_err();
-    let keys: Vec<_> = problems.iter().map(|(k, _)| k.as_str()).collect();
-    assert_eq!(keys, ["redis_timeout", "key_prefix", "redis_url"]);
-    let secret = "https://:hunter2-canary@cache.internal:6380";
-    let problems = validate_backend(Some("redis"), Some(secret), None, None).unwrap_err();
-    assert_eq!(problems[0].0, "redis_url");
-    assert!(!format!("{problems:?}").contains("hunter2"));
-    assert!(!format!("{:?}", Backend::redis(secret)).contains("hunter2"));
-    assert!(validate_backend(Some("etcd"), None, None, None).is_err());
+// ---------------------------------------------------------------------------------------------
+// Quota configuration, through `config::load` (the rules that run in production)
 
-    assert_eq!(
-        validate_on_backend_error(Some("local")),
-        Ok(OnBackendError::Local)
+/// Issuer, token endpoint and JWKS of the configs below; `load` never contacts them.
+const ORIGIN: &str = "http://127.0.0.1:18089";
+
+/// Loads a valid gateway.toml with `upstream_extra` added to `[upstream]` and `extra` appended
+/// (a `[quota]` table), and one team `sourcing` (allowed `listPartnerJobs`) whose file has
+/// `team_extra` appended, all written to a fresh folder.
+fn load_config(
+    upstream_extra: &str,
+    extra: &str,
+    team_extra: &str,
+) -> Result<Config, Vec<Problem>> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gateway = format!(
+        r#"[listen]
+addr = "127.0.0.1:18080"
+
+[upstream]
+base_url = "{ORIGIN}/v1/partner"
+{upstream_extra}
+
+[credentials.default]
+kind = "oauth2_client_credentials"
+token_url = "{ORIGIN}/oauth/token"
+client_id = "gateway-test"
+client_secret = {{ value = "test-client-secret" }}
+
+[[issuers]]
+issuer = "{ORIGIN}"
+audiences = ["greenhouse-gateway"]
+jwks_url = "{ORIGIN}/.well-known/jwks.json"
+algorithms = ["ES256"]
+
+{extra}
+"#
     );
-    assert!(validate_on_backend_error(Some("panic")).is_err());
+    let team = format!(
+        r#"name = "sourcing"
+operations = ["listPartnerJobs"]
+credential = "default"
+
+[[members]]
+iss = "{ORIGIN}"
+sub = "svc-sourcing-*"
+
+[on_behalf_of]
+from_claim = "email"
+
+{team_extra}
+"#
+    );
+    std::fs::create_dir(dir.path().join("teams")).expect("teams dir");
+    std::fs::write(dir.path().join("gateway.toml"), gateway).expect("write gateway.toml");
+    std::fs::write(dir.path().join("teams/sourcing.toml"), team).expect("write team");
+    config::load(&dir.path().join("gateway.toml"))
+}
+
+fn loaded(upstream_extra: &str, extra: &str, team_extra: &str) -> Config {
+    load_config(upstream_extra, extra, team_extra).unwrap_or_else(|p| panic!("{p:#?}"))
+}
+
+fn refused(upstream_extra: &str, extra: &str, team_extra: &str) -> Vec<Problem> {
+    match load_config(upstream_extra, extra, team_extra) {
+        Ok(_) => panic!("loaded, expected problems: {upstream_extra} {extra} {team_extra}"),
+        Err(problems) => problems,
+    }
+}
+
+fn problem_keys(problems: &[Problem]) -> Vec<&str> {
+    problems.iter().map(|p| p.key.as_str()).collect()
+}
+
+/// Asserts that exactly one problem was reported, at `file` (a file name) and `key`, with a
+/// message containing `fragment`.
+fn assert_only_problem(problems: &[Problem], file: &str, key: &str, fragment: &str) {
+    assert_eq!(problem_keys(problems), [key], "{problems:#?}");
+    assert!(problems[0].file.ends_with(file), "{problems:#?}");
+    assert!(problems[0].message.contains(fragment), "{problems:#?}");
+}
+
+const REDIS_LOCAL: &str = "backend = \"redis\"\nredis_url = { value = \"redis://127.0.0.1:6379\" }";
+
+#[test]
+fn quota_backend_defaults_to_memory_and_a_redis_url_loads_with_the_default_timeout_and_prefix() {
+    let cfg = loaded("", "", "");
+    assert_eq!(cfg.quota.backend, Backend::Memory);
+    assert_eq!(cfg.quota.on_backend_error, OnBackendError::Deny);
+    let cfg = loaded("", &format!("[quota]\n{REDIS_LOCAL}"), "");
+    assert_eq!(cfg.quota.backend, Backend::redis("redis://127.0.0.1:6379"));
+}
+
+#[test]
+fn quota_backend_problems_are_all_reported_each_at_its_gateway_key() {
+    let problems = refused(
+        "",
+        "[quota]\nbackend = \"redis\"\ntimeout = \"0ms\"\nkey_prefix = \"\"",
+        "",
+    );
     assert_eq!(
-        validate_upstream(Some("50/10s"), None),
-        Ok(Some(UpstreamBudget {
+        problem_keys(&problems),
+        ["quota.timeout", "quota.redis_url", "quota.key_prefix"],
+        "{problems:#?}"
+    );
+    assert!(problems.iter().all(|p| p.file.ends_with("gateway.toml")));
+    let problems = refused("", "[quota]\nbackend = \"etcd\"", "");
+    assert_only_problem(
+        &problems,
+        "gateway.toml",
+        "quota.backend",
+        "must be \"memory\" or \"redis\"",
+    );
+}
+
+#[test]
+fn redis_url_that_is_not_redis_is_refused_without_echoing_it() {
+    let secret = "https://:hunter2-canary@cache.internal:6380";
+    let problems = refused(
+        "",
+        &format!("[quota]\nbackend = \"redis\"\nredis_url = {{ value = \"{secret}\" }}"),
+        "",
+    );
+    assert_only_problem(&problems, "gateway.toml", "quota.redis_url", "redis://");
+    assert!(!format!("{problems:?}").contains("hunter2"));
+    assert!(!problems[0].to_string().contains("hunter2"));
+    assert!(!format!("{:?}", Backend::redis(secret)).contains("hunter2"));
+}
+
+#[test]
+fn redis_unix_socket_urls_are_refused_naming_the_two_accepted_schemes() {
+    for url in ["redis+unix:///run/redis.sock", "unix:///run/redis.sock"] {
+        let problems = refused(
+            "",
+            &format!("[quota]\nbackend = \"redis\"\nredis_url = {{ value = \"{url}\" }}"),
+            "",
+        );
+        assert_only_problem(
+            &problems,
+            "gateway.toml",
+            "quota.redis_url",
+            "must start with redis:// or rediss://",
+        );
+    }
+}
+
+#[test]
+fn key_prefix_of_letters_digits_and_dash_underscore_dot_colon_loads_and_any_other_is_refused() {
+    let cfg = loaded(
+        "",
+        &format!("[quota]\n{REDIS_LOCAL}\nkey_prefix = \"ghgw:prod-1.eu_west\""),
+        "",
+    );
+    assert!(matches!(
+        cfg.quota.backend,
+        Backend::Redis { ref key_prefix, .. } if key_prefix == "ghgw:prod-1.eu_west"
+    ));
+    for prefix in ["ghgw prod", "ghgw/prod", "ghgw{1}", "gräs"] {
+        let problems = refused(
+            "",
+            &format!("[quota]\n{REDIS_LOCAL}\nkey_prefix = \"{prefix}\""),
+            "",
+        );
+        assert_only_problem(
+            &problems,
+            "gateway.toml",
+            "quota.key_prefix",
+            "letters, digits and - _ . : only",
+        );
+    }
+}
+
+#[test]
+fn on_backend_error_local_loads_and_an_unknown_value_is_refused_at_its_key() {
+    let cfg = loaded("", "[quota]\non_backend_error = \"local\"", "");
+    assert_eq!(cfg.quota.on_backend_error, OnBackendError::Local);
+    let problems = refused("", "[quota]\non_backend_error = \"panic\"", "");
+    assert_only_problem(
+        &problems,
+        "gateway.toml",
+        "quota.on_backend_error",
+        "\"deny\", \"allow\" or \"local\"",
+    );
+}
+
+#[test]
+fn upstream_rate_loads_with_a_two_second_max_wait_and_max_wait_without_rate_is_refused() {
+    let cfg = loaded("rate = \"50/10s\"", "", "");
+    assert_eq!(
+        cfg.quota.upstream,
+        Some(UpstreamBudget {
             rate: rate(50, Duration::from_secs(10)),
             max_wait: Duration::from_secs(2)
-        }))
+        })
     );
-    assert!(validate_upstream(None, Some("2s")).is_err());
+    assert_eq!(loaded("", "", "").quota.upstream, None);
+    let problems = refused("max_wait = \"2s\"", "", "");
+    assert_only_problem(
+        &problems,
+        "gateway.toml",
+        "upstream.max_wait",
+        "no effect without upstream.rate",
+    );
+}
+
+#[test]
+fn team_concurrency_of_zero_is_refused_and_one_above_u32_max_is_clamped_to_u32_max() {
+    let problems = refused("", "", "[quota]\nconcurrency = 0");
+    assert_only_problem(
+        &problems,
+        "sourcing.toml",
+        "quota.concurrency",
+        "at least 1",
+    );
+    let cfg = loaded(
+        "",
+        "",
+        &format!("[quota]\nconcurrency = {}", u64::from(u32::MAX) + 1),
+    );
+    assert_eq!(cfg.quota.teams["sourcing"].concurrency, Some(u32::MAX));
+}
+
+#[test]
+fn operation_daily_of_zero_is_refused_at_the_operations_key() {
+    let problems = refused("", "", "[quota.operations.listPartnerJobs]\ndaily = 0");
+    assert_only_problem(
+        &problems,
+        "sourcing.toml",
+        "quota.operations.listPartnerJobs.daily",
+        "at least 1",
+    );
+    let cfg = loaded("", "", "[quota.operations.listPartnerJobs]\ndaily = 100");
     assert_eq!(
-        validate_concurrency(Some(0)).unwrap_err()[0].0,
-        "concurrency"
+        cfg.quota.teams["sourcing"].operations["listPartnerJobs"].daily,
+        Some(100)
     );
-    assert_eq!(validate_daily(Some(0)).unwrap_err()[0].0, "daily");
 }
 
 // ---------------------------------------------------------------------------------------------

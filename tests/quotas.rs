@@ -1630,7 +1630,7 @@ async fn rediss_with_the_private_ca_file_counts_the_burst_over_tls_and_without_i
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_teams_shows_sub_second_and_fractional_rates_as_configured() {
-    use greenhouse_gateway::config::values::parse_rate;
+    use greenhouse_gateway::values::parse_rate;
     let env = Env::start(
         vec![
             rate_team("half", "5/500ms", 5),

@@ -4,7 +4,7 @@ use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 
 use super::{AuditError, AuditRecord};
-use crate::config::values::Secret;
+use crate::values::Secret;
 
 /// `prev_hash` of the first record of a chain.
 pub const GENESIS_PREV_HASH: &str =

@@ -127,7 +127,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::values::Secret;
+use crate::values::Secret;
 
 pub use chain::GENESIS_PREV_HASH;
 pub use files::{chain_files, rotated_file_name};

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use super::chain::{self, ChainKey, GENESIS_PREV_HASH};
 use super::files::{ChainLines, Line, discover};
 use super::{AuditError, AuditRecord};
-use crate::config::values::Secret;
+use crate::values::Secret;
 
 /// Why a record is bad.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -7,7 +7,6 @@
 pub mod file;
 pub mod model;
 pub mod validate;
-pub mod values;
 
 pub use model::*;
 pub use validate::{Problem, SecretSource, load, load_with};

@@ -6,10 +6,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::values::Secret;
 use crate::auth::jwks::IssuerConfig;
 use crate::policy::Teams;
 use crate::spec::Spec;
+use crate::values::Secret;
 
 #[derive(Debug)]
 pub struct Config {

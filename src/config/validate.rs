@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use super::file::{CredentialFile, GatewayFile, IssuerFile, SecretFile, TeamFile, TeamQuotaFile};
 use super::model::*;
-use super::values::{Secret, parse_duration, parse_rate};
 use crate::audit::{
     AuditSettings, Fsync, MAX_RESERVE_BYTES, MIN_RESERVE_BYTES, OnError as AuditOnError,
 };
@@ -24,6 +23,7 @@ use crate::quota::{
 };
 use crate::spec::Spec;
 use crate::validate::{ValidationOptions, Validators};
+use crate::values::{Secret, parse_duration, parse_rate};
 
 /// One thing wrong with the configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use crate::config::values::Rate;
+use crate::values::Rate;
 
 /// A rate with its burst, as GCRA parameters in some integer time unit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

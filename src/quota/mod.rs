@@ -60,27 +60,33 @@
 //! "within `t` seconds, no more than `r`" holds, as the draft defines `t`. `Retry-After` is not
 //! among these headers: the caller sets it from [`Refusal::retry_after`].
 
+mod admission;
 mod gcra;
 mod memory;
 mod plan;
 mod redis_store;
 mod resolve;
+mod snapshot;
+mod upstream;
 
 pub use resolve::TeamQuota;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use serde_json::{Map, Value, json};
-
-use crate::config::values::{Rate, parse_duration, parse_rate};
+use crate::values::{Rate, parse_rate};
+use admission::{Lease, Source};
 use gcra::Gcra;
 use memory::{DayCount, Status, TeamSlot, Verdict, lock, nanos};
 use plan::{DailyObs, MICROS, Observation, OpPlan, RateObs, TeamPlan, render};
 use redis_store::{AdmitReply, RedisStore};
+use upstream::{UpState, Upstream};
+
+pub use admission::Admission;
+pub use upstream::NoSlot;
 
 /// Default deadline for one Redis call.
 pub const DEFAULT_REDIS_TIMEOUT: Duration = Duration::from_millis(250);
@@ -90,8 +96,6 @@ pub const DEFAULT_KEY_PREFIX: &str = "ghgw";
 pub const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(2);
 /// Default lifetime of a Redis concurrency lease that is never given back.
 pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(60);
-/// The longest block taken from upstream feedback.
-const MAX_FEEDBACK_BLOCK: Duration = Duration::from_secs(3600);
 
 // ---------------------------------------------------------------------------------------------
 // Settings: plain validated values
@@ -224,9 +228,10 @@ impl Default for QuotaSettings {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Validation helpers: raw values in, a validated value or every (key, message) problem out. Keys
-// are relative to the table they come from (`[quota]` of gateway.toml or of a team file, or
-// `[quota.operations.<id>]`, or `[upstream]`); the caller prefixes the path.
+// Validation: the rate-and-burst rule, raw values in, a validated `Limit` or every (key, message)
+// problem out. Keys are relative to the table they come from (a team file's `[quota]` or
+// `[quota.operations.<id>]`); `config::validate`, which runs it for every team and operation,
+// prefixes the path. Every other quota setting is checked there, next to the keys it reads.
 
 /// Problems as (key, message).
 pub type Problems = Vec<(String, String)>;
@@ -276,161 +281,6 @@ pub fn validate_limit(rate: Option<&str>, burst: Option<u64>) -> Result<Limit, P
             rate: parsed,
             burst: burst_value,
         })
-    } else {
-        Err(problems)
-    }
-}
-
-/// A team's `concurrency`.
-pub fn validate_concurrency(concurrency: Option<u64>) -> Result<Option<u32>, Problems> {
-    match concurrency {
-        None => Ok(None),
-        Some(0) => Err(vec![problem("concurrency", "must be at least 1")]),
-        Some(c) => u32::try_from(c).map(Some).map_err(|_| {
-            vec![problem(
-                "concurrency",
-                format!("{c} is too large (at most {})", u32::MAX),
-            )]
-        }),
-    }
-}
-
-/// An operation's `daily`.
-pub fn validate_daily(daily: Option<u64>) -> Result<Option<u64>, Problems> {
-    match daily {
-        Some(0) => Err(vec![problem(
-            "daily",
-            "must be at least 1 (to forbid an operation, leave it out of `operations`)",
-        )]),
-        d => Ok(d),
-    }
-}
-
-/// `[quota]` of gateway.toml: `backend`, `redis_url` (already resolved from its secret),
-/// `redis_timeout` and `key_prefix`. Messages never repeat the URL (it may hold a password).
-pub fn validate_backend(
-    backend: Option<&str>,
-    redis_url: Option<&str>,
-    redis_timeout: Option<&str>,
-    key_prefix: Option<&str>,
-) -> Result<Backend, Problems> {
-    let mut problems = Vec::new();
-    let timeout = match redis_timeout.map(parse_duration) {
-        None => DEFAULT_REDIS_TIMEOUT,
-        Some(Ok(d)) if d.is_zero() => {
-            problems.push(problem("redis_timeout", "must be longer than zero"));
-            DEFAULT_REDIS_TIMEOUT
-        }
-        Some(Ok(d)) => d,
-        Some(Err(e)) => {
-            problems.push(problem("redis_timeout", e));
-            DEFAULT_REDIS_TIMEOUT
-        }
-    };
-    let prefix = key_prefix.unwrap_or(DEFAULT_KEY_PREFIX);
-    if prefix.is_empty() || prefix.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        problems.push(problem(
-            "key_prefix",
-            "must be non-empty, without spaces or control characters",
-        ));
-    }
-    let result = match backend.unwrap_or("memory") {
-        "memory" => {
-            for (key, given) in [
-                ("redis_url", redis_url.is_some()),
-                ("redis_timeout", redis_timeout.is_some()),
-                ("key_prefix", key_prefix.is_some()),
-            ] {
-                if given {
-                    problems.push(problem(key, "only used with backend = \"redis\""));
-                }
-            }
-            Backend::Memory
-        }
-        "redis" => {
-            match redis_url {
-                None => problems.push(problem("redis_url", "required with backend = \"redis\"")),
-                Some(url) => {
-                    if let Some(message) = redis_url_problem(url) {
-                        problems.push(problem("redis_url", message));
-                    }
-                }
-            }
-            Backend::Redis {
-                url: redis_url.unwrap_or_default().to_string(),
-                timeout,
-                key_prefix: prefix.to_string(),
-                ca_pem: None,
-            }
-        }
-        _ => {
-            problems.push(problem("backend", "must be \"memory\" or \"redis\""));
-            Backend::Memory
-        }
-    };
-    if problems.is_empty() {
-        Ok(result)
-    } else {
-        Err(problems)
-    }
-}
-
-fn redis_url_problem(url: &str) -> Option<&'static str> {
-    let lower = url.to_ascii_lowercase();
-    let scheme_ok = ["redis://", "rediss://", "redis+unix://", "unix://"]
-        .iter()
-        .any(|s| lower.starts_with(s));
-    if !scheme_ok || redis::Client::open(url).is_err() {
-        return Some("is not a redis URL (redis://[user:password@]host[:port][/db])");
-    }
-    None
-}
-
-/// `on_backend_error`.
-pub fn validate_on_backend_error(value: Option<&str>) -> Result<OnBackendError, Problems> {
-    match value {
-        None | Some("deny") => Ok(OnBackendError::Deny),
-        Some("allow") => Ok(OnBackendError::Allow),
-        Some("local") => Ok(OnBackendError::Local),
-        Some(_) => Err(vec![problem(
-            "on_backend_error",
-            "must be \"deny\", \"allow\" or \"local\"",
-        )]),
-    }
-}
-
-/// `[upstream]` `rate` and `max_wait`.
-pub fn validate_upstream(
-    rate: Option<&str>,
-    max_wait: Option<&str>,
-) -> Result<Option<UpstreamBudget>, Problems> {
-    let mut problems = Vec::new();
-    let wait = match max_wait.map(parse_duration) {
-        None => DEFAULT_MAX_WAIT,
-        Some(Ok(d)) => d,
-        Some(Err(e)) => {
-            problems.push(problem("max_wait", e));
-            DEFAULT_MAX_WAIT
-        }
-    };
-    let budget = match rate.map(parse_rate) {
-        None => {
-            if max_wait.is_some() {
-                problems.push(problem("max_wait", "only used with `rate`"));
-            }
-            None
-        }
-        Some(Ok(r)) => Some(UpstreamBudget {
-            rate: r,
-            max_wait: wait,
-        }),
-        Some(Err(e)) => {
-            problems.push(problem("rate", e));
-            None
-        }
-    };
-    if problems.is_empty() {
-        Ok(budget)
     } else {
         Err(problems)
     }
@@ -592,172 +442,8 @@ impl Refusal {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Source {
-    Unlimited,
-    Memory,
-    Redis,
-    Local,
-    Allowed,
-}
-
-enum Lease {
-    Memory(Arc<TeamSlot>),
-    Redis {
-        store: Arc<RedisStore>,
-        slot: Arc<TeamSlot>,
-        id: String,
-    },
-}
-
-impl Lease {
-    fn release_in_background(self) {
-        match self {
-            Lease::Memory(slot) => slot.release(),
-            Lease::Redis { store, slot, id } => {
-                slot.redis_inflight.fetch_sub(1, Ordering::AcqRel);
-                store.release(slot.plan.inflight_key.clone(), id);
-            }
-        }
-    }
-
-    async fn release_now(self) {
-        match self {
-            Lease::Memory(slot) => slot.release(),
-            Lease::Redis { store, slot, id } => {
-                slot.redis_inflight.fetch_sub(1, Ordering::AcqRel);
-                store.release_now(&slot.plan.inflight_key, &id).await;
-            }
-        }
-    }
-}
-
-/// An admitted request. Holds the team's concurrency lease until dropped (whatever the outcome
-/// of the request: success and error paths both just drop it). Take the headers with
-/// `std::mem::take(&mut admission.headers)` — moving them out is refused by the compiler, which
-/// keeps the lease from being dropped early.
-/// Why [`Quotas::upstream_slot`] found no slot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NoSlot {
-    /// The budget is spent; the next slot comes after this.
-    Later(Duration),
-    /// Redis could not decide and `on_backend_error = "deny"`.
-    BackendUnavailable,
-}
-
-pub struct Admission {
-    /// `RateLimit-Policy` and `RateLimit` for the response (empty when the team has no limits).
-    pub headers: Vec<(&'static str, String)>,
-    source: Source,
-    lease: Option<Lease>,
-}
-
-impl Admission {
-    fn unlimited() -> Admission {
-        Admission {
-            headers: Vec::new(),
-            source: Source::Unlimited,
-            lease: None,
-        }
-    }
-
-    /// Who decided (for the audit record): `none` (the team has no limits), `memory`, `redis`,
-    /// `local` (Redis failed, in-process fallback) or `allowed` (Redis failed,
-    /// `on_backend_error = "allow"`).
-    pub fn source(&self) -> &'static str {
-        match self.source {
-            Source::Unlimited => "none",
-            Source::Memory => "memory",
-            Source::Redis => "redis",
-            Source::Local => "local",
-            Source::Allowed => "allowed",
-        }
-    }
-
-    /// Gives the concurrency lease back now, waiting (within the backend deadline) for Redis to
-    /// confirm; dropping does the same in the background.
-    pub async fn release(mut self) {
-        if let Some(lease) = self.lease.take() {
-            lease.release_now().await;
-        }
-    }
-}
-
-impl Drop for Admission {
-    fn drop(&mut self) {
-        if let Some(lease) = self.lease.take() {
-            lease.release_in_background();
-        }
-    }
-}
-
-impl fmt::Debug for Admission {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Admission")
-            .field("headers", &self.headers)
-            .field("source", &self.source())
-            .field("holds_lease", &self.lease.is_some())
-            .finish()
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // The limiter
-
-#[derive(Debug, Default, Clone)]
-struct UpState {
-    /// The start times (ns) of the last `count` slots, oldest first; never decreasing.
-    starts: VecDeque<u64>,
-    blocked_until: u64,
-}
-
-struct Upstream {
-    budget: UpstreamBudget,
-    state: Mutex<UpState>,
-}
-
-/// The sliding-window rule, written once for both backends (`lua/upstream.lua` is its Redis
-/// twin): a slot starts at `now`, or when the `count`-th most recent start leaves the window,
-/// or when a block ends, whichever is latest. So `count` slots start at once from idle, and no
-/// span of `per` ever holds more than `count` starts (any `count + 1` consecutive starts are
-/// `per` apart).
-fn window_start(now: u64, blocked_until: u64, count_th_latest: Option<u64>, per: u64) -> u64 {
-    let mut start = now.max(blocked_until);
-    if let Some(oldest) = count_th_latest {
-        start = start.max(oldest.saturating_add(per));
-    }
-    start
-}
-
-impl Upstream {
-    fn reserve_local(&self, now: Duration) -> Result<Duration, Duration> {
-        let now_ns = nanos(now);
-        let count = usize::try_from(self.budget.rate.count.max(1)).unwrap_or(usize::MAX);
-        let mut st = lock(&self.state);
-        let oldest = (st.starts.len() >= count).then(|| st.starts[st.starts.len() - count]);
-        let start = window_start(
-            now_ns,
-            st.blocked_until,
-            oldest,
-            nanos(self.budget.rate.per),
-        );
-        let delay = Duration::from_nanos(start - now_ns);
-        if delay > self.budget.max_wait {
-            return Err(delay);
-        }
-        st.starts.push_back(start);
-        while st.starts.len() > count {
-            st.starts.pop_front();
-        }
-        Ok(delay)
-    }
-
-    fn block_local(&self, now: Duration, len: Duration) {
-        let until = nanos(now.saturating_add(len));
-        let mut st = lock(&self.state);
-        st.blocked_until = st.blocked_until.max(until);
-    }
-}
 
 struct Inner {
     teams: HashMap<String, Arc<TeamSlot>>,
@@ -1076,72 +762,6 @@ impl Quotas {
         })
     }
 
-    /// A slot in the shared upstream budget: waits up to `max_wait` for it, or answers at once
-    /// with [`NoSlot::Later`] when none comes in time. `Ok` at once when no budget is configured.
-    /// With Redis, the budget is shared by all replicas; when Redis cannot decide and
-    /// `on_backend_error = "deny"`, [`NoSlot::BackendUnavailable`].
-    pub async fn upstream_slot(&self) -> Result<(), NoSlot> {
-        let inner = &self.inner;
-        let Some(up) = &inner.upstream else {
-            return Ok(());
-        };
-        let mut decision = None;
-        if let Some(store) = &inner.redis {
-            if store.should_try() {
-                decision = store.upstream(up.budget).await.ok();
-            }
-            if decision.is_none() {
-                decision = Some(match inner.on_backend_error {
-                    OnBackendError::Deny => return Err(NoSlot::BackendUnavailable),
-                    OnBackendError::Allow => {
-                        inner.allowed.fetch_add(1, Ordering::Relaxed);
-                        Ok(Duration::ZERO)
-                    }
-                    OnBackendError::Local => up.reserve_local(inner.clock.now()),
-                });
-            }
-        }
-        let decision = decision.unwrap_or_else(|| up.reserve_local(inner.clock.now()));
-        match decision {
-            Ok(delay) => {
-                if !delay.is_zero() {
-                    tokio::time::sleep(delay).await;
-                }
-                Ok(())
-            }
-            Err(retry_after) => Err(NoSlot::Later(retry_after)),
-        }
-    }
-
-    /// What the upstream said about its own limit (`X-RateLimit-Remaining` and the time to the
-    /// end of its window). When nothing remains, the budget is held until the window ends (the
-    /// budget's period when the upstream did not say), so this and every replica pace ahead of
-    /// the upstream's 429. Ignored when no budget is configured.
-    pub fn upstream_feedback(&self, remaining: Option<u64>, reset_after: Option<Duration>) {
-        let inner = &self.inner;
-        let Some(up) = &inner.upstream else {
-            return;
-        };
-        if remaining != Some(0) {
-            return;
-        }
-        let block = reset_after
-            .unwrap_or(up.budget.rate.per)
-            .min(MAX_FEEDBACK_BLOCK);
-        if block.is_zero() {
-            return;
-        }
-        up.block_local(inner.clock.now(), block);
-        if let Some(store) = &inner.redis
-            && let Ok(handle) = tokio::runtime::Handle::try_current()
-        {
-            let store = Arc::clone(store);
-            handle.spawn(async move {
-                let _ = store.feedback(block).await;
-            });
-        }
-    }
-
     /// Pings the backend now (within its deadline); `Ok` for the memory backend. Readiness is
     /// also kept current in the background; this is for a caller that wants to know at once.
     pub async fn check_backend(&self) -> Result<(), String> {
@@ -1167,109 +787,4 @@ impl Quotas {
     pub fn backend_errors_allowed(&self) -> u64 {
         self.inner.allowed.load(Ordering::Relaxed)
     }
-
-    /// For `GET /admin/teams`: per team, its limits and its usage — live for the memory backend;
-    /// for Redis, estimated now from the state the last decision saw (`usage_source`), since
-    /// this never waits for Redis.
-    pub fn snapshot(&self) -> Value {
-        let inner = &self.inner;
-        let now = inner.clock.now();
-        let mut teams = Map::new();
-        for (name, slot) in &inner.teams {
-            let mut team = json!({ "limits": limits_json(&slot.plan) });
-            match &inner.redis {
-                None => {
-                    team["usage"] = slot.usage(now);
-                    team["usage_source"] = json!("memory");
-                }
-                Some(store) => {
-                    team["usage"] = redis_usage(slot, store, now);
-                    team["usage_source"] = json!("redis_last_seen");
-                    if inner.on_backend_error == OnBackendError::Local {
-                        team["local_fallback_usage"] = slot.usage(now);
-                    }
-                }
-            }
-            teams.insert(name.clone(), team);
-        }
-        let upstream = inner.upstream.as_ref().map(|up| {
-            let st = lock(&up.state);
-            let blocked = st.blocked_until.saturating_sub(nanos(now));
-            drop(st);
-            json!({
-                "rate": up.budget.rate.to_string(),
-                "max_wait_ms": u64::try_from(up.budget.max_wait.as_millis()).unwrap_or(u64::MAX),
-                "blocked_for_ms": blocked / 1_000_000,
-            })
-        });
-        let problem = inner.redis.as_ref().and_then(|s| s.problem());
-        json!({
-            "backend": if inner.redis.is_some() { "redis" } else { "memory" },
-            "on_backend_error": inner.on_backend_error.as_str(),
-            "backend_problem": problem,
-            "backend_errors_allowed": self.backend_errors_allowed(),
-            "upstream": upstream,
-            "teams": teams,
-        })
-    }
-}
-
-fn rate_json(rate: Option<&plan::RatePlan>) -> (Value, Value) {
-    match rate {
-        Some(r) => (json!(r.rate.to_string()), json!(r.burst)),
-        None => (Value::Null, Value::Null),
-    }
-}
-
-fn limits_json(plan: &TeamPlan) -> Value {
-    let (rate, burst) = rate_json(plan.rate.as_ref());
-    let mut ops = Map::new();
-    for op in &plan.ops {
-        let (rate, burst) = rate_json(op.rate.as_ref());
-        ops.insert(
-            op.name.clone(),
-            json!({ "rate": rate, "burst": burst, "daily": op.daily }),
-        );
-    }
-    json!({
-        "rate": rate,
-        "burst": burst,
-        "concurrency": plan.concurrency,
-        "daily": plan.daily,
-        "operations": ops,
-    })
-}
-
-fn redis_usage(slot: &TeamSlot, store: &RedisStore, now: Duration) -> Value {
-    let offset = store.clock_offset_us.load(Ordering::Relaxed);
-    let est = i128::from(micros(now)) + i128::from(offset);
-    let est = u64::try_from(est.max(0)).unwrap_or(u64::MAX);
-    let day = est / 86_400_000_000;
-    let seen = lock(&slot.observed).clone();
-    let plan = &slot.plan;
-    let mut out = json!({});
-    if plan.concurrency.is_some() {
-        out["in_flight"] = json!(seen.in_use);
-        out["in_flight_here"] = json!(slot.redis_inflight.load(Ordering::Acquire));
-    }
-    if let Some(r) = &plan.rate {
-        out["remaining_burst"] = json!(r.us.observe(seen.team_tat_us.unwrap_or(0), est).0);
-    }
-    if plan.daily.is_some() {
-        out["daily_used"] = json!(seen.team_daily.map_or(0, |c| c.on(day)));
-    }
-    let mut ops = Map::new();
-    for (i, op) in plan.ops.iter().enumerate() {
-        let o = seen.ops.get(&i).copied().unwrap_or_default();
-        let mut u = json!({});
-        if let Some(r) = &op.rate {
-            u["remaining_burst"] = json!(r.us.observe(o.tat_us.unwrap_or(0), est).0);
-        }
-        if op.daily.is_some() {
-            u["daily_used"] = json!(o.daily.map_or(0, |c| c.on(day)));
-        }
-        ops.insert(op.name.clone(), u);
-    }
-    out["operations"] = Value::Object(ops);
-    out
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use super::gcra::Gcra;
 use super::{Limit, OpLimits, TeamLimits};
-use crate::config::values::Rate;
+use crate::values::Rate;
 
 /// Memory backend unit: nanoseconds.
 pub(crate) const NANOS: Duration = Duration::from_nanos(1);

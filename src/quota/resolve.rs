@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex};
 
 use super::memory::{TeamSlot, lock};
 use super::plan::TeamPlan;
-use super::{Admission, Inner, QuotaSettings, Quotas, Refusal, UpState, Upstream};
+use super::admission::Admission;
+use super::upstream::{UpState, Upstream};
+use super::{Inner, QuotaSettings, Quotas, Refusal};
 
 /// A team's quota, resolved: no slot when the team has no limits.
 #[derive(Clone, Default)]

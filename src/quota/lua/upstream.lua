@@ -1,7 +1,7 @@
 -- One slot in the shared upstream budget, a sliding window shared by every replica: the start
 -- times of the last `count` slots, oldest first, in a list. A slot starts now, or when the
 -- count-th most recent start leaves the window, or when a block ends, whichever is latest (the
--- rule `window_start` in quota/mod.rs states for the memory backend). Reserved ahead when it
+-- rule `window_start` in quota/upstream.rs states for the memory backend). Reserved ahead when it
 -- starts within max_wait: the caller then sleeps the returned delay. So `count` slots start at
 -- once from idle and no span of `per` ever holds more than `count` starts, on any replica.
 --

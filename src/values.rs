@@ -1,4 +1,8 @@
 //! Small value types parsed from strings: durations, rates, secrets.
+//!
+//! Below everything else in the crate: this module imports nothing from it, so configuration,
+//! quotas, the audit trail and the command line can all share these types without depending on
+//! one another (the quota limiter needs a `Rate`, not the configuration loader).
 
 use std::fmt;
 use std::time::Duration;
