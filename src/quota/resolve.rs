@@ -8,9 +8,9 @@
 
 use std::sync::{Arc, Mutex};
 
+use super::admission::Admission;
 use super::memory::{TeamSlot, lock};
 use super::plan::TeamPlan;
-use super::admission::Admission;
 use super::upstream::{UpState, Upstream};
 use super::{Inner, QuotaSettings, Quotas, Refusal};
 

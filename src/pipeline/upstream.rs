@@ -1,0 +1,68 @@
+//! One request's call to Greenhouse, repeatable with a fresh credential.
+
+use super::*;
+
+/// One request's upstream call, repeatable with another credential.
+pub(super) struct Upstream<'a> {
+    pub(super) gw: &'a Gateway,
+    pub(super) policy: &'a Policy,
+    pub(super) parts: &'a http::request::Parts,
+    pub(super) query: Option<&'a str>,
+    pub(super) body: Bytes,
+    pub(super) on_behalf_of: &'a str,
+    pub(super) request_id: &'a str,
+    pub(super) peer: SocketAddr,
+}
+
+impl Upstream<'_> {
+    pub(super) async fn send(
+        &self,
+        route: &Route,
+        authorization: HeaderValue,
+        ctx: &mut Context,
+    ) -> Result<Response<Incoming>, GatewayError> {
+        let (policy, rt) = (self.policy, &self.gw.runtime);
+        let op = &route.op;
+        // The account's budget at Greenhouse, shared by every team and replica.
+        policy.quotas.upstream_slot().await.map_err(|no| match no {
+            NoSlot::Later(wait) => GatewayError::UpstreamRateLimited {
+                retry_after_secs: ceil_secs(wait),
+            },
+            NoSlot::BackendUnavailable => {
+                rt.metrics.quota_rejection(ctx.team(), &op.id, "backend");
+                GatewayError::QuotaBackendUnavailable
+            }
+        })?;
+        let headers = proxy::upstream_headers(
+            &self.parts.headers,
+            Outbound {
+                upstream_host: &policy.upstream_host,
+                authorization,
+                on_behalf_of: self.on_behalf_of,
+                request_id: self.request_id,
+                client_ip: ctx.client_ip.unwrap_or(self.peer.ip()),
+            },
+        )?;
+        let cfg = &policy.config;
+        let uri = proxy::upstream_uri(&cfg.upstream.base_url, self.parts.uri.path(), self.query)?;
+        ctx.record.decision = Decision::Forwarded;
+        let sent = Instant::now();
+        let result = proxy::send(
+            &rt.client,
+            self.parts.method.clone(),
+            uri,
+            headers,
+            self.body.clone(),
+            cfg.upstream.timeout,
+        )
+        .await;
+        let took = sent.elapsed();
+        rt.metrics.upstream(&op.id, took.as_secs_f64());
+        ctx.record.upstream_duration_ms =
+            Some(ctx.record.upstream_duration_ms.unwrap_or(0.0) + took.as_secs_f64() * 1000.0);
+        if let Ok(r) = &result {
+            ctx.record.upstream_status = Some(r.status().as_u16());
+        }
+        result
+    }
+}
