@@ -259,7 +259,6 @@ impl Validators {
         }
     }
 
-    /// Checks a request body: media type, strict JSON, schema, attachments.
     /// Whether an operation's request body can carry attachments (base64 `content`).
     pub fn takes_attachments(&self, op: &Operation) -> bool {
         self.ops
@@ -268,6 +267,7 @@ impl Validators {
             .is_some_and(|b| b.media.iter().any(|m| !m.attachment_sites.is_empty()))
     }
 
+    /// Checks a request body: media type, strict JSON, schema, attachments.
     pub fn check_body(
         &self,
         op: &Operation,
