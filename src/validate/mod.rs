@@ -14,21 +14,29 @@
 //! integer that does not fit 64 bits into an `f64`. The upstream may read such a body differently
 //! from what we validated, so the gateway refuses it instead (see [`parse_json_strict`]).
 
-use std::cell::Cell;
+mod attachments;
+mod json;
+mod query;
+
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::Arc;
 
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD as BASE64;
 use http::HeaderValue;
 use jsonschema::error::{TypeKind, ValidationErrorKind};
 use jsonschema::{Draft, ValidationError, Validator};
-use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
-use serde_json::{Map, Number, Value};
+use serde_json::{Map, Value};
 
 use crate::error::FieldProblem;
 use crate::spec::{Operation, Spec};
+use attachments::{Step, find_attachment_sites, is_standard_base64};
+use query::{
+    QueryParam, UNPRINTABLE, check_query_param, compile_query_param, decode_component, safe_name,
+};
+
+pub use attachments::{attachment_headroom, base64_len, largest_attachment_fitting};
+pub use json::{parse_json_strict, reason};
+pub use query::QueryError;
 
 /// At most this many problems are reported for one request or response.
 pub const MAX_PROBLEMS: usize = 50;
@@ -36,9 +44,6 @@ pub const MAX_PROBLEMS: usize = 50;
 /// Instances with more values than this get only their first problem reported (see
 /// `collect_problems`).
 pub const FULL_REPORT_MAX_NODES: usize = 10_000;
-
-/// serde_json refuses nesting beyond 128 levels on its own, whatever `max_depth` says.
-const SERDE_JSON_RECURSION_LIMIT: usize = 128;
 
 /// Limits applied while validating bodies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,33 +67,6 @@ impl Default for ValidationOptions {
     }
 }
 
-/// What a body needs besides its attachments' base64 (the candidate's other fields): 64 KiB, or
-/// an eighth of a smaller body limit.
-pub fn attachment_headroom(max_body_bytes: u64) -> u64 {
-    (64 * 1024).min(max_body_bytes / 8)
-}
-
-/// The base64 length of `n` bytes (padded).
-pub fn base64_len(n: u64) -> u64 {
-    n.div_ceil(3).saturating_mul(4)
-}
-
-/// The largest attachment (decoded bytes) whose base64 fits in a body of `max_body_bytes` with
-/// [`attachment_headroom`] to spare.
-pub fn largest_attachment_fitting(max_body_bytes: u64) -> u64 {
-    max_body_bytes.saturating_sub(attachment_headroom(max_body_bytes)) / 4 * 3
-}
-
-/// Why a query string was refused.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum QueryError {
-    /// Names of parameters the spec does not declare for the operation, reduced to
-    /// `[A-Za-z0-9_.-]` and 64 characters (`(unprintable name)` when nothing is left), each once.
-    Undeclared(Vec<String>),
-    /// Declared parameters with malformed values; pointers are `/query/<name>[/<index>]`.
-    Invalid(Vec<FieldProblem>),
-}
-
 /// Why a body was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BodyError {
@@ -107,18 +85,6 @@ pub enum BodyError {
 pub struct BodyFacts {
     /// `external_id` of the top-level object, or of each top-level array element.
     pub external_ids: Vec<String>,
-}
-
-/// The fixed reasons carried by [`BodyError::InvalidJson`].
-pub mod reason {
-    pub const NOT_UTF8: &str = "the body is not valid UTF-8";
-    pub const MALFORMED: &str = "the body is not valid JSON";
-    pub const TRUNCATED: &str = "the body ends inside a JSON value";
-    pub const EMPTY: &str = "the body is empty";
-    pub const DUPLICATE_KEY: &str = "an object has the same key twice";
-    pub const TOO_DEEP: &str = "the JSON is nested too deeply";
-    pub const NUMBER_RANGE: &str =
-        "a number does not fit: integers must fit in signed 64 bits and numbers must be finite";
 }
 
 /// The validators of every operation of a spec.
@@ -166,40 +132,10 @@ struct MediaValidator {
     attachment_sites: Vec<Vec<Step>>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Step {
-    Prop(String),
-    Items,
-}
-
 struct Compiled {
     validator: Validator,
     /// Every property name the schema declares; other object keys are redacted in pointers.
     names: HashSet<String>,
-}
-
-struct QueryParam {
-    name: String,
-    required: bool,
-    shape: QueryShape,
-    schema: Compiled,
-}
-
-enum QueryShape {
-    Scalar(Coerce),
-    /// `delimiter` is `None` when exploded (one item per occurrence).
-    Array {
-        delimiter: Option<char>,
-        items: Coerce,
-    },
-}
-
-/// What a query string value may be read as before schema validation, from the schema's `type`.
-#[derive(Debug, Clone, Copy, Default)]
-struct Coerce {
-    integer: bool,
-    number: bool,
-    boolean: bool,
 }
 
 impl Validators {
@@ -372,7 +308,6 @@ impl OpValidators {
         }
     }
 
-    /// Checks a request body: media type, strict JSON, schema, attachments.
     /// Whether an operation's request body can carry attachments (base64 `content`).
     pub fn takes_attachments(&self) -> bool {
         self.body
@@ -380,6 +315,7 @@ impl OpValidators {
             .is_some_and(|b| b.media.iter().any(|m| !m.attachment_sites.is_empty()))
     }
 
+    /// Checks a request body: media type, strict JSON, schema, attachments.
     pub fn check_body(
         &self,
         content_type: Option<&HeaderValue>,
@@ -469,80 +405,6 @@ impl OpValidators {
         let mut problems = Vec::new();
         collect_problems(schema, &value, "", &mut problems);
         finish(problems)
-    }
-
-    /// Follows one attachment site's schema path through the instance and checks each item.
-    fn walk_attachments(
-        &self,
-        value: &Value,
-        steps: &[Step],
-        pointer: &mut String,
-        problems: &mut Vec<FieldProblem>,
-    ) {
-        let Some((step, rest)) = steps.split_first() else {
-            self.check_attachment(value, pointer, problems);
-            return;
-        };
-        let len = pointer.len();
-        match step {
-            Step::Prop(name) => {
-                if let Some(child) = value.as_object().and_then(|o| o.get(name)) {
-                    pointer.push('/');
-                    push_escaped(pointer, name);
-                    self.walk_attachments(child, rest, pointer, problems);
-                    pointer.truncate(len);
-                }
-            }
-            Step::Items => {
-                if let Some(items) = value.as_array() {
-                    for (i, item) in items.iter().enumerate() {
-                        pointer.push('/');
-                        pointer.push_str(itoa_usize(i).as_str());
-                        self.walk_attachments(item, rest, pointer, problems);
-                        pointer.truncate(len);
-                    }
-                }
-            }
-        }
-    }
-
-    fn check_attachment(&self, item: &Value, pointer: &str, problems: &mut Vec<FieldProblem>) {
-        // A non-object item is the schema's `type` problem, already reported.
-        let Some(obj) = item.as_object() else { return };
-        let content = obj.get("content").filter(|v| !v.is_null());
-        let url = obj.get("url").filter(|v| !v.is_null());
-        if content.is_some() == url.is_some() {
-            problems.push(problem(
-                pointer.to_string(),
-                "oneOf",
-                "must carry exactly one of content or url",
-            ));
-        }
-        if let Some(Value::String(c)) = content {
-            let decoded = decoded_len(c);
-            if decoded > self.opts.max_attachment_bytes {
-                problems.push(problem(
-                    format!("{pointer}/content"),
-                    "maxDecodedBytes",
-                    "decodes to more bytes than an attachment may have",
-                ));
-            } else if !is_standard_base64(c) {
-                problems.push(problem(
-                    format!("{pointer}/content"),
-                    "contentEncoding",
-                    "is not valid standard base64",
-                ));
-            }
-        }
-        if let Some(Value::String(u)) = url
-            && !is_https_url(u)
-        {
-            problems.push(problem(
-                format!("{pointer}/url"),
-                "format",
-                "must be an https URL",
-            ));
-        }
     }
 }
 
@@ -674,105 +536,6 @@ fn collect_names(v: &Value, names: &mut HashSet<String>) {
     }
 }
 
-/// Finds arrays whose item schema declares both `content` and `url`: the attachment lists.
-fn find_attachment_sites(
-    schema: &Value,
-    path: &mut Vec<Step>,
-    out: &mut Vec<Vec<Step>>,
-    depth: usize,
-) {
-    if depth > 64 {
-        return;
-    }
-    let Some(m) = schema.as_object() else { return };
-    if let Some(Value::Object(props)) = m.get("properties") {
-        for (name, sub) in props {
-            path.push(Step::Prop(name.clone()));
-            find_attachment_sites(sub, path, out, depth + 1);
-            path.pop();
-        }
-    }
-    if let Some(items) = m.get("items").filter(|i| i.is_object()) {
-        let declares = |k: &str| {
-            items
-                .get("properties")
-                .and_then(Value::as_object)
-                .is_some_and(|p| p.contains_key(k))
-        };
-        path.push(Step::Items);
-        if declares("content") && declares("url") && !out.contains(path) {
-            out.push(path.clone());
-        }
-        find_attachment_sites(items, path, out, depth + 1);
-        path.pop();
-    }
-    for k in ["allOf", "anyOf", "oneOf"] {
-        if let Some(Value::Array(subs)) = m.get(k) {
-            for sub in subs {
-                find_attachment_sites(sub, path, out, depth + 1);
-            }
-        }
-    }
-}
-
-fn compile_query_param(
-    options: &jsonschema::ValidationOptions<'_>,
-    p: &crate::spec::Parameter,
-) -> Result<QueryParam, String> {
-    let (schema, rewritten) = compile_schema(options, &p.schema)?;
-    let types = types_of(&rewritten);
-    let is_array = types.iter().any(|t| t == "array");
-    if types.iter().any(|t| t == "object") {
-        return Err("object-valued query parameters are not supported".into());
-    }
-    let style = p.style.as_deref().unwrap_or("form");
-    let shape = if is_array {
-        let explode = p.explode.unwrap_or(style == "form");
-        let delimiter = match (style, explode) {
-            (_, true) => None,
-            ("form", false) => Some(','),
-            ("spaceDelimited", false) => Some(' '),
-            ("pipeDelimited", false) => Some('|'),
-            (other, _) => return Err(format!("style {other} is not supported for arrays")),
-        };
-        let items = rewritten.get("items").map(coerce_for).unwrap_or_default();
-        QueryShape::Array { delimiter, items }
-    } else {
-        if style != "form" {
-            return Err(format!("style {style} is not supported for scalar values"));
-        }
-        QueryShape::Scalar(coerce_for(&rewritten))
-    };
-    Ok(QueryParam {
-        name: p.name.clone(),
-        required: p.required,
-        shape,
-        schema,
-    })
-}
-
-fn types_of(schema: &Value) -> Vec<String> {
-    match schema.get("type") {
-        Some(Value::String(t)) => vec![t.clone()],
-        Some(Value::Array(ts)) => ts
-            .iter()
-            .filter_map(Value::as_str)
-            .map(str::to_string)
-            .collect(),
-        _ => Vec::new(),
-    }
-}
-
-fn coerce_for(schema: &Value) -> Coerce {
-    let types = types_of(schema);
-    let has = |t: &str| types.iter().any(|x| x == t);
-    Coerce {
-        integer: has("integer"),
-        number: has("number"),
-        boolean: has("boolean"),
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Bodies
 
@@ -844,315 +607,6 @@ fn body_facts(value: &Value) -> BodyFacts {
         other => id(other).into_iter().collect(),
     };
     BodyFacts { external_ids }
-}
-
-/// Decoded size of a base64 text (exact when it is well formed).
-fn decoded_len(s: &str) -> usize {
-    let b = s.as_bytes();
-    let n = b.len();
-    let full = n / 4 * 3;
-    if n.is_multiple_of(4) {
-        let pad = b.iter().rev().take(2).take_while(|&&c| c == b'=').count();
-        full - pad.min(full)
-    } else {
-        full + (n % 4) * 3 / 4
-    }
-}
-
-/// Standard alphabet, canonical padding, no whitespace; decoded in chunks onto the stack so a
-/// 5 MiB attachment costs no allocation.
-fn is_standard_base64(s: &str) -> bool {
-    const CHUNK: usize = 1024;
-    let b = s.as_bytes();
-    if !b.len().is_multiple_of(4) {
-        return false;
-    }
-    let mut out = [0u8; CHUNK];
-    let mut chunks = b.chunks(CHUNK).peekable();
-    while let Some(chunk) = chunks.next() {
-        // Padding may only end the whole text, not a chunk in the middle.
-        if chunks.peek().is_some() && chunk.last() == Some(&b'=') {
-            return false;
-        }
-        if BASE64.decode_slice(chunk, &mut out).is_err() {
-            return false;
-        }
-    }
-    true
-}
-
-fn is_https_url(u: &str) -> bool {
-    u.len() > "https://".len()
-        && u.get(..8)
-            .is_some_and(|scheme| scheme.eq_ignore_ascii_case("https://"))
-}
-
-// ---------------------------------------------------------------------------------------------
-// Strict JSON
-
-/// Parses a body as strict JSON: UTF-8, no duplicate object keys at any depth, nesting within
-/// `max_depth` (the top-level container is depth 1), integers within signed 64 bits and finite
-/// numbers. A number written with a fraction or an exponent whose magnitude is 2^63 or more is
-/// refused too: every such `f64` is an integer to JSON Schema, and one that does not fit.
-pub fn parse_json_strict(body: &[u8], max_depth: usize) -> Result<Value, &'static str> {
-    let text = std::str::from_utf8(body).map_err(|_| reason::NOT_UTF8)?;
-    let failure = Cell::new(None);
-    let mut de = serde_json::Deserializer::from_str(text);
-    let seed = Strict {
-        depth: 0,
-        max_depth,
-        failure: &failure,
-    };
-    seed.deserialize(&mut de)
-        .and_then(|v| de.end().map(|()| v))
-        .map_err(|e| failure.get().unwrap_or_else(|| classify(&e)))
-}
-
-fn classify(e: &serde_json::Error) -> &'static str {
-    if e.is_eof() {
-        return reason::TRUNCATED;
-    }
-    // serde_json's messages are stable and never quote the input.
-    let msg = e.to_string();
-    if msg.starts_with("recursion limit exceeded") {
-        reason::TOO_DEEP
-    } else if msg.starts_with("number out of range") {
-        reason::NUMBER_RANGE
-    } else {
-        reason::MALFORMED
-    }
-}
-
-#[derive(Clone, Copy)]
-struct Strict<'a> {
-    depth: usize,
-    max_depth: usize,
-    /// Our own refusal, so the caller reports it rather than serde's wrapped message.
-    failure: &'a Cell<Option<&'static str>>,
-}
-
-impl Strict<'_> {
-    fn fail<E: de::Error>(&self, why: &'static str) -> E {
-        self.failure.set(Some(why));
-        E::custom(why)
-    }
-
-    fn child(&self) -> Result<Self, &'static str> {
-        let depth = self.depth + 1;
-        if depth > self.max_depth || depth > SERDE_JSON_RECURSION_LIMIT {
-            return Err(reason::TOO_DEEP);
-        }
-        Ok(Strict {
-            depth,
-            max_depth: self.max_depth,
-            failure: self.failure,
-        })
-    }
-}
-
-impl<'de> DeserializeSeed<'de> for Strict<'_> {
-    type Value = Value;
-
-    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
-        d.deserialize_any(self)
-    }
-}
-
-impl<'de> Visitor<'de> for Strict<'_> {
-    type Value = Value;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a JSON value")
-    }
-
-    fn visit_bool<E: de::Error>(self, v: bool) -> Result<Value, E> {
-        Ok(Value::Bool(v))
-    }
-
-    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Value, E> {
-        Ok(Value::from(v))
-    }
-
-    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Value, E> {
-        match i64::try_from(v) {
-            Ok(v) => Ok(Value::from(v)),
-            Err(_) => Err(self.fail(reason::NUMBER_RANGE)),
-        }
-    }
-
-    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Value, E> {
-        // serde_json also lands here for integer literals beyond u64/i64.
-        const TWO_POW_63: f64 = 9_223_372_036_854_775_808.0;
-        match Number::from_f64(v) {
-            Some(n) if v.abs() < TWO_POW_63 => Ok(Value::Number(n)),
-            _ => Err(self.fail(reason::NUMBER_RANGE)),
-        }
-    }
-
-    fn visit_str<E: de::Error>(self, v: &str) -> Result<Value, E> {
-        Ok(Value::String(v.to_string()))
-    }
-
-    fn visit_string<E: de::Error>(self, v: String) -> Result<Value, E> {
-        Ok(Value::String(v))
-    }
-
-    fn visit_unit<E: de::Error>(self) -> Result<Value, E> {
-        Ok(Value::Null)
-    }
-
-    fn visit_none<E: de::Error>(self) -> Result<Value, E> {
-        Ok(Value::Null)
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
-        let child = self.child().map_err(|why| self.fail(why))?;
-        let mut out = Vec::new();
-        while let Some(v) = seq.next_element_seed(child)? {
-            out.push(v);
-        }
-        Ok(Value::Array(out))
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
-        let child = self.child().map_err(|why| self.fail(why))?;
-        let mut out = Map::new();
-        while let Some(key) = map.next_key::<String>()? {
-            if out.contains_key(&key) {
-                return Err(self.fail(reason::DUPLICATE_KEY));
-            }
-            let v = map.next_value_seed(child)?;
-            out.insert(key, v);
-        }
-        Ok(Value::Object(out))
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Query
-
-const UNPRINTABLE: &str = "(unprintable name)";
-
-fn check_query_param(param: &QueryParam, given: &[&str], problems: &mut Vec<FieldProblem>) {
-    let at = || format!("/query/{}", escape(&param.name));
-    if given.is_empty() {
-        if param.required {
-            problems.push(problem(at(), "required", "is required"));
-        }
-        return;
-    }
-    let mut decoded = Vec::with_capacity(given.len());
-    for raw in given {
-        match decode_component(raw) {
-            Ok(v) => decoded.push(v),
-            Err(()) => {
-                problems.push(problem(
-                    at(),
-                    "encoding",
-                    "is not valid UTF-8 once percent-decoded",
-                ));
-                return;
-            }
-        }
-    }
-    let instance = match &param.shape {
-        QueryShape::Scalar(coerce) => {
-            if decoded.len() > 1 {
-                problems.push(problem(at(), "style", "must be given once"));
-                return;
-            }
-            coerce_value(&decoded[0], *coerce)
-        }
-        QueryShape::Array {
-            delimiter: None,
-            items,
-        } => Value::Array(decoded.iter().map(|v| coerce_value(v, *items)).collect()),
-        QueryShape::Array {
-            delimiter: Some(d),
-            items,
-        } => {
-            if decoded.len() > 1 {
-                problems.push(problem(
-                    at(),
-                    "style",
-                    "must be given once, its items separated by the style's delimiter",
-                ));
-                return;
-            }
-            let text = &decoded[0];
-            if text.is_empty() {
-                Value::Array(Vec::new())
-            } else {
-                Value::Array(text.split(*d).map(|v| coerce_value(v, *items)).collect())
-            }
-        }
-    };
-    if !param.schema.validator.is_valid(&instance) {
-        collect_problems(&param.schema, &instance, &at(), problems);
-    }
-}
-
-/// Reads a query value as the schema's type when it parses as one; otherwise leaves it a string
-/// so the schema reports `type` at its index.
-fn coerce_value(text: &str, c: Coerce) -> Value {
-    let integer_like = |s: &str| {
-        !s.is_empty()
-            && s.strip_prefix('-')
-                .unwrap_or(s)
-                .bytes()
-                .all(|b| b.is_ascii_digit())
-    };
-    if c.integer
-        && integer_like(text)
-        && let Ok(i) = text.parse::<i64>()
-    {
-        return Value::from(i);
-    }
-    if c.number
-        && !text.starts_with('+')
-        && let Some(n) = text.parse::<f64>().ok().and_then(Number::from_f64)
-    {
-        return Value::Number(n);
-    }
-    if c.boolean {
-        match text {
-            "true" => return Value::Bool(true),
-            "false" => return Value::Bool(false),
-            _ => {}
-        }
-    }
-    Value::String(text.to_string())
-}
-
-/// `application/x-www-form-urlencoded` decoding of one name or value: `+` is a space, then
-/// percent-decoding; `Err` when the result is not UTF-8.
-fn decode_component(raw: &str) -> Result<std::borrow::Cow<'_, str>, ()> {
-    use std::borrow::Cow;
-    let spaced: Cow<'_, str> = if raw.contains('+') {
-        Cow::Owned(raw.replace('+', " "))
-    } else {
-        Cow::Borrowed(raw)
-    };
-    if !spaced.contains('%') {
-        return Ok(spaced);
-    }
-    let decoded = percent_encoding::percent_decode_str(&spaced)
-        .decode_utf8()
-        .map_err(|_| ())?;
-    Ok(Cow::Owned(decoded.into_owned()))
-}
-
-fn safe_name(name: &str) -> String {
-    let s: String = name
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
-        .take(64)
-        .collect();
-    if s.is_empty() {
-        UNPRINTABLE.to_string()
-    } else {
-        s
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1398,24 +852,6 @@ mod tests {
             openapi_to_json_schema(&s),
             serde_json::json!({"type": "integer", "exclusiveMinimum": 3})
         );
-    }
-
-    #[test]
-    fn decoded_len_matches_real_decoding() {
-        for n in 0..20usize {
-            let data = vec![7u8; n];
-            let text = BASE64.encode(&data);
-            assert_eq!(decoded_len(&text), n);
-            assert!(is_standard_base64(&text));
-        }
-    }
-
-    #[test]
-    fn padding_in_the_middle_of_a_long_text_is_refused() {
-        let mut text = "A".repeat(1022);
-        text.push_str("==");
-        text.push_str("AAAA");
-        assert!(!is_standard_base64(&text));
     }
 
     #[test]
