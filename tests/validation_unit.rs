@@ -1291,3 +1291,38 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn one_query_pass_finds_undeclared_names_malformed_values_and_the_declared_pairs_as_received() {
+    let v = seed()
+        .validators
+        .operation(op("listPartnerCandidates"))
+        .expect("compiled");
+    let found = v.inspect_query(Some("candidate_ids=abc&secret=CANARY&candidate_ids=2"));
+    assert_eq!(found.undeclared, vec!["secret".to_string()]);
+    assert!(!found.invalid.is_empty(), "abc is not an id");
+    assert!(
+        found
+            .invalid
+            .iter()
+            .all(|p| p.pointer.starts_with("/query/candidate_ids"))
+    );
+    assert_eq!(
+        found.declared.as_deref(),
+        Some("candidate_ids=abc&candidate_ids=2"),
+        "declared pairs byte for byte, undeclared ones left out"
+    );
+    assert_no_canary(&found);
+    // The same findings as the two-step check gives.
+    assert!(matches!(
+        v.check_query(Some("candidate_ids=abc&secret=1")),
+        Err(QueryError::Undeclared(_))
+    ));
+    assert_eq!(
+        v.inspect_query(Some("candidate_ids=1,2")),
+        greenhouse_gateway::validate::QueryFindings {
+            declared: Some("candidate_ids=1,2".into()),
+            ..Default::default()
+        }
+    );
+}

@@ -56,43 +56,35 @@ pub(super) fn check_query(
 ) -> Result<Option<String>, GatewayError> {
     let (op, name) = (&route.op, team.team.name.as_str());
     let mode = team.team.validation;
-    let metrics = &gw.runtime.metrics;
-    match route.validators.check_query(raw) {
-        Ok(()) => Ok(raw.map(str::to_string)),
-        Err(QueryError::Undeclared(names)) if mode == ValidationMode::Enforce => {
-            Err(GatewayError::UndeclaredQuery(names))
-        }
-        Err(QueryError::Undeclared(names)) => {
-            metrics.validation_failure(name, &op.id, "report");
-            for n in &names {
-                ctx.validation.push(json!({"in": "query", "pointer": format!("/query/{n}"), "keyword": "undeclared"}));
-            }
-            let kept: Vec<&str> = raw
-                .unwrap_or("")
-                .split('&')
-                .filter(|pair| {
-                    let name = pair.split('=').next().unwrap_or("").replace('+', " ");
-                    let name = percent_encoding::percent_decode_str(&name).decode_utf8_lossy();
-                    !name.is_empty() && op.declares_query(&name)
-                })
-                .collect();
-            // What is left may itself be malformed: recorded too, still forwarded.
-            let kept = (!kept.is_empty()).then(|| kept.join("&"));
-            if let Err(QueryError::Invalid(p)) = route.validators.check_query(kept.as_deref()) {
-                ctx.note_problems("query", &p);
-            }
-            Ok(kept)
-        }
-        Err(QueryError::Invalid(problems)) => {
-            metrics.validation_failure(name, &op.id, mode.as_str());
-            if mode == ValidationMode::Report {
-                ctx.note_problems("query", &problems);
-                Ok(raw.map(str::to_string))
-            } else {
-                Err(GatewayError::ValidationFailed(problems))
-            }
-        }
+    let found = route.validators.inspect_query(raw);
+    if found.undeclared.is_empty() && found.invalid.is_empty() {
+        return Ok(raw.map(str::to_string));
     }
+    if mode == ValidationMode::Enforce {
+        if !found.undeclared.is_empty() {
+            return Err(GatewayError::UndeclaredQuery(found.undeclared));
+        }
+        gw.runtime
+            .metrics
+            .validation_failure(name, &op.id, mode.as_str());
+        return Err(GatewayError::ValidationFailed(found.invalid));
+    }
+    gw.runtime
+        .metrics
+        .validation_failure(name, &op.id, mode.as_str());
+    for n in &found.undeclared {
+        ctx.validation.push(
+            json!({"in": "query", "pointer": format!("/query/{n}"), "keyword": "undeclared"}),
+        );
+    }
+    ctx.note_problems("query", &found.invalid);
+    // Undeclared parameters are dropped (and recorded); malformed declared ones are recorded
+    // and still forwarded.
+    Ok(if found.undeclared.is_empty() {
+        raw.map(str::to_string)
+    } else {
+        found.declared
+    })
 }
 
 /// Media type, strict JSON and schema. Malformed JSON and wrong media types are refused in both

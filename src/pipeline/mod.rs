@@ -39,7 +39,7 @@ use crate::proxy::body::{Finished, ObservedBody, OnFinish};
 use crate::proxy::deadline::ResponseDeadline;
 use crate::proxy::{self, Outbound, encoding, target};
 use crate::quota::{NoSlot, Refusal};
-use crate::validate::{BodyError, QueryError};
+use crate::validate::BodyError;
 
 mod checks;
 mod inbound;

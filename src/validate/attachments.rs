@@ -7,7 +7,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use serde_json::Value;
 
-use super::{Validators, itoa_usize, problem, push_escaped};
+use super::{OpValidators, itoa_usize, problem, push_escaped};
 use crate::error::FieldProblem;
 
 /// What a body needs besides its attachments' base64 (the candidate's other fields): 64 KiB, or
@@ -116,7 +116,7 @@ fn is_https_url(u: &str) -> bool {
             .is_some_and(|scheme| scheme.eq_ignore_ascii_case("https://"))
 }
 
-impl Validators {
+impl OpValidators {
     /// Follows one attachment site's schema path through the instance and checks each item.
     pub(super) fn walk_attachments(
         &self,

@@ -87,6 +87,17 @@ pub struct BodyFacts {
     pub external_ids: Vec<String>,
 }
 
+/// What [`OpValidators::inspect_query`] found.
+#[derive(Debug, Default, PartialEq)]
+pub struct QueryFindings {
+    /// Undeclared parameter names (printable forms, each once).
+    pub undeclared: Vec<String>,
+    /// Malformed values of declared parameters (and missing required ones).
+    pub invalid: Vec<FieldProblem>,
+    /// The declared pairs exactly as received, joined with `&`; `None` when there are none.
+    pub declared: Option<String>,
+}
+
 /// The validators of every operation of a spec.
 pub struct Validators {
     ops: HashMap<String, Arc<OpValidators>>,
@@ -263,26 +274,42 @@ impl Validators {
 impl OpValidators {
     /// Checks the query string as received (raw, percent-encoded). Undeclared parameters come
     /// first (400); then declared parameters with malformed values (422).
+    pub fn check_query(&self, raw_query: Option<&str>) -> Result<(), QueryError> {
+        let found = self.inspect_query(raw_query);
+        if !found.undeclared.is_empty() {
+            Err(QueryError::Undeclared(found.undeclared))
+        } else if !found.invalid.is_empty() {
+            Err(QueryError::Invalid(found.invalid))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Everything about a query string in one pass: the undeclared parameters, the malformed
+    /// values of declared ones, and the declared pairs as received (what report mode forwards).
     ///
     /// Values are percent-decoded (`+` is a space) before they are split on the style's
     /// delimiter, so `candidate_ids=1%2C2` is two ids: that is how the upstream reads it.
-    pub fn check_query(&self, raw_query: Option<&str>) -> Result<(), QueryError> {
-        let ov = self;
+    pub fn inspect_query(&self, raw_query: Option<&str>) -> QueryFindings {
         let raw = raw_query.unwrap_or("");
-        if raw.is_empty() && !ov.query.iter().any(|p| p.required) {
-            return Ok(());
+        if raw.is_empty() && !self.query.iter().any(|p| p.required) {
+            return QueryFindings::default();
         }
-        let mut values: Vec<Vec<&str>> = vec![Vec::new(); ov.query.len()];
+        let mut values: Vec<Vec<&str>> = vec![Vec::new(); self.query.len()];
         let mut undeclared: Vec<String> = Vec::new();
+        let mut declared: Vec<&str> = Vec::new();
         for pair in raw.split('&').filter(|p| !p.is_empty()) {
             let (raw_name, raw_value) = pair.split_once('=').unwrap_or((pair, ""));
             let name = decode_component(raw_name);
             let found = match &name {
-                Ok(n) => ov.query.iter().position(|p| p.name == n.as_ref()),
+                Ok(n) => self.query.iter().position(|p| p.name == n.as_ref()),
                 Err(()) => None,
             };
             match found {
-                Some(i) => values[i].push(raw_value),
+                Some(i) => {
+                    values[i].push(raw_value);
+                    declared.push(pair);
+                }
                 None => {
                     let shown = match &name {
                         Ok(n) => safe_name(n),
@@ -294,17 +321,18 @@ impl OpValidators {
                 }
             }
         }
-        if !undeclared.is_empty() {
-            return Err(QueryError::Undeclared(undeclared));
-        }
         let mut problems = Vec::new();
-        for (param, given) in ov.query.iter().zip(&values) {
+        for (param, given) in self.query.iter().zip(&values) {
             check_query_param(param, given, &mut problems);
         }
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(QueryError::Invalid(finish(problems)))
+        QueryFindings {
+            undeclared,
+            invalid: if problems.is_empty() {
+                problems
+            } else {
+                finish(problems)
+            },
+            declared: (!declared.is_empty()).then(|| declared.join("&")),
         }
     }
 
