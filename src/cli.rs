@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{self, Config, Credential};
+use crate::config::{self, Config, CredentialSettings};
 use crate::sandbox::{Sandbox, SandboxOptions};
 
 #[derive(Parser, Debug)]
@@ -524,10 +524,12 @@ pub fn sandbox_options_for(cfg: &Config) -> SandboxOptions {
     };
     for c in cfg.credentials.values() {
         match c {
-            Credential::OAuth2(o) => opts
+            CredentialSettings::OAuth2(o) => opts
                 .clients
                 .push((o.client_id.clone(), o.client_secret.expose().to_string())),
-            Credential::Basic { api_key } => opts.partner_keys.push(api_key.expose().to_string()),
+            CredentialSettings::Basic { api_key } => {
+                opts.partner_keys.push(api_key.expose().to_string())
+            }
         }
     }
     opts.issuer = cfg.issuers.first().map(|i| i.issuer.clone());

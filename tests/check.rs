@@ -11,7 +11,7 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use greenhouse_gateway::config::{self, Credential};
+use greenhouse_gateway::config::{self, CredentialSettings};
 use tempfile::TempDir;
 
 /// The unset variable the broken fixture names (it must stay unset for `check`).
@@ -611,7 +611,7 @@ fn secret_file_is_read_relative_to_the_config_folder_and_never_printed() {
 
     let cfg = config::load(&config_path).unwrap_or_else(|p| panic!("{p:?}"));
     match cfg.credentials.get("default") {
-        Some(Credential::OAuth2(o)) => {
+        Some(CredentialSettings::OAuth2(o)) => {
             assert_eq!(o.client_secret.expose(), format!("{CANARY}-file"))
         }
         other => panic!("unexpected credential {other:?}"),

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use greenhouse_gateway::auth::upstream::UpstreamCredentials;
-use greenhouse_gateway::config::{ClientAuth, Credential, OAuth2Credential};
+use greenhouse_gateway::auth::upstream::{ClientAuth, CredentialSettings, OAuth2Credential};
 use greenhouse_gateway::http_client::build_client;
 use greenhouse_gateway::metrics::Metrics;
 use greenhouse_gateway::sandbox::SandboxOptions;
@@ -178,7 +178,7 @@ fn credentials_for(url: &str, timeout: Duration) -> UpstreamCredentials {
     let mut map = BTreeMap::new();
     map.insert(
         "default".to_string(),
-        Credential::OAuth2(OAuth2Credential {
+        CredentialSettings::OAuth2(OAuth2Credential {
             token_url: url.parse().unwrap(),
             client_id: "gateway".into(),
             client_secret: Secret::new(STUB_SECRET),

@@ -30,10 +30,10 @@ use http::{HeaderMap, HeaderValue, Method, Request, header};
 use rand::Rng;
 use serde_json::Value;
 
-use crate::config::{ClientAuth, Credential as CredentialConfig, OAuth2Credential};
 use crate::error::GatewayError;
 use crate::http_client::{FetchError, HttpClient, error_chain, fetch, full_body};
 use crate::metrics::Metrics;
+use crate::values::Secret;
 
 /// Lifetime assumed when the token endpoint states none, or an absurd one.
 const DEFAULT_LIFETIME: Duration = Duration::from_secs(300);
@@ -48,6 +48,42 @@ const MAX_PAUSE: Duration = Duration::from_secs(3600);
 pub const MIN_UNAUTHORIZED_REFETCH: Duration = Duration::from_secs(5);
 /// Most `On-Behalf-Of` users remembered as refused with the current token.
 const MAX_REFUSED_USERS: usize = 64;
+
+/// A `[credentials.<name>]` table, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CredentialSettings {
+    OAuth2(OAuth2Credential),
+    Basic { api_key: Secret },
+}
+
+impl CredentialSettings {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            CredentialSettings::OAuth2(_) => "oauth2_client_credentials",
+            CredentialSettings::Basic { .. } => "basic",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// `client_secret_basic`: HTTP Basic with the client id and secret.
+    Basic,
+    /// `client_secret_post`: both in the form body.
+    Post,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OAuth2Credential {
+    pub token_url: http::Uri,
+    pub client_id: String,
+    pub client_secret: Secret,
+    pub scope: Option<String>,
+    pub client_auth: ClientAuth,
+    pub refresh_before: Duration,
+    pub timeout: Duration,
+    pub extra_params: BTreeMap<String, String>,
+}
 
 /// All configured credentials, by name.
 #[derive(Clone)]
@@ -67,7 +103,7 @@ pub struct Credential {
 
 struct Source {
     /// The settings it was built from, to tell on reload whether they changed.
-    configured: CredentialConfig,
+    configured: CredentialSettings,
     kind: Kind,
     /// Set after an upstream 429: no call with this credential until then.
     paused_until: Mutex<Option<Instant>>,
@@ -113,7 +149,7 @@ struct Token {
 
 impl UpstreamCredentials {
     pub fn new(
-        credentials: &BTreeMap<String, CredentialConfig>,
+        credentials: &BTreeMap<String, CredentialSettings>,
         client: HttpClient,
         metrics: Metrics,
     ) -> Self {
@@ -124,7 +160,7 @@ impl UpstreamCredentials {
     /// is the same credential (its token, its pause and its refresher are kept); a changed or new
     /// one starts without a token (call [`UpstreamCredentials::start`]); a removed one is
     /// dropped, and its refresher ends with it.
-    pub fn reconfigured(&self, credentials: &BTreeMap<String, CredentialConfig>) -> Self {
+    pub fn reconfigured(&self, credentials: &BTreeMap<String, CredentialSettings>) -> Self {
         UpstreamCredentials::build(
             credentials,
             self.client.clone(),
@@ -134,7 +170,7 @@ impl UpstreamCredentials {
     }
 
     fn build(
-        credentials: &BTreeMap<String, CredentialConfig>,
+        credentials: &BTreeMap<String, CredentialSettings>,
         client: HttpClient,
         metrics: Metrics,
         previous: Option<&UpstreamCredentials>,
@@ -278,16 +314,16 @@ impl Credential {
 }
 
 impl Source {
-    fn new(name: &str, c: &CredentialConfig, client: &HttpClient, metrics: &Metrics) -> Source {
+    fn new(name: &str, c: &CredentialSettings, client: &HttpClient, metrics: &Metrics) -> Source {
         let kind = match c {
-            CredentialConfig::Basic { api_key } => {
+            CredentialSettings::Basic { api_key } => {
                 let encoded = STANDARD.encode(format!("{}:", api_key.expose()));
                 let mut v = HeaderValue::from_str(&format!("Basic {encoded}"))
                     .unwrap_or_else(|_| HeaderValue::from_static("Basic"));
                 v.set_sensitive(true);
                 Kind::Basic(v)
             }
-            CredentialConfig::OAuth2(cfg) => Kind::OAuth2(Arc::new(TokenSource {
+            CredentialSettings::OAuth2(cfg) => Kind::OAuth2(Arc::new(TokenSource {
                 name: name.to_string(),
                 cfg: cfg.clone(),
                 client: client.clone(),

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::auth::jwks::IssuerConfig;
+pub use crate::auth::upstream::{ClientAuth, CredentialSettings, OAuth2Credential};
 use crate::policy::Teams;
+pub use crate::server::Tls;
 use crate::spec::Spec;
 use crate::values::Secret;
 
@@ -19,7 +21,7 @@ pub struct Config {
     pub listen: Listen,
     pub admin: Admin,
     pub upstream: Upstream,
-    pub credentials: BTreeMap<String, Credential>,
+    pub credentials: BTreeMap<String, CredentialSettings>,
     pub issuers: Vec<IssuerConfig>,
     pub limits: Limits,
     pub teams: Teams,
@@ -51,13 +53,6 @@ pub struct Listen {
 }
 
 #[derive(Debug, Clone)]
-pub struct Tls {
-    pub cert: PathBuf,
-    pub key: PathBuf,
-    pub client_ca: Option<PathBuf>,
-}
-
-#[derive(Debug, Clone)]
 pub struct Admin {
     pub addr: SocketAddr,
     pub token: Option<Secret>,
@@ -72,41 +67,6 @@ pub struct Upstream {
     pub timeout: Duration,
     pub connect_timeout: Duration,
     pub ca_file: Option<PathBuf>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Credential {
-    OAuth2(OAuth2Credential),
-    Basic { api_key: Secret },
-}
-
-impl Credential {
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Credential::OAuth2(_) => "oauth2_client_credentials",
-            Credential::Basic { .. } => "basic",
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ClientAuth {
-    /// `client_secret_basic`: HTTP Basic with the client id and secret.
-    Basic,
-    /// `client_secret_post`: both in the form body.
-    Post,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OAuth2Credential {
-    pub token_url: http::Uri,
-    pub client_id: String,
-    pub client_secret: Secret,
-    pub scope: Option<String>,
-    pub client_auth: ClientAuth,
-    pub refresh_before: Duration,
-    pub timeout: Duration,
-    pub extra_params: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone)]

@@ -312,7 +312,7 @@ fn credential(
     c: &CredentialFile,
     base: &Path,
     secrets: &dyn SecretSource,
-) -> Option<Credential> {
+) -> Option<CredentialSettings> {
     const OAUTH2_ONLY: [&str; 8] = [
         "token_url",
         "client_id",
@@ -351,7 +351,7 @@ fn credential(
                 return None;
             };
             r.secret(&format!("{key}.api_key"), api_key, base, secrets)
-                .map(|api_key| Credential::Basic { api_key })
+                .map(|api_key| CredentialSettings::Basic { api_key })
         }
         "oauth2_client_credentials" => {
             if c.api_key.is_some() {
@@ -416,7 +416,7 @@ fn credential(
             );
             match (token_url, secret) {
                 (Some(token_url), Some(client_secret)) if !client_id.is_empty() => {
-                    Some(Credential::OAuth2(OAuth2Credential {
+                    Some(CredentialSettings::OAuth2(OAuth2Credential {
                         token_url,
                         client_id,
                         client_secret,

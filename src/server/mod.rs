@@ -27,7 +27,7 @@ use crate::http_client::build_client;
 use crate::metrics::Metrics;
 use crate::pipeline::{BodyBudget, PeerAddr};
 
-pub use tls::acceptor as tls_acceptor;
+pub use tls::{Tls, acceptor as tls_acceptor};
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
