@@ -56,6 +56,8 @@ pub enum Command {
     Check {
         #[arg(long, default_value = "policies/gateway.toml")]
         config: PathBuf,
+        #[command(flatten)]
+        explain: ExplainArgs,
     },
     /// Verify or query audit trails.
     Audit {
@@ -74,6 +76,34 @@ pub enum Command {
         #[arg(long, default_value = "2s", value_parser = crate::values::parse_duration)]
         timeout: Duration,
     },
+}
+
+/// `check --explain`: what the gateway would do with one request, without sending it.
+#[derive(clap::Args, Debug, Default)]
+pub struct ExplainArgs {
+    /// Explain the decision for one request instead of printing the summary (exit 0: it would be
+    /// forwarded; 3: the gateway would refuse it; 1: the configuration has problems).
+    #[arg(long, requires = "path")]
+    pub explain: bool,
+    /// The request's method.
+    #[arg(long, default_value = "GET", requires = "explain")]
+    pub method: String,
+    /// Path and query as the caller sends them, e.g. `/v1/partner/candidates?per_page=5`.
+    #[arg(long, requires = "explain")]
+    pub path: Option<String>,
+    /// The caller's token claims as JSON (taken as given: no signature is checked).
+    #[arg(long, requires = "explain", conflicts_with = "token_file")]
+    pub claims: Option<String>,
+    /// A real token in a file (`-` reads standard input); its signature is checked against the
+    /// configured issuers' keys.
+    #[arg(long, requires = "explain")]
+    pub token_file: Option<PathBuf>,
+    /// A request header, `Name: value` (repeatable), e.g. `On-Behalf-Of: someone@example.com`.
+    #[arg(long = "header", requires = "explain")]
+    pub headers: Vec<String>,
+    /// The request body, from a file.
+    #[arg(long, requires = "explain")]
+    pub body: Option<PathBuf>,
 }
 
 #[allow(clippy::large_enum_variant)]
@@ -140,7 +170,10 @@ pub fn init_tracing(json: bool) {
 /// Runs a command; the returned code is the process exit code.
 pub async fn run(cli: Cli) -> i32 {
     match cli.command {
-        Command::Check { config } => check(&config),
+        Command::Check { config, explain } if explain.explain => {
+            check_explain(&config, explain).await
+        }
+        Command::Check { config, .. } => check(&config),
         Command::Serve { config } => match load_or_print(&config) {
             None => 1,
             Some(cfg) => serve(cfg).await,
@@ -288,6 +321,112 @@ pub fn check(path: &Path) -> i32 {
             0
         }
     }
+}
+
+/// `check --explain`: loads the configuration as `check` does, resolves its policy without
+/// starting anything, and prints the decision step by step.
+async fn check_explain(path: &Path, args: ExplainArgs) -> i32 {
+    let usage = |why: String| {
+        eprintln!("check --explain: {why}");
+        2
+    };
+    let Some(cfg) = load_or_print(path) else {
+        return 1;
+    };
+    let Ok(method) = http::Method::from_bytes(args.method.to_ascii_uppercase().as_bytes()) else {
+        return usage("--method is not an HTTP method".into());
+    };
+    let identity = match (&args.claims, &args.token_file) {
+        (Some(json), None) => match serde_json::from_str::<serde_json::Value>(json) {
+            Ok(serde_json::Value::Object(claims)) => crate::pipeline::Identity::Claims(claims),
+            _ => return usage("--claims must be a JSON object".into()),
+        },
+        (None, Some(file)) => {
+            let read = if file.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin())
+            } else {
+                std::fs::read_to_string(file)
+            };
+            match read {
+                Ok(token) => crate::pipeline::Identity::Token(token.trim().to_string()),
+                Err(e) => return usage(format!("cannot read {}: {e}", file.display())),
+            }
+        }
+        _ => return usage("give the caller's --claims or a --token-file".into()),
+    };
+    let mut headers = http::HeaderMap::new();
+    for h in &args.headers {
+        let parsed = h.split_once(':').and_then(|(n, v)| {
+            Some((
+                http::HeaderName::from_bytes(n.trim().as_bytes()).ok()?,
+                http::HeaderValue::from_str(v.trim()).ok()?,
+            ))
+        });
+        match parsed {
+            Some((n, v)) => {
+                headers.append(n, v);
+            }
+            None => return usage("--header must be `Name: value`".into()),
+        }
+    }
+    let body = match &args.body {
+        None => bytes::Bytes::new(),
+        Some(file) => match std::fs::read(file) {
+            Ok(b) => {
+                if !headers.contains_key(http::header::CONTENT_TYPE) {
+                    headers.insert(
+                        http::header::CONTENT_TYPE,
+                        http::HeaderValue::from_static("application/json"),
+                    );
+                }
+                bytes::Bytes::from(b)
+            }
+            Err(e) => return usage(format!("cannot read {}: {e}", file.display())),
+        },
+    };
+    let policy = match offline_policy(cfg) {
+        Ok(p) => p,
+        Err(why) => {
+            eprintln!("cannot resolve the policy: {why}");
+            return 1;
+        }
+    };
+    let explained = crate::pipeline::explain(
+        &policy,
+        crate::pipeline::Explain {
+            method,
+            target: args.path.unwrap_or_default(),
+            headers,
+            body,
+            identity,
+        },
+    )
+    .await;
+    print!("{}", explained.render());
+    if explained.code == "forwarded" { 0 } else { 3 }
+}
+
+/// The policy of a configuration, resolved without starting anything: no key or token is
+/// fetched (a real token's issuer keys are fetched when it is verified), no quota backend is
+/// contacted.
+fn offline_policy(cfg: Config) -> Result<crate::gateway::Policy, String> {
+    let cfg = std::sync::Arc::new(cfg);
+    let client = crate::http_client::build_client(
+        cfg.upstream.ca_file.as_deref(),
+        cfg.upstream.connect_timeout,
+    )
+    .map_err(|e| e.to_string())?;
+    let verifier = crate::auth::jwt::Verifier::new(cfg.issuers.clone(), client.clone());
+    let credentials = crate::auth::upstream::UpstreamCredentials::new(
+        &cfg.credentials,
+        client,
+        crate::metrics::Metrics::new(),
+    );
+    let quotas = crate::quota::Quotas::with_clock(
+        cfg.quota.clone(),
+        std::sync::Arc::new(crate::quota::SystemClock),
+    );
+    crate::gateway::Policy::build(cfg, 1, verifier, credentials, quotas).map_err(|p| p.join("; "))
 }
 
 /// The table `check` prints for a clean configuration.
