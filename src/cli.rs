@@ -416,7 +416,11 @@ fn offline_policy(cfg: Config) -> Result<crate::gateway::Policy, String> {
         cfg.upstream.connect_timeout,
     )
     .map_err(|e| e.to_string())?;
-    let verifier = crate::auth::jwt::Verifier::new(cfg.issuers.clone(), client.clone());
+    let verifier = crate::auth::jwt::Verifier::with_cache_bytes(
+        cfg.issuers.clone(),
+        client.clone(),
+        cfg.limits.verified_token_cache_bytes,
+    );
     let credentials = crate::auth::upstream::UpstreamCredentials::new(
         &cfg.credentials,
         client,

@@ -1117,3 +1117,26 @@ fn production_example_loads_its_own_teams_all_members_of_its_issuer_with_redis_a
     assert!(!cfg.admin.addr.ip().is_loopback());
     assert!(cfg.admin.token.is_some());
 }
+
+#[test]
+fn a_verified_token_cache_budget_is_accepted_zero_included_and_one_over_1_gib_is_refused() {
+    for (value, ok) in [("0", true), ("4096", true), ("1073741825", false)] {
+        let text = format!(
+            "{}\n[limits]\nverified_token_cache_bytes = {value}\n",
+            gateway(ORIGIN)
+        );
+        let dir = scenario(&text, &one_team(), &[]);
+        let run = check(&dir.path().join("gateway.toml"));
+        if ok {
+            assert_eq!(run.code, Some(0), "{value}: {}", run.all());
+        } else {
+            assert_eq!(run.code, Some(1), "{value}: {}", run.all());
+            assert_problem(
+                &run,
+                "gateway.toml",
+                "limits.verified_token_cache_bytes",
+                "at most",
+            );
+        }
+    }
+}
