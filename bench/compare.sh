@@ -37,7 +37,14 @@ if [ "$BUILD" = 1 ]; then
 fi
 GW=$ROOT/target/release/greenhouse-gateway
 SLOT="GW_BIN=$GW bash $BENCH_DIR/gateway/run-gateway.sh"
-command -v haproxy >/dev/null && command -v wrk >/dev/null || bash "$BENCH_DIR/setup.sh"
+if ! command -v haproxy >/dev/null || ! command -v wrk >/dev/null || [ ! -x "$BENCH_STATE/envoy-venv/bin/envoy" ]; then
+  # setup.sh ends non-zero on this Debian (`wrk -v` exits 1 under pipefail) after installing
+  # everything; what matters is checked right after.
+  bash "$BENCH_DIR/setup.sh" || true
+fi
+for tool in haproxy nginx wrk "$BENCH_STATE/envoy-venv/bin/envoy"; do
+  command -v "$tool" >/dev/null || { echo "missing $tool: see $BENCH_DIR/setup.sh" >&2; exit 1; }
+done
 cd "$BENCH_DIR"
 exec python3 run.py --reps 3 \
   --targets direct,haproxy,haproxy-jwt,haproxy-jwt-log,haproxy-jwt-es256,envoy-jwt \
