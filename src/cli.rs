@@ -384,7 +384,7 @@ async fn check_explain(path: &Path, args: ExplainArgs) -> i32 {
             Err(e) => return usage(format!("cannot read {}: {e}", file.display())),
         },
     };
-    let policy = match offline_policy(cfg) {
+    let policy = match crate::gateway::Policy::offline(cfg) {
         Ok(p) => p,
         Err(why) => {
             eprintln!("cannot resolve the policy: {why}");
@@ -404,33 +404,6 @@ async fn check_explain(path: &Path, args: ExplainArgs) -> i32 {
     .await;
     print!("{}", explained.render());
     if explained.code == "forwarded" { 0 } else { 3 }
-}
-
-/// The policy of a configuration, resolved without starting anything: no key or token is
-/// fetched (a real token's issuer keys are fetched when it is verified), no quota backend is
-/// contacted.
-fn offline_policy(cfg: Config) -> Result<crate::gateway::Policy, String> {
-    let cfg = std::sync::Arc::new(cfg);
-    let client = crate::http_client::build_client(
-        cfg.upstream.ca_file.as_deref(),
-        cfg.upstream.connect_timeout,
-    )
-    .map_err(|e| e.to_string())?;
-    let verifier = crate::auth::jwt::Verifier::with_cache_bytes(
-        cfg.issuers.clone(),
-        client.clone(),
-        cfg.limits.verified_token_cache_bytes,
-    );
-    let credentials = crate::auth::upstream::UpstreamCredentials::new(
-        &cfg.credentials,
-        client,
-        crate::metrics::Metrics::new(),
-    );
-    let quotas = crate::quota::Quotas::with_clock(
-        cfg.quota.clone(),
-        std::sync::Arc::new(crate::quota::SystemClock),
-    );
-    crate::gateway::Policy::build(cfg, 1, verifier, credentials, quotas).map_err(|p| p.join("; "))
 }
 
 /// The table `check` prints for a clean configuration.

@@ -52,6 +52,7 @@ pub use explain::{Explain, Explanation, Identity, explain};
 pub(crate) use inbound::BodyBudget;
 use inbound::{auth_error, authenticate, check_target, client_addr, declared_length, read_body};
 pub use inbound::{new_request_id, request_id};
+pub use respond::inspect_response;
 use respond::{respond_error, respond_forwarded};
 use upstream::Upstream;
 
