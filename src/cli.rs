@@ -155,15 +155,19 @@ pub enum AuditCommand {
 
 /// Sets up logging. Secrets never reach a log line: they are redacted types or sensitive headers.
 pub fn init_tracing(json: bool) {
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // `RUST_LOG` filters the log only; the OpenTelemetry layer has its own filter (the gateway's
+    // spans, exported once `[tracing] otlp_endpoint` is installed).
+    let registry = tracing_subscriber::registry().with(crate::telemetry::layer());
     if json {
-        builder.json().init();
+        registry.with(fmt.json().with_filter(filter)).init();
     } else {
-        builder.init();
+        registry.with(fmt.with_filter(filter)).init();
     }
 }
 
@@ -583,7 +587,22 @@ fn reload_on_sighup(gateway: &std::sync::Arc<crate::gateway::Gateway>) {
     }
 }
 
+/// Span export, when `[tracing] otlp_endpoint` is set (read at start; a reload keeps it).
+fn export_spans(cfg: &Config) -> Result<Option<crate::telemetry::Exporting>, String> {
+    cfg.tracing
+        .as_ref()
+        .map(|t| crate::telemetry::install(t, cfg.upstream.ca_file.as_deref()))
+        .transpose()
+}
+
 async fn serve(cfg: Config) -> i32 {
+    let spans = match export_spans(&cfg) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("cannot start: tracing: {e}");
+            return 1;
+        }
+    };
     match crate::server::start(cfg).await {
         Err(e) => {
             eprintln!("cannot start: {e}");
@@ -594,6 +613,9 @@ async fn serve(cfg: Config) -> i32 {
             shutdown_signal().await;
             tracing::info!("shutting down: no new connections; waiting for in-flight requests");
             running.shutdown().await;
+            if let Some(spans) = spans {
+                spans.shutdown().await;
+            }
             tracing::info!("stopped");
             0
         }
@@ -685,6 +707,13 @@ async fn dev(cfg: Config) -> i32 {
         .and_then(|i| i.audiences.first().cloned())
         .unwrap_or_default();
     let spec = cfg.spec.clone();
+    let spans = match export_spans(&cfg) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("cannot start the gateway: tracing: {e}");
+            return 1;
+        }
+    };
     let running = match crate::server::start(cfg).await {
         Ok(r) => r,
         Err(e) => {
@@ -741,6 +770,9 @@ async fn dev(cfg: Config) -> i32 {
     println!("Ctrl-C stops both.");
     shutdown_signal().await;
     running.shutdown().await;
+    if let Some(spans) = spans {
+        spans.shutdown().await;
+    }
     sb.shutdown();
     0
 }

@@ -34,5 +34,6 @@ pub mod sandbox;
 pub mod server;
 pub mod service;
 pub mod spec;
+pub mod telemetry;
 pub mod validate;
 pub mod values;

@@ -117,6 +117,8 @@ pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<String> {
     differs("audit.queue_capacity", a.queue_capacity != b.queue_capacity);
     differs("audit.batch_interval", a.batch_interval != b.batch_interval);
     differs("audit.reserve_bytes", a.reserve_bytes != b.reserve_bytes);
+    // The exporter is installed once per process, with the subscriber.
+    differs("tracing (any key)", old.tracing != new.tracing);
     out
 }
 

@@ -2,9 +2,9 @@
 //! drive with `oneshot`, no socket needed.
 //!
 //! Around the decision path ([`crate::pipeline::handle`]) sits what every request needs whatever
-//! happens inside: its request id, chosen first; one tracing span carrying it; and a panic
-//! anywhere in handling becomes 500 `internal_error` with its audit record instead of a dropped
-//! connection.
+//! happens inside: its request id, chosen first; one tracing span carrying it, in the caller's
+//! W3C trace or a new one ([`crate::telemetry`]); and a panic anywhere in handling becomes 500
+//! `internal_error` with its audit record instead of a dropped connection.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -97,7 +97,10 @@ where
         req.extensions_mut().insert(RequestId(request_id.clone()));
         let (method, uri) = (req.method().clone(), req.uri().clone());
         let peer = req.extensions().get::<PeerAddr>().map(|p| p.0);
-        let span = tracing::info_span!("request", request_id = %request_id, method = %method);
+        let span = crate::telemetry::request_span(&request_id, &method);
+        // The caller's trace continued (or a new one), kept with the request until it ends.
+        let trace = crate::telemetry::RequestTrace::start(span.clone(), req.headers());
+        req.extensions_mut().insert(trace);
         // The inner service was made ready by `poll_ready`; the clone left in its place is the
         // one the next call readies.
         let clone = self.inner.clone();

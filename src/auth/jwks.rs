@@ -36,6 +36,7 @@ use http::{HeaderMap, Method, Request, StatusCode};
 use jsonwebtoken::{Algorithm, DecodingKey};
 use serde_json::Value;
 use tokio::io::AsyncReadExt as _;
+use tracing::Instrument as _;
 
 use crate::http_client::{HttpClient, fetch, full_body};
 
@@ -528,10 +529,16 @@ impl IssuerKeys {
     /// One fetch attempt; the caller holds `fetch_lock`.
     async fn fetch_locked(&self) -> Duration {
         self.fetches.fetch_add(1, Ordering::Relaxed);
-        let outcome = match self.load().await {
+        let span = crate::telemetry::jwks_fetch_span(&self.config.issuer);
+        let outcome = match self.load().instrument(span.clone()).await {
             Ok((body, hint)) => parse_jwks(&body).map(|set| (set, hint)),
             Err(e) => Err(e),
         };
+        span.record("result", if outcome.is_ok() { "ok" } else { "error" });
+        if outcome.is_err() {
+            crate::telemetry::mark_error(&span);
+        }
+        drop(span);
         let mut s = self.state.write().unwrap_or_else(PoisonError::into_inner);
         s.generation = s.generation.wrapping_add(1);
         match outcome {

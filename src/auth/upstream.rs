@@ -29,6 +29,7 @@ use base64::engine::general_purpose::STANDARD;
 use http::{HeaderMap, HeaderValue, Method, Request, header};
 use rand::Rng;
 use serde_json::Value;
+use tracing::Instrument as _;
 
 use crate::error::GatewayError;
 use crate::http_client::{FetchError, HttpClient, error_chain, fetch, full_body};
@@ -512,7 +513,8 @@ impl TokenSource {
     }
 
     async fn fetch(&self) -> Result<Token, GatewayError> {
-        let result = self.request_token().await;
+        let span = crate::telemetry::token_fetch_span(&self.name);
+        let result = self.request_token().instrument(span.clone()).await;
         let label = match &result {
             Ok(_) => "success",
             Err(TokenError::Timeout) => "timeout",
@@ -520,6 +522,11 @@ impl TokenSource {
             Err(TokenError::Invalid(_)) => "invalid_response",
             Err(TokenError::Failed(_)) => "error",
         };
+        span.record("result", label);
+        if result.is_err() {
+            crate::telemetry::mark_error(&span);
+        }
+        drop(span);
         self.metrics.token_fetch(&self.name, label);
         match result {
             Ok(tok) => {

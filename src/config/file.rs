@@ -27,6 +27,27 @@ pub struct GatewayFile {
     pub quota: QuotaFile,
     #[serde(default)]
     pub audit: AuditFile,
+    #[serde(default)]
+    pub tracing: TracingFile,
+}
+
+/// `[tracing]` in gateway.toml. W3C trace context is always propagated; spans are exported over
+/// OTLP/HTTP only when `otlp_endpoint` is set. Read at start: a reload does not change it.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TracingFile {
+    /// Base URL of an OTLP/HTTP collector, for example `http://127.0.0.1:4318`; spans are posted
+    /// to its `/v1/traces` (export is off without it).
+    pub otlp_endpoint: Option<String>,
+    /// `service.name` of the exported spans (default `greenhouse-gateway`).
+    pub service_name: Option<String>,
+    /// Share of the traces the gateway starts that are recorded, 0.0 to 1.0 (default 1.0); a
+    /// caller's sampled flag decides for the traces it continues.
+    pub sample_ratio: Option<f64>,
+    /// Ended spans waiting for export; beyond it new ones are dropped (default 2048).
+    pub queue_size: Option<u64>,
+    /// Longest one export request may take (default `10s`).
+    pub export_timeout: Option<String>,
 }
 
 /// `[quota]` in gateway.toml: where quota state lives.

@@ -27,6 +27,8 @@ pub struct Config {
     pub teams: Teams,
     pub quota: crate::quota::QuotaSettings,
     pub audit: crate::audit::AuditSettings,
+    /// `[tracing]`: span export, when an `otlp_endpoint` is set.
+    pub tracing: Option<crate::telemetry::OtlpSettings>,
     pub validation: crate::validate::ValidationOptions,
     /// Compiled from the spec at load: a schema that cannot compile is a `check` problem.
     pub validators: Arc<crate::validate::Validators>,

@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::file::{CredentialFile, GatewayFile, IssuerFile, SecretFile, TeamFile, TeamQuotaFile};
+use super::file::{
+    CredentialFile, GatewayFile, IssuerFile, SecretFile, TeamFile, TeamQuotaFile, TracingFile,
+};
 use super::model::*;
 use crate::audit::{
     AuditSettings, Fsync, MAX_RESERVE_BYTES, MIN_RESERVE_BYTES, OnError as AuditOnError,
@@ -22,6 +24,7 @@ use crate::quota::{
     UpstreamBudget, validate_limit,
 };
 use crate::spec::Spec;
+use crate::telemetry::OtlpSettings;
 use crate::validate::{ValidationOptions, Validators};
 use crate::values::{Secret, parse_duration, parse_rate};
 
@@ -1006,6 +1009,9 @@ pub fn validate(
         audit.reserve_bytes = n.clamp(MIN_RESERVE_BYTES, MAX_RESERVE_BYTES);
     }
 
+    // [tracing]
+    let tracing = validate_tracing(&mut r, &gw.tracing);
+
     // teams
     let mut teams = Vec::new();
     let mut team_quotas = BTreeMap::new();
@@ -1115,9 +1121,84 @@ pub fn validate(
             upstream: upstream_budget,
         },
         audit,
+        tracing,
         validation,
         validators: Arc::new(validators),
         warnings,
+    })
+}
+
+/// `[tracing]`: `None` when spans are not exported. The other keys need `otlp_endpoint`.
+fn validate_tracing(r: &mut Report<'_>, t: &TracingFile) -> Option<OtlpSettings> {
+    let Some(url) = &t.otlp_endpoint else {
+        for (key, set) in [
+            ("tracing.service_name", t.service_name.is_some()),
+            ("tracing.sample_ratio", t.sample_ratio.is_some()),
+            ("tracing.queue_size", t.queue_size.is_some()),
+            ("tracing.export_timeout", t.export_timeout.is_some()),
+        ] {
+            if set {
+                r.add(
+                    key,
+                    "has no effect without tracing.otlp_endpoint (spans are exported only when it is set)",
+                );
+            }
+        }
+        return None;
+    };
+    let endpoint = secure_url(r, "tracing.otlp_endpoint", url).and_then(|u| {
+        // The collector's base URL, as OTEL_EXPORTER_OTLP_ENDPOINT is: traces go to /v1/traces.
+        let base = u.to_string();
+        let base = base.trim_end_matches('/');
+        let full = if base.ends_with("/v1/traces") {
+            base.to_string()
+        } else {
+            format!("{base}/v1/traces")
+        };
+        full.parse::<http::Uri>().ok()
+    });
+    let service_name = t
+        .service_name
+        .clone()
+        .unwrap_or_else(|| OtlpSettings::DEFAULT_SERVICE_NAME.to_string());
+    if service_name.is_empty()
+        || service_name.len() > 255
+        || !service_name
+            .bytes()
+            .all(|b| b.is_ascii_graphic() || b == b' ')
+    {
+        r.add(
+            "tracing.service_name",
+            "must be 1 to 255 printable ASCII characters",
+        );
+    }
+    let sample_ratio = t.sample_ratio.unwrap_or(1.0);
+    if !(0.0..=1.0).contains(&sample_ratio) {
+        r.add(
+            "tracing.sample_ratio",
+            "must be between 0.0 (record no trace the gateway starts) and 1.0 (record all)",
+        );
+    }
+    let queue_size = t
+        .queue_size
+        .unwrap_or(OtlpSettings::DEFAULT_QUEUE_SIZE as u64);
+    if !(1..=1_000_000).contains(&queue_size) {
+        r.add("tracing.queue_size", "must be between 1 and 1000000");
+    }
+    let export_timeout = r.duration(
+        "tracing.export_timeout",
+        t.export_timeout.as_deref(),
+        OtlpSettings::DEFAULT_EXPORT_TIMEOUT,
+    );
+    if export_timeout.is_zero() || export_timeout > Duration::from_secs(60) {
+        r.add("tracing.export_timeout", "must be between 1ms and 60s");
+    }
+    Some(OtlpSettings {
+        endpoint: endpoint?,
+        service_name,
+        sample_ratio,
+        queue_size: queue_size as usize,
+        export_timeout,
     })
 }
 

@@ -1,6 +1,7 @@
 //! The team's quotas and the spec's schemas, as steps of the decision path.
 
 use super::*;
+use tracing::Instrument;
 
 pub(super) async fn admit(
     gw: &Gateway,
@@ -10,7 +11,22 @@ pub(super) async fn admit(
     ctx: &mut Context,
 ) -> Result<crate::quota::Admission, GatewayError> {
     let metrics = &gw.runtime.metrics;
-    match policy.quotas.admit_team(&team.quota, route.index).await {
+    let span = crate::telemetry::quota_span(&team.team.name, &route.op.id);
+    let decided = policy
+        .quotas
+        .admit_team(&team.quota, route.index)
+        .instrument(span.clone())
+        .await;
+    match &decided {
+        Ok(a) => span
+            .record("decision", "admitted")
+            .record("source", a.source()),
+        Err(refusal) => span
+            .record("decision", "refused")
+            .record("kind", refusal.kind()),
+    };
+    drop(span);
+    match decided {
         Ok(a) => {
             ctx.ratelimit = a.headers.clone();
             ctx.record.quota = Some(json!({"decision": "admitted", "source": a.source()}));

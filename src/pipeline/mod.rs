@@ -39,6 +39,7 @@ use crate::proxy::body::{Finished, ObservedBody, OnFinish};
 use crate::proxy::deadline::ResponseDeadline;
 use crate::proxy::{self, Outbound, encoding, target};
 use crate::quota::{NoSlot, Refusal};
+use crate::telemetry::RequestTrace;
 use crate::validate::BodyError;
 
 mod checks;
@@ -84,6 +85,8 @@ struct Context {
     validation: Vec<Value>,
     /// Room for the record in the audit reserve, taken before forwarding.
     reservation: Option<AuditReservation>,
+    /// The request's trace and span, held until the record is written (the response's end).
+    trace: Option<RequestTrace>,
 }
 
 impl Context {
@@ -130,6 +133,10 @@ where
         None => request_id(req.headers()),
     };
     ctx.record.method = req.method().to_string();
+    ctx.trace = Some(match req.extensions().get::<RequestTrace>() {
+        Some(t) => t.clone(),
+        None => RequestTrace::start(tracing::Span::current(), req.headers()),
+    });
     ctx.client_ip = Some(client_addr(&policy, peer.ip(), req.headers()));
     // The route is looked up once, here, so that even a request refused before routing (an
     // invalid token, say) is recorded by its route and the ids it names, never by raw URL.

@@ -174,6 +174,17 @@ pub(super) async fn finish_record(
         .code
         .clone()
         .unwrap_or_else(|| "forwarded".to_string());
+    let span = ctx
+        .trace
+        .take()
+        .map_or_else(tracing::Span::current, |t| t.span().clone());
+    RequestTrace::finish(
+        &span,
+        ctx.record.team.as_deref(),
+        ctx.record.operation.as_deref(),
+        ctx.record.status,
+        &code,
+    );
     let rt = &gw.runtime;
     rt.metrics.request(
         ctx.team(),

@@ -1,6 +1,8 @@
 //! One request's call to Greenhouse, repeatable with a fresh credential.
 
 use super::*;
+use crate::telemetry;
+use tracing::Instrument;
 
 /// One request's upstream call, repeatable with another credential.
 pub(super) struct Upstream<'a> {
@@ -24,7 +26,26 @@ impl Upstream<'_> {
         let (policy, rt) = (self.policy, &self.gw.runtime);
         let op = &route.op;
         // The account's budget at Greenhouse, shared by every team and replica.
-        policy.quotas.upstream_slot().await.map_err(|no| match no {
+        let waited = if policy.config.quota.upstream.is_some() {
+            telemetry::upstream_budget_span()
+        } else {
+            tracing::Span::none()
+        };
+        let slot = policy
+            .quotas
+            .upstream_slot()
+            .instrument(waited.clone())
+            .await;
+        waited.record(
+            "result",
+            match &slot {
+                Ok(()) => "admitted",
+                Err(NoSlot::Later(_)) => "later",
+                Err(NoSlot::BackendUnavailable) => "backend_unavailable",
+            },
+        );
+        drop(waited);
+        slot.map_err(|no| match no {
             NoSlot::Later(wait) => GatewayError::UpstreamRateLimited {
                 retry_after_secs: ceil_secs(wait),
             },
@@ -33,6 +54,14 @@ impl Upstream<'_> {
                 GatewayError::QuotaBackendUnavailable
             }
         })?;
+        // This call's span is the parent Greenhouse sees.
+        let call = telemetry::upstream_span(&op.id);
+        let (traceparent, tracestate) = match &ctx.trace {
+            Some(t) => t.outgoing(&call),
+            None => {
+                RequestTrace::start(tracing::Span::none(), &http::HeaderMap::new()).outgoing(&call)
+            }
+        };
         let headers = proxy::upstream_headers(
             &self.parts.headers,
             Outbound {
@@ -41,6 +70,8 @@ impl Upstream<'_> {
                 on_behalf_of: self.on_behalf_of,
                 request_id: self.request_id,
                 client_ip: ctx.client_ip.unwrap_or(self.peer.ip()),
+                traceparent,
+                tracestate,
             },
         )?;
         let cfg = &policy.config;
@@ -55,7 +86,21 @@ impl Upstream<'_> {
             self.body.clone(),
             cfg.upstream.timeout,
         )
+        .instrument(call.clone())
         .await;
+        match &result {
+            Ok(r) => {
+                call.record("status", r.status().as_u16());
+                if r.status().is_server_error() {
+                    telemetry::mark_error(&call);
+                }
+            }
+            Err(e) => {
+                call.record("code", e.code());
+                telemetry::mark_error(&call);
+            }
+        }
+        drop(call);
         let took = sent.elapsed();
         rt.metrics.upstream(&op.id, took.as_secs_f64());
         ctx.record.upstream_duration_ms =

@@ -30,8 +30,9 @@ const HOP_BY_HOP: [&str; 9] = [
 ];
 
 /// Headers a caller may never pass on: its own credentials and cookies, anything claiming to be
-/// forwarding information, the identity we decide ourselves, and framing we recompute.
-const CALLER_ONLY: [&str; 8] = [
+/// forwarding information, the identity we decide ourselves, framing we recompute, and its trace
+/// context (the upstream's parent is the gateway's span, not the caller's).
+const CALLER_ONLY: [&str; 10] = [
     "authorization",
     "cookie",
     "on-behalf-of",
@@ -40,6 +41,8 @@ const CALLER_ONLY: [&str; 8] = [
     "host",
     "content-length",
     "x-request-id",
+    "traceparent",
+    "tracestate",
 ];
 
 /// Names listed in `Connection` (they are hop-by-hop for this message).
@@ -69,6 +72,10 @@ pub struct Outbound<'a> {
     pub on_behalf_of: &'a str,
     pub request_id: &'a str,
     pub client_ip: IpAddr,
+    /// W3C `traceparent` naming the gateway's span as the parent.
+    pub traceparent: HeaderValue,
+    /// The caller's `tracestate`, validated and bounded.
+    pub tracestate: Option<HeaderValue>,
 }
 
 /// The headers the upstream receives (DESIGN 1.3 step 7).
@@ -106,6 +113,10 @@ pub fn upstream_headers(inbound: &HeaderMap, out: Outbound<'_>) -> Result<Header
     let xff =
         HeaderValue::from_str(&out.client_ip.to_string()).map_err(|_| GatewayError::Internal)?;
     h.insert(HeaderName::from_static("x-forwarded-for"), xff);
+    h.insert(HeaderName::from_static("traceparent"), out.traceparent);
+    if let Some(ts) = out.tracestate {
+        h.insert(HeaderName::from_static("tracestate"), ts);
+    }
     Ok(h)
 }
 
@@ -201,6 +212,11 @@ mod tests {
             ("proxy-authorization", "Basic x"),
             ("host", "gateway.internal"),
             ("x-request-id", "caller"),
+            (
+                "traceparent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            ),
+            ("tracestate", "caller=1"),
             ("accept", "application/json"),
             ("user-agent", "svc/1.0"),
         ] {
@@ -213,6 +229,10 @@ mod tests {
             on_behalf_of: "integration@example.com",
             request_id: "rid-1",
             client_ip: "10.1.2.3".parse().unwrap_or(IpAddr::from([0, 0, 0, 0])),
+            traceparent: HeaderValue::from_static(
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-b7ad6b7169203331-01",
+            ),
+            tracestate: None,
         };
         let h = upstream_headers(&inbound, out).unwrap_or_default();
         let mut names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
@@ -224,10 +244,16 @@ mod tests {
                 "authorization",
                 "host",
                 "on-behalf-of",
+                "traceparent",
                 "user-agent",
                 "x-forwarded-for",
                 "x-request-id"
             ]
+        );
+        assert_eq!(h.get_all("traceparent").iter().count(), 1);
+        assert_eq!(
+            h["traceparent"],
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-b7ad6b7169203331-01"
         );
         assert_eq!(h["authorization"], "Bearer upstream");
         assert_eq!(h.get_all("on-behalf-of").iter().count(), 1);
