@@ -1480,6 +1480,189 @@ fn glob_characters_the_member_matcher_takes_literally_are_a_warning_naming_the_m
 }
 
 // ---------------------------------------------------------------------------------------------
+// --strict and --format json
+// ---------------------------------------------------------------------------------------------
+
+/// A configuration without a single warning: the tiny spec's one operation, called by one team
+/// that has a quota.
+fn clean_scenario() -> TempDir {
+    let teams = [(
+        "widgets",
+        limited_team("widgets", &["listWidgets"], "svc-widgets", "5/s"),
+    )];
+    scenario(
+        &with_spec("tiny.yml"),
+        &teams,
+        &[("specs/tiny.yml", TINY_SPEC)],
+    )
+}
+
+fn check_args(config: &Path, args: &[&str]) -> Run {
+    check_with(config, |c| {
+        c.args(args);
+    })
+}
+
+#[test]
+fn strict_exits_0_when_clean_1_on_warnings_and_1_on_problems() {
+    let clean = clean_scenario();
+    let run = check_args(&clean.path().join("gateway.toml"), &["--strict"]);
+    assert_eq!(run.code, Some(0), "{}", run.all());
+    assert!(
+        run.stdout.starts_with("configuration OK: "),
+        "{}",
+        run.stdout
+    );
+
+    let warned = scenario(&gateway(ORIGIN), &one_team(), &[]);
+    let config = warned.path().join("gateway.toml");
+    assert_eq!(
+        check(&config).code,
+        Some(0),
+        "warnings alone pass without --strict"
+    );
+    let run = check_args(&config, &["--strict"]);
+    assert_eq!(run.code, Some(1), "{}", run.all());
+    assert!(
+        run.stdout
+            .contains("problems found (warnings, refused by --strict):"),
+        "{}",
+        run.stdout
+    );
+    assert_problem(&run, "sourcing.toml", "quota", "the team has no quota");
+    assert!(!run.stdout.contains("configuration OK"), "{}", run.stdout);
+
+    let broken = scenario(
+        &gateway(ORIGIN).replace("[upstream]\n", "[upstream]\ntimeout = \"30\"\n"),
+        &one_team(),
+        &[],
+    );
+    for args in [&[][..], &["--strict"][..]] {
+        let run = check_args(&broken.path().join("gateway.toml"), args);
+        assert_eq!(run.code, Some(1), "{args:?}: {}", run.all());
+        assert_problem(&run, "gateway.toml", "upstream.timeout", "has no unit");
+    }
+}
+
+fn json_of(run: &Run) -> serde_json::Value {
+    serde_json::from_str(&run.stdout)
+        .unwrap_or_else(|e| panic!("not one JSON document ({e}):\n{}", run.all()))
+}
+
+/// Every finding has exactly the documented fields.
+fn assert_findings(list: &serde_json::Value, severity: &str) {
+    for f in list.as_array().expect("an array") {
+        let mut keys: Vec<&str> = f
+            .as_object()
+            .expect("an object")
+            .keys()
+            .map(String::as_str)
+            .collect();
+        keys.sort_unstable();
+        assert_eq!(keys, ["file", "key", "message", "severity"], "{f}");
+        assert_eq!(f["severity"], severity, "{f}");
+        assert!(f["file"].is_string() && f["key"].is_string() && f["message"].is_string());
+    }
+}
+
+#[test]
+fn format_json_prints_one_document_with_problems_warnings_and_summary() {
+    // Clean: ok, no findings, the summary.
+    let clean = clean_scenario();
+    let run = check_args(&clean.path().join("gateway.toml"), &["--format", "json"]);
+    assert_eq!(run.code, Some(0), "{}", run.all());
+    let doc = json_of(&run);
+    let mut top: Vec<&str> = doc
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    top.sort_unstable();
+    assert_eq!(
+        top,
+        ["config", "ok", "problems", "strict", "summary", "warnings"]
+    );
+    assert_eq!(doc["ok"], true);
+    assert_eq!(doc["strict"], false);
+    assert_eq!(doc["problems"], serde_json::json!([]));
+    assert_eq!(doc["warnings"], serde_json::json!([]));
+    let summary = &doc["summary"];
+    assert_eq!(summary["spec"]["title"], "Tiny Widgets");
+    assert_eq!(summary["operations"][0]["id"], "listWidgets");
+    assert_eq!(summary["operations"][0]["method"], "GET");
+    assert_eq!(summary["operations"][0]["path"], "/widgets");
+    assert_eq!(
+        summary["operations"][0]["teams"],
+        serde_json::json!(["widgets"])
+    );
+    let team = &summary["teams"][0];
+    assert_eq!(team["name"], "widgets");
+    assert_eq!(team["credential"], "default");
+    assert_eq!(team["validation"], "enforce");
+    assert_eq!(team["quota"]["rate"], "5/s");
+    assert_eq!(team["quota"]["concurrency"], 2);
+    assert_eq!(team["on_behalf_of"]["from_claim"], "email");
+    assert_eq!(team["operations"][0]["id"], "listWidgets");
+    assert_eq!(summary["issuers"], serde_json::json!([ORIGIN]));
+    assert_eq!(summary["credentials"][1]["name"], "partner_key");
+    assert_eq!(summary["credentials"][1]["kind"], "basic");
+    assert_eq!(summary["quota"]["backend"], "memory");
+
+    // Warnings: severity warning, ok; under --strict, severity error and not ok (exit 1).
+    let warned = scenario(&gateway(ORIGIN), &one_team(), &[]);
+    let config = warned.path().join("gateway.toml");
+    let run = check_args(&config, &["--format", "json"]);
+    assert_eq!(run.code, Some(0), "{}", run.all());
+    let doc = json_of(&run);
+    assert_eq!(doc["ok"], true);
+    assert_findings(&doc["warnings"], "warning");
+    let quota = doc["warnings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["key"] == "quota")
+        .unwrap_or_else(|| panic!("no quota warning: {doc}"));
+    assert!(
+        quota["file"]
+            .as_str()
+            .unwrap()
+            .ends_with("teams/sourcing.toml"),
+        "{quota}"
+    );
+    let run = check_args(&config, &["--format", "json", "--strict"]);
+    assert_eq!(run.code, Some(1), "{}", run.all());
+    let doc = json_of(&run);
+    assert_eq!(doc["ok"], false);
+    assert_eq!(doc["strict"], true);
+    assert_findings(&doc["warnings"], "error");
+    assert!(doc["summary"].is_object());
+
+    // Problems: not ok, severity error, no summary (exit 1).
+    let broken = scenario(
+        &gateway(ORIGIN).replace("[upstream]\n", "[upstream]\ntimeout = \"30\"\n"),
+        &one_team(),
+        &[],
+    );
+    let run = check_args(&broken.path().join("gateway.toml"), &["--format", "json"]);
+    assert_eq!(run.code, Some(1), "{}", run.all());
+    let doc = json_of(&run);
+    assert_eq!(doc["ok"], false);
+    assert!(doc["summary"].is_null(), "{doc}");
+    assert_findings(&doc["problems"], "error");
+    let timeout = doc["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["key"] == "upstream.timeout")
+        .unwrap_or_else(|| panic!("no upstream.timeout problem: {doc}"));
+    assert!(
+        timeout["file"].as_str().unwrap().ends_with("gateway.toml"),
+        "{timeout}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
 // The admin listener off loopback
 // ---------------------------------------------------------------------------------------------
 
