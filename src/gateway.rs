@@ -155,16 +155,17 @@ impl Policy {
 
     /// The route for a request's method and path (the public prefix included).
     pub fn route(&self, method: &http::Method, path: &str) -> Result<&Arc<Route>, GatewayError> {
+        let not_found = || GatewayError::RouteNotFound {
+            prefix: self.config.upstream.prefix.clone(),
+        };
         let rest = path
             .strip_prefix(self.config.upstream.prefix.as_str())
             .filter(|r| r.starts_with('/'))
-            .ok_or(GatewayError::RouteNotFound)?;
+            .ok_or_else(not_found)?;
         match self.config.spec.route(method, rest) {
-            RouteMatch::Found { index, .. } => {
-                self.routes.get(index).ok_or(GatewayError::RouteNotFound)
-            }
+            RouteMatch::Found { index, .. } => self.routes.get(index).ok_or_else(not_found),
             RouteMatch::MethodNotAllowed(allow) => Err(GatewayError::MethodNotAllowed { allow }),
-            RouteMatch::NotFound => Err(GatewayError::RouteNotFound),
+            RouteMatch::NotFound => Err(not_found()),
         }
     }
 
