@@ -62,6 +62,8 @@ pub enum Command {
         /// `text`, or `json`: one JSON document with the problems, the warnings and the summary.
         #[arg(long, value_enum, default_value_t = CheckFormat::Text)]
         format: CheckFormat,
+        #[command(flatten)]
+        explain: ExplainArgs,
     },
     /// Verify or query audit trails.
     Audit {
@@ -87,6 +89,34 @@ pub enum Command {
 pub enum CheckFormat {
     Text,
     Json,
+}
+
+/// `check --explain`: what the gateway would do with one request, without sending it.
+#[derive(clap::Args, Debug, Default)]
+pub struct ExplainArgs {
+    /// Explain the decision for one request instead of printing the summary (exit 0: it would be
+    /// forwarded; 3: the gateway would refuse it; 1: the configuration has problems).
+    #[arg(long, requires = "path")]
+    pub explain: bool,
+    /// The request's method.
+    #[arg(long, default_value = "GET", requires = "explain")]
+    pub method: String,
+    /// Path and query as the caller sends them, e.g. `/v1/partner/candidates?per_page=5`.
+    #[arg(long, requires = "explain")]
+    pub path: Option<String>,
+    /// The caller's token claims as JSON (taken as given: no signature is checked).
+    #[arg(long, requires = "explain", conflicts_with = "token_file")]
+    pub claims: Option<String>,
+    /// A real token in a file (`-` reads standard input); its signature is checked against the
+    /// configured issuers' keys.
+    #[arg(long, requires = "explain")]
+    pub token_file: Option<PathBuf>,
+    /// A request header, `Name: value` (repeatable), e.g. `On-Behalf-Of: someone@example.com`.
+    #[arg(long = "header", requires = "explain")]
+    pub headers: Vec<String>,
+    /// The request body, from a file.
+    #[arg(long, requires = "explain")]
+    pub body: Option<PathBuf>,
 }
 
 #[allow(clippy::large_enum_variant)]
@@ -154,9 +184,13 @@ pub fn init_tracing(json: bool) {
 pub async fn run(cli: Cli) -> i32 {
     match cli.command {
         Command::Check {
+            config, explain, ..
+        } if explain.explain => check_explain(&config, explain).await,
+        Command::Check {
             config,
             strict,
             format,
+            ..
         } => check(&config, strict, format),
         Command::Serve { config } => match load_or_print(&config) {
             None => 1,
@@ -449,6 +483,89 @@ fn summary_json(cfg: &Config) -> serde_json::Value {
             "path": cfg.audit.path.display().to_string(),
         },
     })
+}
+
+/// `check --explain`: loads the configuration as `check` does, resolves its policy without
+/// starting anything, and prints the decision step by step.
+async fn check_explain(path: &Path, args: ExplainArgs) -> i32 {
+    let usage = |why: String| {
+        eprintln!("check --explain: {why}");
+        2
+    };
+    let Some(cfg) = load_or_print(path) else {
+        return 1;
+    };
+    let Ok(method) = http::Method::from_bytes(args.method.to_ascii_uppercase().as_bytes()) else {
+        return usage("--method is not an HTTP method".into());
+    };
+    let identity = match (&args.claims, &args.token_file) {
+        (Some(json), None) => match serde_json::from_str::<serde_json::Value>(json) {
+            Ok(serde_json::Value::Object(claims)) => crate::pipeline::Identity::Claims(claims),
+            _ => return usage("--claims must be a JSON object".into()),
+        },
+        (None, Some(file)) => {
+            let read = if file.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin())
+            } else {
+                std::fs::read_to_string(file)
+            };
+            match read {
+                Ok(token) => crate::pipeline::Identity::Token(token.trim().to_string()),
+                Err(e) => return usage(format!("cannot read {}: {e}", file.display())),
+            }
+        }
+        _ => return usage("give the caller's --claims or a --token-file".into()),
+    };
+    let mut headers = http::HeaderMap::new();
+    for h in &args.headers {
+        let parsed = h.split_once(':').and_then(|(n, v)| {
+            Some((
+                http::HeaderName::from_bytes(n.trim().as_bytes()).ok()?,
+                http::HeaderValue::from_str(v.trim()).ok()?,
+            ))
+        });
+        match parsed {
+            Some((n, v)) => {
+                headers.append(n, v);
+            }
+            None => return usage("--header must be `Name: value`".into()),
+        }
+    }
+    let body = match &args.body {
+        None => bytes::Bytes::new(),
+        Some(file) => match std::fs::read(file) {
+            Ok(b) => {
+                if !headers.contains_key(http::header::CONTENT_TYPE) {
+                    headers.insert(
+                        http::header::CONTENT_TYPE,
+                        http::HeaderValue::from_static("application/json"),
+                    );
+                }
+                bytes::Bytes::from(b)
+            }
+            Err(e) => return usage(format!("cannot read {}: {e}", file.display())),
+        },
+    };
+    let policy = match crate::gateway::Policy::offline(cfg) {
+        Ok(p) => p,
+        Err(why) => {
+            eprintln!("cannot resolve the policy: {why}");
+            return 1;
+        }
+    };
+    let explained = crate::pipeline::explain(
+        &policy,
+        crate::pipeline::Explain {
+            method,
+            target: args.path.unwrap_or_default(),
+            headers,
+            body,
+            identity,
+        },
+    )
+    .await;
+    print!("{}", explained.render());
+    if explained.code == "forwarded" { 0 } else { 3 }
 }
 
 /// The table `check` prints for a clean configuration.

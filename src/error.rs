@@ -188,7 +188,7 @@ impl GatewayError {
         }
     }
 
-    fn title(&self) -> &'static str {
+    pub fn title(&self) -> &'static str {
         use GatewayError::*;
         match self {
             BadRequest(_) | UndeclaredQuery(_) => "Bad request",
@@ -220,7 +220,7 @@ impl GatewayError {
         }
     }
 
-    fn detail(&self) -> Option<String> {
+    pub fn detail(&self) -> Option<String> {
         use GatewayError::*;
         match self {
             BadRequest(d) | InvalidJson(d) | InvalidToken(d) | OnBehalfOfNotAllowed(d) => {

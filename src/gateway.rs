@@ -153,6 +153,26 @@ impl Policy {
         })
     }
 
+    /// The policy of a configuration, resolved without starting anything (for `check --explain`
+    /// and benches): no key or token is fetched (a real token's issuer keys are fetched when it
+    /// is verified), no quota backend is contacted.
+    pub fn offline(config: Config) -> Result<Policy, String> {
+        let config = Arc::new(config);
+        let client = crate::http_client::build_client(
+            config.upstream.ca_file.as_deref(),
+            config.upstream.connect_timeout,
+        )
+        .map_err(|e| e.to_string())?;
+        let verifier = Verifier::with_cache_bytes(
+            config.issuers.clone(),
+            client.clone(),
+            config.limits.verified_token_cache_bytes,
+        );
+        let credentials = UpstreamCredentials::new(&config.credentials, client, Metrics::new());
+        let quotas = Quotas::with_clock(config.quota.clone(), Arc::new(crate::quota::SystemClock));
+        Policy::build(config, 1, verifier, credentials, quotas).map_err(|p| p.join("; "))
+    }
+
     /// The route for a request's method and path (the public prefix included).
     pub fn route(&self, method: &http::Method, path: &str) -> Result<&Arc<Route>, GatewayError> {
         let not_found = || GatewayError::RouteNotFound {

@@ -175,7 +175,9 @@ impl Gateway {
             tracing::warn!("{w}");
         }
         let new = Arc::new(new);
-        let verifier = current.verifier.reconfigured(new.issuers.clone());
+        let verifier = current
+            .verifier
+            .reconfigured(new.issuers.clone(), new.limits.verified_token_cache_bytes);
         let credentials = current.credentials.reconfigured(&new.credentials);
         let quotas = current.quotas.reconfigured(&new.quota);
         // New and changed issuers and credentials get their keys and tokens before the policy

@@ -126,6 +126,27 @@ async fn serve_on_sigterm_finishes_the_in_flight_request_and_exits_0() {
     );
 }
 
+/// The binary with `args`, its standard output delivered line by line.
+fn spawn_reading_stdout(
+    args: &[String],
+) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new(support::binary())
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    (child, rx)
+}
+
 /// Polls `/admin/teams` until the policy generation reaches `want` (or 5 s pass); the last seen.
 async fn generation(client: &TestClient, admin: &str, want: u64) -> u64 {
     let mut seen = 0;
@@ -182,22 +203,9 @@ fn playground_copy() -> (tempfile::TempDir, [u16; 3]) {
 /// next request is judged by the new limit while what was counted stays counted.
 #[tokio::test]
 async fn dev_applies_an_edited_quota_on_sighup_keeping_what_was_counted() {
-    use std::io::{BufRead, BufReader};
     let (dir, ports) = playground_copy();
-    let mut child = Command::new(support::binary())
-        .args(["dev", "--config"])
-        .arg(dir.path().join("gateway.toml"))
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let out = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    let config = dir.path().join("gateway.toml").display().to_string();
+    let (mut child, rx) = spawn_reading_stdout(&["dev".into(), "--config".into(), config]);
     let mut token = None;
     while let Ok(line) = rx.recv_timeout(Duration::from_secs(30)) {
         if let Some(rest) = line.strip_prefix("export AGENCY_TOKEN='") {
@@ -264,7 +272,6 @@ async fn dev_applies_an_edited_quota_on_sighup_keeping_what_was_counted() {
 
 #[tokio::test]
 async fn dev_and_sandbox_survive_sighup() {
-    use std::io::{BufRead, BufReader};
     let (dir, ports) = playground_copy();
     let sandbox_port = support::redis::free_port();
     let mut children = Vec::new();
@@ -280,20 +287,8 @@ async fn dev_and_sandbox_survive_sighup() {
             format!("127.0.0.1:{sandbox_port}"),
         ],
     ] {
-        let mut child = Command::new(support::binary())
-            .args(&args)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
         // Both print their addresses once they serve.
-        let out = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel::<String>();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
+        let (child, rx) = spawn_reading_stdout(&args);
         let ready = loop {
             match rx.recv_timeout(Duration::from_secs(30)) {
                 Ok(line) if line.contains("export ") || line.contains("sandbox listening") => {

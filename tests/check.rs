@@ -1750,3 +1750,26 @@ fn serve_refuses_an_admin_listener_off_loopback_without_a_token_naming_both_keys
         "says what to do: {line}"
     );
 }
+
+#[test]
+fn a_verified_token_cache_budget_is_accepted_zero_included_and_one_over_1_gib_is_refused() {
+    for (value, ok) in [("0", true), ("4096", true), ("1073741825", false)] {
+        let text = format!(
+            "{}\n[limits]\nverified_token_cache_bytes = {value}\n",
+            gateway(ORIGIN)
+        );
+        let dir = scenario(&text, &one_team(), &[]);
+        let run = check(&dir.path().join("gateway.toml"));
+        if ok {
+            assert_eq!(run.code, Some(0), "{value}: {}", run.all());
+        } else {
+            assert_eq!(run.code, Some(1), "{value}: {}", run.all());
+            assert_problem(
+                &run,
+                "gateway.toml",
+                "limits.verified_token_cache_bytes",
+                "at most",
+            );
+        }
+    }
+}

@@ -1398,3 +1398,73 @@ const RSA_TEST_KEY_PKCS1_B64: &str = concat!(
     "TSpyHsr3RqoItM3HgD2NZv9tqqySGYpUJwxn3Sdp3bexZeRjc87NBwHBB2doxA5s71oDqMU7KzhHjg9P53DaF2RYyRyGs/Cx",
     "n8Na+/dac85Hd4isEYLCSBKdaaFnqj2le64juV3ZqkpGFcjNB1Cq",
 );
+
+// ---------------------------------------------------------------------------------------------
+// The verified-token cache's byte budget
+
+async fn setup_with_cache(signer: &Signer, bytes: u64) -> (JwksServer, Verifier) {
+    let server = JwksServer::start(vec![signer.jwk.clone()]).await;
+    let v = Verifier::with_cache_bytes(
+        vec![config(&server.url)],
+        build_client(None, Duration::from_secs(2)).unwrap(),
+        bytes,
+    );
+    v.start().await;
+    assert!(v.not_ready().is_empty(), "{:?}", v.not_ready());
+    (server, v)
+}
+
+#[tokio::test]
+async fn a_cache_budget_of_zero_checks_the_signature_on_every_request() {
+    let s = ec_signer("k1");
+    let (_server, v) = setup_with_cache(&s, 0).await;
+    let token = good_token(&s);
+    for n in 1..=3 {
+        assert_eq!(check(&v, &token).await, Ok(()));
+        assert_eq!(v.signature_checks(), n, "a signature check per request");
+    }
+    assert_eq!(v.cache_usage().await, (0, 0));
+}
+
+#[tokio::test]
+async fn the_default_cache_checks_a_repeated_token_once() {
+    let s = ec_signer("k1");
+    let (_server, v) = setup(&[&s]).await;
+    let token = good_token(&s);
+    for _ in 0..3 {
+        assert_eq!(check(&v, &token).await, Ok(()));
+    }
+    assert_eq!(v.signature_checks(), 1);
+    let (entries, bytes) = v.cache_usage().await;
+    assert_eq!(entries, 1);
+    assert!(
+        bytes >= token.len() as u64,
+        "{bytes} bytes for a {} byte token",
+        token.len()
+    );
+}
+
+#[tokio::test]
+async fn distinct_tokens_never_hold_more_than_the_cache_budget() {
+    let s = ec_signer("k1");
+    let budget = 8 * 1024;
+    let (_server, v) = setup_with_cache(&s, budget).await;
+    let tokens: Vec<String> = (0..200)
+        .map(|i| {
+            sign(
+                &s,
+                &header(&s),
+                &with(claims(), "sub", json!(format!("svc-{i}"))),
+            )
+        })
+        .collect();
+    for t in &tokens {
+        assert_eq!(check(&v, t).await, Ok(()));
+    }
+    let (entries, bytes) = v.cache_usage().await;
+    assert!(
+        bytes <= budget,
+        "{bytes} bytes held over a budget of {budget}"
+    );
+    assert!(entries > 0 && entries < 200, "{entries} entries");
+}

@@ -41,8 +41,15 @@ use crate::http_client::HttpClient;
 
 /// Tokens longer than this are refused before any decoding.
 pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
-/// Most verified tokens kept in the cache.
-const TOKEN_CACHE_CAPACITY: u64 = 100_000;
+/// Memory for verified tokens by default (`limits.verified_token_cache_bytes`).
+pub const DEFAULT_TOKEN_CACHE_BYTES: u64 = 16 * 1024 * 1024;
+/// The largest budget accepted.
+pub const MAX_TOKEN_CACHE_BYTES: u64 = 1 << 30;
+/// What an entry costs beyond twice its token's length, in bytes: the key, the entry and its
+/// reference counts, the parsed claims' map nodes and the cache's bookkeeping. An estimate: it
+/// puts a 600-byte RS256 token at about 1.5 KiB, in line with the ~100 MiB a cache of 100 000
+/// such tokens was seen to hold before the cache was sized by bytes.
+const ENTRY_OVERHEAD_BYTES: usize = 320;
 /// A cached verification is reused for at most this long (and never past the token's `exp`); a
 /// key withdrawn from a JWKS stops being honoured through the cache at the fetch that sees it
 /// gone (see [`Cached`]).
@@ -220,6 +227,14 @@ type CacheKey = [u8; 32];
 struct Cached {
     token: Arc<VerifiedToken>,
     key_live: Arc<AtomicBool>,
+    /// Its estimated memory, charged against the cache's byte budget.
+    weight: u32,
+}
+
+/// An entry's estimated memory: the parsed claims take about twice the token's length (the
+/// token is base64 of their JSON, signature included), plus fixed overhead.
+fn cached_entry_weight(token_len: usize) -> u32 {
+    u32::try_from(token_len.saturating_mul(2) + ENTRY_OVERHEAD_BYTES).unwrap_or(u32::MAX)
 }
 
 struct Inner {
@@ -228,7 +243,9 @@ struct Inner {
     by_name: HashMap<String, Arc<Issuer>>,
     /// Union of every issuer's accepted algorithms, checked before the payload is read.
     any_alg: HashSet<Algorithm>,
-    cache: moka::future::Cache<CacheKey, Arc<Cached>>,
+    /// `None` when the budget is 0: every token's signature is checked on every request.
+    cache: Option<moka::future::Cache<CacheKey, Arc<Cached>>>,
+    cache_bytes: u64,
     fetches: Arc<AtomicU64>,
     signature_checks: Arc<AtomicU64>,
     client: HttpClient,
@@ -255,7 +272,12 @@ impl moka::Expiry<CacheKey, Arc<Cached>> for UntilExpiry {
 impl Verifier {
     /// Builds a verifier; no I/O happens until [`Verifier::start`] or the first [`Verifier::verify`].
     pub fn new(issuers: Vec<IssuerConfig>, client: HttpClient) -> Self {
-        Verifier::build(issuers, client, None)
+        Verifier::with_cache_bytes(issuers, client, DEFAULT_TOKEN_CACHE_BYTES)
+    }
+
+    /// [`Verifier::new`] with a byte budget for verified tokens (`0`: no cache).
+    pub fn with_cache_bytes(issuers: Vec<IssuerConfig>, client: HttpClient, bytes: u64) -> Self {
+        Verifier::build(issuers, client, bytes, None)
     }
 
     /// The verifier for a reloaded configuration. An issuer whose settings did not change is
@@ -263,11 +285,22 @@ impl Verifier {
     /// or new issuer starts without keys (call [`Verifier::start`] before using it); a removed
     /// one is dropped with its refresher. Verified tokens are kept only when no issuer changed
     /// or went away, so a token is never honoured under settings it was not checked against.
-    pub fn reconfigured(&self, issuers: Vec<IssuerConfig>) -> Verifier {
-        Verifier::build(issuers, self.inner.client.clone(), Some(&self.inner))
+    /// The cache is also kept only when its byte budget did not change.
+    pub fn reconfigured(&self, issuers: Vec<IssuerConfig>, cache_bytes: u64) -> Verifier {
+        Verifier::build(
+            issuers,
+            self.inner.client.clone(),
+            cache_bytes,
+            Some(&self.inner),
+        )
     }
 
-    fn build(issuers: Vec<IssuerConfig>, client: HttpClient, previous: Option<&Inner>) -> Self {
+    fn build(
+        issuers: Vec<IssuerConfig>,
+        client: HttpClient,
+        cache_bytes: u64,
+        previous: Option<&Inner>,
+    ) -> Self {
         let fetches = previous.map_or_else(|| Arc::new(AtomicU64::new(0)), |p| p.fetches.clone());
         let mut list: Vec<Arc<Issuer>> = Vec::new();
         let mut by_name = HashMap::new();
@@ -294,12 +327,15 @@ impl Verifier {
                 .all(|old| list.iter().any(|new| Arc::ptr_eq(old, new)))
         });
         let cache = match previous {
-            Some(p) if unchanged => p.cache.clone(),
-            _ => moka::future::Cache::builder()
-                .name("verified-tokens")
-                .max_capacity(TOKEN_CACHE_CAPACITY)
-                .expire_after(UntilExpiry)
-                .build(),
+            Some(p) if unchanged && p.cache_bytes == cache_bytes => p.cache.clone(),
+            _ => (cache_bytes > 0).then(|| {
+                moka::future::Cache::builder()
+                    .name("verified-tokens")
+                    .max_capacity(cache_bytes)
+                    .weigher(|_key: &CacheKey, entry: &Arc<Cached>| entry.weight)
+                    .expire_after(UntilExpiry)
+                    .build()
+            }),
         };
         Verifier {
             inner: Arc::new(Inner {
@@ -307,6 +343,7 @@ impl Verifier {
                 by_name,
                 any_alg,
                 cache,
+                cache_bytes,
                 fetches,
                 signature_checks: previous.map_or_else(
                     || Arc::new(AtomicU64::new(0)),
@@ -381,6 +418,17 @@ impl Verifier {
         self.inner.fetches.load(Ordering::Relaxed)
     }
 
+    /// Verified tokens held, and their estimated bytes (after pending evictions are applied).
+    pub async fn cache_usage(&self) -> (u64, u64) {
+        match &self.inner.cache {
+            None => (0, 0),
+            Some(c) => {
+                c.run_pending_tasks().await;
+                (c.entry_count(), c.weighted_size())
+            }
+        }
+    }
+
     /// Total signature verifications performed.
     pub fn signature_checks(&self) -> u64 {
         self.inner.signature_checks.load(Ordering::Relaxed)
@@ -422,21 +470,30 @@ impl Verifier {
             return Err(RejectReason::TooLarge.into());
         }
         let key: CacheKey = Sha256::digest(token.as_bytes()).into();
-        if let Some(hit) = self.inner.cache.get(&key).await {
+        let cache = self.inner.cache.as_ref();
+        if let Some(hit) = match cache {
+            Some(c) => c.get(&key).await,
+            None => None,
+        } {
             if now_secs() < hit.token.expires_at && hit.key_live.load(Ordering::Acquire) {
                 return Ok(hit.token.clone());
             }
-            self.inner.cache.invalidate(&key).await;
+            if let Some(c) = cache {
+                c.invalidate(&key).await;
+            }
         }
         match self.verify_uncached(token).await {
             Ok((verified, key_live)) => {
                 let verified = Arc::new(verified);
-                if now_secs() < verified.expires_at {
+                if let Some(c) = cache
+                    && now_secs() < verified.expires_at
+                {
                     let entry = Arc::new(Cached {
                         token: verified.clone(),
                         key_live,
+                        weight: cached_entry_weight(token.len()),
                     });
-                    self.inner.cache.insert(key, entry).await;
+                    c.insert(key, entry).await;
                 }
                 Ok(verified)
             }

@@ -208,6 +208,9 @@ pub struct LimitsFile {
     pub max_attachment_bytes: Option<u64>,
     /// Deepest JSON nesting accepted in a body (default 64).
     pub max_json_depth: Option<u64>,
+    /// Memory for verified caller tokens, in bytes (default 16 MiB); `0` verifies every token's
+    /// signature on every request.
+    pub verified_token_cache_bytes: Option<u64>,
 }
 
 /// `policies/teams/NAME.toml`.

@@ -74,4 +74,6 @@ pub struct Limits {
     pub max_body_bytes: u64,
     /// Request body bytes buffered at once, all requests together.
     pub max_buffered_body_bytes: u64,
+    /// Memory for verified caller tokens; 0: no cache.
+    pub verified_token_cache_bytes: u64,
 }

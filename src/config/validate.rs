@@ -822,6 +822,19 @@ pub fn validate(
             ),
         );
     }
+    let verified_token_cache_bytes = gw
+        .limits
+        .verified_token_cache_bytes
+        .unwrap_or(crate::auth::jwt::DEFAULT_TOKEN_CACHE_BYTES);
+    if verified_token_cache_bytes > crate::auth::jwt::MAX_TOKEN_CACHE_BYTES {
+        r.add(
+            "limits.verified_token_cache_bytes",
+            format!(
+                "must be at most {} (1 GiB); 0 turns the cache off",
+                crate::auth::jwt::MAX_TOKEN_CACHE_BYTES
+            ),
+        );
+    }
     let max_json_depth = gw.limits.max_json_depth.unwrap_or(64);
     if !(2..=128).contains(&max_json_depth) {
         r.add("limits.max_json_depth", "must be between 2 and 128");
@@ -1099,6 +1112,7 @@ pub fn validate(
         limits: Limits {
             max_body_bytes,
             max_buffered_body_bytes,
+            verified_token_cache_bytes,
         },
         teams,
         quota: QuotaSettings {

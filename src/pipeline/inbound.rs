@@ -168,9 +168,8 @@ pub(super) async fn authenticate(
     };
     let token = bearer_token(value)?;
     let verified = policy.verifier.verify_detailed(token).await;
-    verified.map_err(|r| match r.error {
-        AuthError::JwksUnavailable => GatewayError::JwksUnavailable,
-        AuthError::Invalid(reason) => {
+    verified.map_err(|r| {
+        if let AuthError::Invalid(reason) = r.error {
             gw.runtime.metrics.jwt_rejection(reason.as_str());
             // `alg` is a known name or a short alphanumeric value, `issuer` a configured one.
             tracing::info!(
@@ -180,9 +179,17 @@ pub(super) async fn authenticate(
                 issuer = r.issuer.as_deref().unwrap_or("-"),
                 "caller token refused"
             );
-            GatewayError::InvalidToken(reason_text(reason))
         }
+        auth_error(r.error)
     })
+}
+
+/// The answer to a token the verifier did not accept.
+pub(super) fn auth_error(e: AuthError) -> GatewayError {
+    match e {
+        AuthError::JwksUnavailable => GatewayError::JwksUnavailable,
+        AuthError::Invalid(reason) => GatewayError::InvalidToken(reason_text(reason)),
+    }
 }
 
 /// `Bearer <token>`, the scheme matched case-insensitively (RFC 6750 section 2.1). Another

@@ -42,14 +42,17 @@ use crate::quota::{NoSlot, Refusal};
 use crate::validate::BodyError;
 
 mod checks;
+mod explain;
 mod inbound;
 mod respond;
 mod upstream;
 
 use checks::{admit, check_body, check_query, too_large};
+pub use explain::{Explain, Explanation, Identity, explain};
 pub(crate) use inbound::BodyBudget;
-use inbound::{authenticate, check_target, client_addr, declared_length, read_body};
+use inbound::{auth_error, authenticate, check_target, client_addr, declared_length, read_body};
 pub use inbound::{new_request_id, request_id};
+pub use respond::inspect_response;
 use respond::{respond_error, respond_forwarded};
 use upstream::Upstream;
 

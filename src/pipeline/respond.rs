@@ -74,15 +74,10 @@ pub(super) async fn respond_forwarded(
             if let Some(raw) = f.copy.filter(|_| f.complete)
                 && let Some(copy) = decoded(&coding, &raw, &route.op)
             {
-                let drift = route.validators.check_response(status, &copy);
+                let drift = inspect_response(&route, status, &copy, &mut ctx.record.candidate_ids);
                 if !drift.is_empty() {
                     gw.runtime.metrics.spec_drift(&route.op.id);
                     sample_drift(&route.op.id, &drift);
-                }
-                // Greenhouse documents its answers only as "200-level": ids are taken from any
-                // 2xx answer of an operation that returns candidates.
-                if (200..300).contains(&status) && route.returns_candidates {
-                    merge_candidate_ids(&mut ctx.record.candidate_ids, &copy);
                 }
             }
             // The policy this request was judged under stays alive until its record is written.
@@ -248,8 +243,25 @@ pub(super) fn sample_drift(operation: &str, problems: &[FieldProblem]) {
     }
 }
 
+/// What the gateway learns from a complete, decoded upstream answer: where it differs from the
+/// spec (pointers and keywords), and the candidate ids it names, added to `ids`.
+pub fn inspect_response(
+    route: &Route,
+    status: u16,
+    body: &[u8],
+    ids: &mut Vec<i64>,
+) -> Vec<FieldProblem> {
+    let drift = route.validators.check_response(status, body);
+    // Greenhouse documents its answers only as "200-level": ids are taken from any 2xx answer
+    // of an operation that returns candidates.
+    if (200..300).contains(&status) && route.returns_candidates {
+        merge_candidate_ids(ids, body);
+    }
+    drift
+}
+
 /// Candidate ids from a successful response: `id` of the object or of each array element.
-pub(super) fn merge_candidate_ids(ids: &mut Vec<i64>, body: &[u8]) {
+fn merge_candidate_ids(ids: &mut Vec<i64>, body: &[u8]) {
     let Ok(v) = serde_json::from_slice::<Value>(body) else {
         return;
     };

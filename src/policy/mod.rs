@@ -11,7 +11,7 @@ use std::collections::BTreeSet;
 use serde_json::{Map, Value};
 
 mod obo;
-pub use obo::{OboPolicy, decide_on_behalf_of, is_valid_email};
+pub use obo::{OboPolicy, OboSource, decide_on_behalf_of, decide_on_behalf_of_why, is_valid_email};
 
 /// A glob over claim values: `*` matches any run of characters, `?` exactly one.
 #[derive(Debug, Clone, PartialEq, Eq)]

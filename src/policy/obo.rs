@@ -49,12 +49,43 @@ pub fn is_valid_email(s: &str) -> bool {
 /// text as the detail (which never repeats the submitted value).
 pub type OboRefusal = &'static str;
 
+/// Where a decided `On-Behalf-Of` came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OboSource {
+    /// The caller's `On-Behalf-Of` header, found in the team's `allowed` list (or its default).
+    Header,
+    /// The token claim named by `from_claim`.
+    Claim,
+    /// The team's `default`.
+    Default,
+}
+
+impl OboSource {
+    pub fn describe(self) -> &'static str {
+        match self {
+            OboSource::Header => "the caller's On-Behalf-Of header, which the team allows",
+            OboSource::Claim => "the token claim named by on_behalf_of.from_claim",
+            OboSource::Default => "the team's on_behalf_of.default",
+        }
+    }
+}
+
 /// Decides the `On-Behalf-Of` value for a request.
 pub fn decide_on_behalf_of(
     policy: &OboPolicy,
     headers: &[&HeaderValue],
     claims: &Map<String, Value>,
 ) -> Result<String, OboRefusal> {
+    decide_on_behalf_of_why(policy, headers, claims).map(|(value, _)| value)
+}
+
+/// [`decide_on_behalf_of`], saying where the value came from.
+pub fn decide_on_behalf_of_why(
+    policy: &OboPolicy,
+    headers: &[&HeaderValue],
+    claims: &Map<String, Value>,
+) -> Result<(String, OboSource), OboRefusal> {
+    let default = || policy.default.clone().map(|d| (d, OboSource::Default));
     match headers {
         [] => {}
         [one] => {
@@ -65,6 +96,7 @@ pub fn decide_on_behalf_of(
                 return Err("the On-Behalf-Of header is not a valid email address");
             }
             return find_allowed(policy, value)
+                .map(|v| (v, OboSource::Header))
                 .ok_or("the team may not act on behalf of the requested user");
         }
         _ => return Err("more than one On-Behalf-Of header"),
@@ -72,9 +104,7 @@ pub fn decide_on_behalf_of(
     if let Some(claim) = &policy.from_claim {
         let value = match claims.get(claim) {
             None | Some(Value::Null) => {
-                return policy
-                    .default
-                    .clone()
+                return default()
                     .ok_or("the token has no On-Behalf-Of claim and the team has no default");
             }
             Some(Value::String(v)) => v,
@@ -84,15 +114,13 @@ pub fn decide_on_behalf_of(
             return Err("the token's On-Behalf-Of claim is not a valid email address");
         }
         if policy.allowed.is_empty() {
-            return Ok(value.clone());
+            return Ok((value.clone(), OboSource::Claim));
         }
         return find_allowed(policy, value)
+            .map(|v| (v, OboSource::Claim))
             .ok_or("the token's user is not one the team may act for");
     }
-    policy
-        .default
-        .clone()
-        .ok_or("no On-Behalf-Of was given and the team has no default")
+    default().ok_or("no On-Behalf-Of was given and the team has no default")
 }
 
 /// The configured spelling of an allowed address (emails compare case-insensitively). The default

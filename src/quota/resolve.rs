@@ -97,3 +97,49 @@ impl Quotas {
         }
     }
 }
+
+impl TeamQuota {
+    /// What one request to the operation at `route` would be charged, one line per limit with
+    /// the key it is counted under (the Redis key; the memory backend counts the same limits in
+    /// process). Empty when nothing limits it. Nothing is read or spent.
+    pub fn describe(&self, route: usize) -> Vec<String> {
+        let Some(slot) = &self.slot else {
+            return Vec::new();
+        };
+        let plan = &slot.plan;
+        let mut out = Vec::new();
+        if let Some(r) = &plan.rate {
+            out.push(format!(
+                "team rate {} (burst {}) as {}",
+                r.rate, r.burst, plan.rate_key
+            ));
+        }
+        if let Some(c) = plan.concurrency {
+            out.push(format!(
+                "team concurrency {c} in flight as {}",
+                plan.inflight_key
+            ));
+        }
+        if let Some(d) = plan.daily {
+            out.push(format!("team daily {d} as {}", plan.daily_key));
+        }
+        if let Some(op) = self
+            .ops
+            .get(route)
+            .copied()
+            .flatten()
+            .and_then(|i| plan.ops.get(i))
+        {
+            if let Some(r) = &op.rate {
+                out.push(format!(
+                    "operation rate {} (burst {}) as {}",
+                    r.rate, r.burst, op.rate_key
+                ));
+            }
+            if let Some(d) = op.daily {
+                out.push(format!("operation daily {d} as {}", op.daily_key));
+            }
+        }
+        out
+    }
+}
