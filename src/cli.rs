@@ -56,6 +56,12 @@ pub enum Command {
     Check {
         #[arg(long, default_value = "policies/gateway.toml")]
         config: PathBuf,
+        /// Warnings are errors too: exit 1 when there is any.
+        #[arg(long)]
+        strict: bool,
+        /// `text`, or `json`: one JSON document with the problems, the warnings and the summary.
+        #[arg(long, value_enum, default_value_t = CheckFormat::Text)]
+        format: CheckFormat,
         #[command(flatten)]
         explain: ExplainArgs,
     },
@@ -76,6 +82,13 @@ pub enum Command {
         #[arg(long, default_value = "2s", value_parser = crate::values::parse_duration)]
         timeout: Duration,
     },
+}
+
+/// How `check` prints its findings.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CheckFormat {
+    Text,
+    Json,
 }
 
 /// `check --explain`: what the gateway would do with one request, without sending it.
@@ -174,10 +187,15 @@ pub fn init_tracing(json: bool) {
 /// Runs a command; the returned code is the process exit code.
 pub async fn run(cli: Cli) -> i32 {
     match cli.command {
-        Command::Check { config, explain } if explain.explain => {
-            check_explain(&config, explain).await
-        }
-        Command::Check { config, .. } => check(&config),
+        Command::Check {
+            config, explain, ..
+        } if explain.explain => check_explain(&config, explain).await,
+        Command::Check {
+            config,
+            strict,
+            format,
+            ..
+        } => check(&config, strict, format),
         Command::Serve { config } => match load_or_print(&config) {
             None => 1,
             Some(cfg) => serve(cfg).await,
@@ -306,25 +324,169 @@ fn load_or_print(path: &Path) -> Option<Config> {
     }
 }
 
-/// `check`: every problem (exit 1), or a summary table (exit 0).
-pub fn check(path: &Path) -> i32 {
-    match config::load(path) {
-        Err(problems) => {
+/// `check`: every problem (exit 1), or a summary table (exit 0) with the warnings, which
+/// `strict` turns into problems (exit 1). The same findings as one JSON document with
+/// [`CheckFormat::Json`] (see [`check_report`]).
+pub fn check(path: &Path, strict: bool, format: CheckFormat) -> i32 {
+    let loaded = config::load(path);
+    let ok = match &loaded {
+        Err(_) => false,
+        Ok(cfg) => !strict || cfg.warnings.is_empty(),
+    };
+    match format {
+        CheckFormat::Json => {
+            let report = check_report(path, &loaded, strict);
             println!(
-                "{} problem{} found:",
-                problems.len(),
-                if problems.len() == 1 { "" } else { "s" }
+                "{}",
+                serde_json::to_string_pretty(&report).unwrap_or_else(|_| "{}".into())
             );
-            for p in problems {
-                println!("  {p}");
-            }
-            1
         }
-        Ok(cfg) => {
-            print!("{}", summary(&cfg));
-            0
-        }
+        CheckFormat::Text => match &loaded {
+            Err(problems) => print_problems(problems, ""),
+            Ok(cfg) if !ok => print_problems(&cfg.warnings, " (warnings, refused by --strict)"),
+            Ok(cfg) => print!("{}", summary(cfg)),
+        },
     }
+    if ok { 0 } else { 1 }
+}
+
+fn print_problems(problems: &[config::Problem], why: &str) {
+    println!(
+        "{} problem{} found{why}:",
+        problems.len(),
+        if problems.len() == 1 { "" } else { "s" }
+    );
+    for p in problems {
+        println!("  {p}");
+    }
+}
+
+/// The document `check --format json` prints. Field names are part of the contract (README,
+/// "Checking a configuration in CI"): `ok` (the exit code is 0), `strict`, `config`, `problems`
+/// and `warnings` (each `{file, key, message, severity}`; severity `error` for problems and for
+/// warnings under `--strict`, else `warning`), and `summary` (`null` unless the configuration
+/// loaded).
+pub fn check_report(
+    path: &Path,
+    loaded: &Result<Config, Vec<config::Problem>>,
+    strict: bool,
+) -> serde_json::Value {
+    use serde_json::{Value, json};
+    let finding = |p: &config::Problem, severity: &str| {
+        json!({
+            "file": p.file.display().to_string(),
+            "key": p.key,
+            "message": p.message,
+            "severity": severity,
+        })
+    };
+    let (problems, warnings, summary) = match loaded {
+        Err(problems) => (
+            problems.iter().map(|p| finding(p, "error")).collect(),
+            Vec::new(),
+            Value::Null,
+        ),
+        Ok(cfg) => {
+            let severity = if strict { "error" } else { "warning" };
+            (
+                Vec::new(),
+                cfg.warnings.iter().map(|w| finding(w, severity)).collect(),
+                summary_json(cfg),
+            )
+        }
+    };
+    let ok = problems.is_empty() && (!strict || warnings.is_empty());
+    json!({
+        "ok": ok,
+        "strict": strict,
+        "config": path.display().to_string(),
+        "problems": problems,
+        "warnings": warnings,
+        "summary": summary,
+    })
+}
+
+/// What the summary table says, as JSON.
+fn summary_json(cfg: &Config) -> serde_json::Value {
+    use serde_json::json;
+    let limit = |l: &crate::quota::Limit| (l.rate.map(|r| r.to_string()), l.burst);
+    let teams: Vec<serde_json::Value> = cfg
+        .teams
+        .iter()
+        .map(|t| {
+            let limits = cfg.quota.teams.get(&t.name);
+            let (rate, burst) = limits.map(|l| limit(&l.limit)).unwrap_or_default();
+            let operations: Vec<serde_json::Value> = t
+                .operations
+                .iter()
+                .map(|op| {
+                    let ol = limits.and_then(|l| l.operations.get(op));
+                    let (rate, burst) = ol.map(|o| limit(&o.limit)).unwrap_or_default();
+                    json!({"id": op, "rate": rate, "burst": burst, "daily": ol.and_then(|o| o.daily)})
+                })
+                .collect();
+            json!({
+                "name": t.name,
+                "description": t.description,
+                "credential": t.credential,
+                "validation": t.validation.as_str(),
+                "on_behalf_of": {
+                    "default": t.on_behalf_of.default,
+                    "allowed": t.on_behalf_of.allowed,
+                    "from_claim": t.on_behalf_of.from_claim,
+                },
+                "quota": {
+                    "rate": rate,
+                    "burst": burst,
+                    "concurrency": limits.and_then(|l| l.concurrency),
+                    "daily": limits.and_then(|l| l.daily),
+                },
+                "operations": operations,
+            })
+        })
+        .collect();
+    let operations: Vec<serde_json::Value> = cfg
+        .spec
+        .operations()
+        .iter()
+        .map(|o| {
+            let teams: Vec<&str> = cfg
+                .teams
+                .iter()
+                .filter(|t| t.may_call(&o.id))
+                .map(|t| t.name.as_str())
+                .collect();
+            json!({"id": o.id, "method": o.method.as_str(), "path": o.path, "teams": teams})
+        })
+        .collect();
+    let credentials: Vec<serde_json::Value> = cfg
+        .credentials
+        .iter()
+        .map(|(name, c)| json!({"name": name, "kind": c.kind()}))
+        .collect();
+    let (backend, key_prefix) = match &cfg.quota.backend {
+        crate::quota::Backend::Memory => ("memory", None),
+        crate::quota::Backend::Redis { key_prefix, .. } => ("redis", Some(key_prefix.clone())),
+    };
+    json!({
+        "spec": {
+            "title": cfg.spec.title,
+            "version": cfg.spec.version,
+        },
+        "operations": operations,
+        "teams": teams,
+        "issuers": cfg.issuers.iter().map(|i| i.issuer.clone()).collect::<Vec<_>>(),
+        "credentials": credentials,
+        "quota": {
+            "backend": backend,
+            "key_prefix": key_prefix,
+            "upstream_rate": cfg.quota.upstream.as_ref().map(|b| b.rate.to_string()),
+            "upstream_max_wait_ms": cfg.quota.upstream.as_ref().map(|b| b.max_wait.as_millis() as u64),
+        },
+        "audit": {
+            "path": cfg.audit.path.display().to_string(),
+        },
+    })
 }
 
 /// `check --explain`: loads the configuration as `check` does, resolves its policy without

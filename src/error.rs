@@ -40,10 +40,20 @@ pub enum GatewayError {
     InvalidJson(&'static str),
     MissingToken,
     InvalidToken(&'static str),
-    UnknownTeam,
-    OperationNotAllowed,
+    /// No team's `[[members]]` matched the verified token. `missing_claim`: a claim every table
+    /// of every team names and the token lacks (its name only: never a team, a pattern or a value).
+    UnknownTeam {
+        missing_claim: Option<String>,
+    },
+    /// The caller's team does not list the operation (its id, from the spec).
+    OperationNotAllowed {
+        operation: String,
+    },
     OnBehalfOfNotAllowed(&'static str),
-    RouteNotFound,
+    /// `prefix`: the public path prefix (the path of `upstream.base_url`).
+    RouteNotFound {
+        prefix: String,
+    },
     MethodNotAllowed {
         allow: Vec<http::Method>,
     },
@@ -90,8 +100,10 @@ impl GatewayError {
             BadRequest(_) | UndeclaredQuery(_) | InvalidJson(_) => StatusCode::BAD_REQUEST,
             BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             MissingToken | InvalidToken(_) => StatusCode::UNAUTHORIZED,
-            UnknownTeam | OperationNotAllowed | OnBehalfOfNotAllowed(_) => StatusCode::FORBIDDEN,
-            RouteNotFound => StatusCode::NOT_FOUND,
+            UnknownTeam { .. } | OperationNotAllowed { .. } | OnBehalfOfNotAllowed(_) => {
+                StatusCode::FORBIDDEN
+            }
+            RouteNotFound { .. } => StatusCode::NOT_FOUND,
             MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -119,10 +131,10 @@ impl GatewayError {
             InvalidJson(_) => "invalid_json",
             MissingToken => "missing_token",
             InvalidToken(_) => "invalid_token",
-            UnknownTeam => "unknown_team",
-            OperationNotAllowed => "operation_not_allowed",
+            UnknownTeam { .. } => "unknown_team",
+            OperationNotAllowed { .. } => "operation_not_allowed",
             OnBehalfOfNotAllowed(_) => "on_behalf_of_not_allowed",
-            RouteNotFound => "route_not_found",
+            RouteNotFound { .. } => "route_not_found",
             MethodNotAllowed { .. } => "method_not_allowed",
             PayloadTooLarge { .. } => "payload_too_large",
             UnsupportedMediaType => "unsupported_media_type",
@@ -162,10 +174,10 @@ impl GatewayError {
             | InvalidJson(_)
             | MissingToken
             | InvalidToken(_)
-            | UnknownTeam
-            | OperationNotAllowed
+            | UnknownTeam { .. }
+            | OperationNotAllowed { .. }
             | OnBehalfOfNotAllowed(_)
-            | RouteNotFound
+            | RouteNotFound { .. }
             | MethodNotAllowed { .. }
             | PayloadTooLarge { .. }
             | UnsupportedMediaType
@@ -184,10 +196,10 @@ impl GatewayError {
             InvalidJson(_) => "Request body is not valid JSON",
             MissingToken => "A bearer token is required",
             InvalidToken(_) => "The bearer token is not valid",
-            UnknownTeam => "The caller belongs to no team",
-            OperationNotAllowed => "The team may not call this operation",
+            UnknownTeam { .. } => "The caller belongs to no team",
+            OperationNotAllowed { .. } => "The team may not call this operation",
             OnBehalfOfNotAllowed(_) => "The team may not act on behalf of this user",
-            RouteNotFound => "No such route",
+            RouteNotFound { .. } => "No such route",
             MethodNotAllowed { .. } => "Method not allowed on this route",
             PayloadTooLarge { .. } => "Request body too large",
             UnsupportedMediaType => "Unsupported media type",
@@ -214,6 +226,25 @@ impl GatewayError {
             BadRequest(d) | InvalidJson(d) | InvalidToken(d) | OnBehalfOfNotAllowed(d) => {
                 Some((*d).to_string())
             }
+            UnknownTeam {
+                missing_claim: None,
+            } => Some(
+                "no team's [[members]] matched the token's claims; a platform team adds the caller to a team's policy".into(),
+            ),
+            UnknownTeam {
+                missing_claim: Some(claim),
+            } => Some(format!(
+                "no team's [[members]] matched the token's claims: the token has no \"{claim}\" claim, which every team's membership requires"
+            )),
+            OperationNotAllowed { operation } => Some(format!(
+                "the caller's team may not call {operation} (it is not in the team's operations)"
+            )),
+            RouteNotFound { prefix } if prefix.is_empty() => {
+                Some("no operation of the API has this path".into())
+            }
+            RouteNotFound { prefix } => Some(format!(
+                "no operation of the API has this path; paths start with {prefix}"
+            )),
             UndeclaredQuery(names) => {
                 Some(format!("undeclared query parameters: {}", names.join(", ")))
             }

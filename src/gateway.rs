@@ -169,25 +169,23 @@ impl Policy {
             config.limits.verified_token_cache_bytes,
         );
         let credentials = UpstreamCredentials::new(&config.credentials, client, Metrics::new());
-        let quotas = Quotas::with_clock(
-            config.quota.clone(),
-            Arc::new(crate::quota::SystemClock),
-        );
+        let quotas = Quotas::with_clock(config.quota.clone(), Arc::new(crate::quota::SystemClock));
         Policy::build(config, 1, verifier, credentials, quotas).map_err(|p| p.join("; "))
     }
 
     /// The route for a request's method and path (the public prefix included).
     pub fn route(&self, method: &http::Method, path: &str) -> Result<&Arc<Route>, GatewayError> {
+        let not_found = || GatewayError::RouteNotFound {
+            prefix: self.config.upstream.prefix.clone(),
+        };
         let rest = path
             .strip_prefix(self.config.upstream.prefix.as_str())
             .filter(|r| r.starts_with('/'))
-            .ok_or(GatewayError::RouteNotFound)?;
+            .ok_or_else(not_found)?;
         match self.config.spec.route(method, rest) {
-            RouteMatch::Found { index, .. } => {
-                self.routes.get(index).ok_or(GatewayError::RouteNotFound)
-            }
+            RouteMatch::Found { index, .. } => self.routes.get(index).ok_or_else(not_found),
             RouteMatch::MethodNotAllowed(allow) => Err(GatewayError::MethodNotAllowed { allow }),
-            RouteMatch::NotFound => Err(GatewayError::RouteNotFound),
+            RouteMatch::NotFound => Err(not_found()),
         }
     }
 

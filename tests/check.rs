@@ -76,6 +76,28 @@ fn assert_problem(run: &Run, file: &str, key: &str, fragment: &str) {
     );
 }
 
+/// Asserts that one printed `warning:` line names `file` (a path suffix), `key` and contains
+/// `fragment`.
+fn assert_warning(run: &Run, file: &str, key: &str, fragment: &str) {
+    let head = format!("/{file}: {key}: ");
+    assert!(
+        run.stdout
+            .lines()
+            .any(|l| l.starts_with("warning: ") && l.contains(&head) && l.contains(fragment)),
+        "no warning for {file} {key:?} containing {fragment:?} in:\n{}",
+        run.all()
+    );
+}
+
+/// The `warning:` lines that name `key` (after a file).
+fn warnings_on<'a>(run: &'a Run, key: &str) -> Vec<&'a str> {
+    let needle = format!(": {key}: ");
+    run.stdout
+        .lines()
+        .filter(|l| l.starts_with("warning: ") && l.contains(&needle))
+        .collect()
+}
+
 /// A valid gateway.toml whose upstream, token endpoint, issuer and JWKS all live at `origin`.
 fn gateway(origin: &str) -> String {
     format!(
@@ -582,10 +604,17 @@ fn overlapping_teams_pass_with_a_warning_naming_both_and_the_alphabetical_winner
     let warnings: Vec<&str> = run
         .stdout
         .lines()
-        .filter(|l| l.starts_with("warning:"))
+        .filter(|l| l.starts_with("warning:") && l.contains("could also match"))
         .collect();
     assert_eq!(warnings.len(), 1, "{}", run.stdout);
-    assert!(warnings[0].contains("alpha, zeta"), "{}", warnings[0]);
+    // Named at the losing team's file and table, with the winner's.
+    assert_warning(
+        &run,
+        "teams/zeta.toml",
+        "members[0]",
+        "could also match members[0] of team alpha",
+    );
+    assert!(warnings[0].contains("teams/alpha.toml"), "{}", warnings[0]);
     assert!(warnings[0].contains("alpha wins"), "{}", warnings[0]);
 }
 
@@ -1116,6 +1145,610 @@ fn production_example_loads_its_own_teams_all_members_of_its_issuer_with_redis_a
     assert!(cfg.audit.hmac_key.is_some());
     assert!(!cfg.admin.addr.ip().is_loopback());
     assert!(cfg.admin.token.is_some());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Warnings: each names its file and key and says what to do
+// ---------------------------------------------------------------------------------------------
+
+/// [`team`] with a rate and a concurrency cap.
+fn limited_team(name: &str, operations: &[&str], sub: &str, rate: &str) -> String {
+    format!(
+        "{}\n[quota]\nrate = \"{rate}\"\nconcurrency = 2\n",
+        team(name, operations, sub)
+    )
+}
+
+#[test]
+fn an_operation_no_team_may_call_is_a_warning_on_gateway_toml_teams_naming_it() {
+    let dir = scenario(&gateway(ORIGIN), &one_team(), &[]);
+    let run = check(&dir.path().join("gateway.toml"));
+    assert_eq!(run.code, Some(0), "{}", run.all());
+    assert_warning(
+        &run,
+        "gateway.toml",
+        "teams",
+        "operation createTrackingLink (POST /tracking_link) is in no team's `operations`",
+    );
+    assert_warning(
+        &run,
+        "gateway.toml",
+        "teams",
+        "add it to the operations of the team that needs it",
+    );
+    let uncallable = warnings_on(&run, "teams");
+    assert_eq!(uncallable.len(), 5, "{}", run.stdout);
+    assert!(
+        uncallable
+            .iter()
+            .all(|w| !w.contains("operation listPartnerJobs ")),
+        "{}",
+        run.stdout
+    );
+}
+
+#[test]
+fn a_team_without_any_quota_is_a_warning_on_its_quota_key() {
+    let teams = [
+        ("open", team("open", &["listPartnerJobs"], "svc-open")),
+        (
+            "limited",
+            limited_team("limited", &["listPartnerJobs"], "svc-limited", "2/s"),
+        ),
+        (
+            "daily",
+            format!(
+                "{}\n[quota]\ndaily = 100\n",
+                team("daily", &["listPartnerJobs"], "svc-daily")
+            ),
+        ),
+    ];
+    let dir = scenario(&gateway(ORIGIN), &teams, &[]);
+    let run = check(&dir.path().join("gateway.toml"));
+    assert_eq!(run.code, Some(0), "{}", run.all());
+    assert_warning(
+        &run,
+        "teams/open.toml",
+        "quota",
+        "set at least quota.rate and quota.concurrency",
+    );
+    let quota = warnings_on(&run, "quota");
+    assert_eq!(quota.len(), 1, "only the team without any limit: {quota:?}");
+}
+
+#[test]
+fn an_on_behalf_of_default_outside_its_own_allowed_list_is_a_warning() {
+    let obo = |name: &str, default: &str, allowed: &[&str]| {
+        let allowed: Vec<String> = allowed
+            .iter()
+            .map(|a| format!("{:?}", support::email(a)))
+            .collect();
+        format!(
+            "name = \"{name}\"\noperations = [\"listPartnerJobs\"]\n\n[[members]]\niss = \"{ORIGIN}\"\nsub = \"svc-{name}\"\n\n[on_behalf_of]\ndefault = {:?}\nallowed = [{}]\n\n[quota]\nrate = \"1/s\"\n",
+            support::email(default),
+            allowed.join(", ")
+        )
+    };
+    let teams = [
+        (
+            "outside",
+            obo(
+                "outside",
+                "bot(at)example.com",
+                &["recruiter(at)example.com"],
+            ),
+        ),
+        (
+            "inside",
+            obo(
+                "inside",
+                "bot(at)example.com",
+                &["Bot(at)Example.com", "recruiter(at)example.com"],
+            ),
+        ),
+        ("alone", obo("alone", "bot(at)example.com", &[])),
+    ];
+    let dir = scenario(&gateway(ORIGIN), &teams, &[]);
+    let run = check(&dir.path().join("gateway.toml"));
+    assert_eq!(run.code, Some(0), "{}", run.all());
+    assert_warning(
+        &run,
+        "teams/outside.toml",
+        "on_behalf_of.default",
+        "is not in on_behalf_of.allowed",
+    );
+    assert_warning(
+        &run,
+        "teams/outside.toml",
+        "on_behalf_of.default",
+        "add the default to allowed",
+    );
+    assert_eq!(
+        warnings_on(&run, "on_behalf_of.default").len(),
+        1,
+        "{}",
+        run.stdout
+    );
+}
+
+#[test]
+fn inline_secrets_with_the_listener_off_loopback_are_a_warning_per_secret_key() {
+    let public = gateway(ORIGIN).replace("addr = \"127.0.0.1:18080\"", "addr = \"0.0.0.0:18080\"");
+    let dir = scenario(&public, &one_team(), &[]);
+    let run = check(&dir.path().join("gateway.toml"));
+    assert_eq!(run.code, Some(0), "{}", run.all());
+    for key in [
+        "credentials.default.client_secret",
+        "credentials.partner_key.api_key",
+    ] {
+        assert_warning(
+            &run,
+            "gateway.toml",
+            key,
+            "listen.addr (0.0.0.0:18080) is not a loopback address",
+        );
+        assert_warning(&run, "gateway.toml", key, "{ env = \"NAME\" }");
+    }
+    assert!(!run.all().contains("test-client-secret"), "{}", run.all());
+
+    // The same secrets on a loopback listener: development, no warning.
+    let dir = scenario(&gateway(ORIGIN), &one_team(), &[]);
+    let run = check(&dir.path().join("gateway.toml"));
+    assert!(
+        warnings_on(&run, "credentials.default.client_secret").is_empty(),
+        "{}",
+        run.stdout
+    );
+}
+
+#[test]
+fn issuer_refresh_interval_and_refetch_cooldown_out_of_bounds_are_warnings() {
+    let issuer = |n: usize, refresh: &str, cooldown: &str| {
+        format!(
+            "\n[[issuers]]\nissuer = \"https://idp{n}.example\"\naudiences = [\"gw\"]\njwks_url = \"https://idp{n}.example/jwks.json\"\nalgorithms = [\"ES256\"]\nrefresh_interval = \"{refresh}\"\nrefetch_cooldown = \"{cooldown}\"\n"
+        )
+    };
+    let text = gateway(ORIGIN)
+        + &issuer(1, "5m", "30s") // sane
+        + &issuer(2, "10s", "5s") // refresh too short
+        + &issuer(3, "2h", "30s") // refresh too long
+        + &issuer(4, "5m", "0s") // cooldown too short
+        + &issuer(5, "5m", "10m"); // cooldown longer than refresh
+    let dir = scenario(&text, &one_team(), &[]);
+    let run = check(&dir.path().join("gateway.toml"));
+    assert_eq!(run.code, Some(0), "{}", run.all());
+    assert_warning(
+        &run,
+        "gateway.toml",
+        "issuers[2].refresh_interval",
+        "is 10s: the identity provider's keys would be fetched more often than once a minute",
+    );
+    assert_warning(
+        &run,
+        "gateway.toml",
+        "issuers[3].refresh_interval",
+        "use 1m..1h",
+    );
+    assert_warning(
+        &run,
+        "gateway.toml",
+        "issuers[4].refetch_cooldown",
+        "use at least 1s",
+    );
+    assert_warning(
+        &run,
+        "gateway.toml",
+        "issuers[5].refetch_cooldown",
+        "longer than refresh_interval (5m)",
+    );
+    for sane in ["issuers[0].", "issuers[1]."] {
+        assert!(
+            !run.stdout
+                .lines()
+                .any(|l| l.starts_with("warning:") && l.contains(sane)),
+            "{sane}: {}",
+            run.stdout
+        );
+    }
+}
+
+#[test]
+fn a_credential_with_an_empty_scope_is_a_warning() {
+    let text = gateway(ORIGIN).replace(
+        "client_id = \"gateway-test\"",
+        "client_id = \"gateway-test\"\nscope = \"\"",
+    );
+    let dir = scenario(&text, &one_team(), &[]);
+    let run = check(&dir.path().join("gateway.toml"));
+    assert_eq!(run.code, Some(0), "{}", run.all());
+    assert_warning(
+        &run,
+        "gateway.toml",
+        "credentials.default.scope",
+        "is empty: the token request then asks for no scope",
+    );
+    assert_warning(
+        &run,
+        "gateway.toml",
+        "credentials.default.scope",
+        "or leave the key out",
+    );
+}
+
+#[test]
+fn a_member_iss_that_matches_no_configured_issuer_is_a_warning() {
+    let other = team("other", &["listPartnerJobs"], "svc-other").replace(
+        &format!("iss = \"{ORIGIN}\""),
+        "iss = \"https://idp.elsewhere.example\"",
+    );
+    let glob = team("glob", &["listPartnerJobs"], "svc-glob").replace(
+        &format!("iss = \"{ORIGIN}\""),
+        "iss = \"http://127.0.0.1:*\"",
+    );
+    let dir = scenario(&gateway(ORIGIN), &[("other", other), ("glob", glob)], &[]);
+    let run = check(&dir.path().join("gateway.toml"));
+    assert_eq!(run.code, Some(0), "{}", run.all());
+    assert_warning(
+        &run,
+        "teams/other.toml",
+        "members[0].iss",
+        &format!("matches no [[issuers]] issuer of gateway.toml ({ORIGIN})"),
+    );
+    assert_eq!(
+        warnings_on(&run, "members[0].iss").len(),
+        1,
+        "a glob matching the issuer is fine: {}",
+        run.stdout
+    );
+}
+
+#[test]
+fn team_rates_adding_up_to_more_than_the_upstream_budget_are_a_warning_on_upstream_rate() {
+    let with_budget = |budget: &str| {
+        gateway(ORIGIN).replace(
+            "[upstream]\n",
+            &format!("[upstream]\nrate = \"{budget}\"\n"),
+        )
+    };
+    let teams = [
+        (
+            "alpha",
+            limited_team("alpha", &["listPartnerJobs"], "svc-alpha", "6/s"),
+        ),
+        (
+            "beta",
+            limited_team("beta", &["listPartnerJobs"], "svc-beta", "60/m"),
+        ),
+    ];
+    let dir = scenario(&with_budget("50/10s"), &teams, &[]);
+    let run = check(&dir.path().join("gateway.toml"));
+    assert_eq!(run.code, Some(0), "{}", run.all());
+    assert_warning(
+        &run,
+        "gateway.toml",
+        "upstream.rate",
+        "the teams' rates add up to 7/s (alpha 6/s, beta 1/s), more than this shared Greenhouse budget of 50/10s (5/s)",
+    );
+    assert_warning(
+        &run,
+        "gateway.toml",
+        "upstream.rate",
+        "lower the teams' quota.rate",
+    );
+
+    // Exactly the budget is fine.
+    let dir = scenario(&with_budget("7/s"), &teams, &[]);
+    let run = check(&dir.path().join("gateway.toml"));
+    assert!(
+        warnings_on(&run, "upstream.rate").is_empty(),
+        "{}",
+        run.stdout
+    );
+}
+
+#[test]
+fn glob_characters_the_member_matcher_takes_literally_are_a_warning_naming_the_member_key() {
+    let teams = [
+        (
+            "brackets",
+            team("brackets", &["listPartnerJobs"], "svc-[ab]-*"),
+        ),
+        ("braces", team("braces", &["listPartnerJobs"], "svc-{x,y}")),
+        ("plain", team("plain", &["listPartnerJobs"], "svc-plain-?")),
+    ];
+    let dir = scenario(&gateway(ORIGIN), &teams, &[]);
+    let run = check(&dir.path().join("gateway.toml"));
+    assert_eq!(run.code, Some(0), "{}", run.all());
+    assert_warning(
+        &run,
+        "teams/brackets.toml",
+        "members[0].sub",
+        "contains '[', which the member matcher takes literally",
+    );
+    assert_warning(
+        &run,
+        "teams/braces.toml",
+        "members[0].sub",
+        "write one [[members]] table per value",
+    );
+    assert_eq!(
+        warnings_on(&run, "members[0].sub").len(),
+        2,
+        "{}",
+        run.stdout
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// --strict and --format json
+// ---------------------------------------------------------------------------------------------
+
+/// A configuration without a single warning: the tiny spec's one operation, called by one team
+/// that has a quota.
+fn clean_scenario() -> TempDir {
+    let teams = [(
+        "widgets",
+        limited_team("widgets", &["listWidgets"], "svc-widgets", "5/s"),
+    )];
+    scenario(
+        &with_spec("tiny.yml"),
+        &teams,
+        &[("specs/tiny.yml", TINY_SPEC)],
+    )
+}
+
+fn check_args(config: &Path, args: &[&str]) -> Run {
+    check_with(config, |c| {
+        c.args(args);
+    })
+}
+
+#[test]
+fn strict_exits_0_when_clean_1_on_warnings_and_1_on_problems() {
+    let clean = clean_scenario();
+    let run = check_args(&clean.path().join("gateway.toml"), &["--strict"]);
+    assert_eq!(run.code, Some(0), "{}", run.all());
+    assert!(
+        run.stdout.starts_with("configuration OK: "),
+        "{}",
+        run.stdout
+    );
+
+    let warned = scenario(&gateway(ORIGIN), &one_team(), &[]);
+    let config = warned.path().join("gateway.toml");
+    assert_eq!(
+        check(&config).code,
+        Some(0),
+        "warnings alone pass without --strict"
+    );
+    let run = check_args(&config, &["--strict"]);
+    assert_eq!(run.code, Some(1), "{}", run.all());
+    assert!(
+        run.stdout
+            .contains("problems found (warnings, refused by --strict):"),
+        "{}",
+        run.stdout
+    );
+    assert_problem(&run, "sourcing.toml", "quota", "the team has no quota");
+    assert!(!run.stdout.contains("configuration OK"), "{}", run.stdout);
+
+    let broken = scenario(
+        &gateway(ORIGIN).replace("[upstream]\n", "[upstream]\ntimeout = \"30\"\n"),
+        &one_team(),
+        &[],
+    );
+    for args in [&[][..], &["--strict"][..]] {
+        let run = check_args(&broken.path().join("gateway.toml"), args);
+        assert_eq!(run.code, Some(1), "{args:?}: {}", run.all());
+        assert_problem(&run, "gateway.toml", "upstream.timeout", "has no unit");
+    }
+}
+
+fn json_of(run: &Run) -> serde_json::Value {
+    serde_json::from_str(&run.stdout)
+        .unwrap_or_else(|e| panic!("not one JSON document ({e}):\n{}", run.all()))
+}
+
+/// Every finding has exactly the documented fields.
+fn assert_findings(list: &serde_json::Value, severity: &str) {
+    for f in list.as_array().expect("an array") {
+        let mut keys: Vec<&str> = f
+            .as_object()
+            .expect("an object")
+            .keys()
+            .map(String::as_str)
+            .collect();
+        keys.sort_unstable();
+        assert_eq!(keys, ["file", "key", "message", "severity"], "{f}");
+        assert_eq!(f["severity"], severity, "{f}");
+        assert!(f["file"].is_string() && f["key"].is_string() && f["message"].is_string());
+    }
+}
+
+#[test]
+fn format_json_prints_one_document_with_problems_warnings_and_summary() {
+    // Clean: ok, no findings, the summary.
+    let clean = clean_scenario();
+    let run = check_args(&clean.path().join("gateway.toml"), &["--format", "json"]);
+    assert_eq!(run.code, Some(0), "{}", run.all());
+    let doc = json_of(&run);
+    let mut top: Vec<&str> = doc
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    top.sort_unstable();
+    assert_eq!(
+        top,
+        ["config", "ok", "problems", "strict", "summary", "warnings"]
+    );
+    assert_eq!(doc["ok"], true);
+    assert_eq!(doc["strict"], false);
+    assert_eq!(doc["problems"], serde_json::json!([]));
+    assert_eq!(doc["warnings"], serde_json::json!([]));
+    let summary = &doc["summary"];
+    assert_eq!(summary["spec"]["title"], "Tiny Widgets");
+    assert_eq!(summary["operations"][0]["id"], "listWidgets");
+    assert_eq!(summary["operations"][0]["method"], "GET");
+    assert_eq!(summary["operations"][0]["path"], "/widgets");
+    assert_eq!(
+        summary["operations"][0]["teams"],
+        serde_json::json!(["widgets"])
+    );
+    let team = &summary["teams"][0];
+    assert_eq!(team["name"], "widgets");
+    assert_eq!(team["credential"], "default");
+    assert_eq!(team["validation"], "enforce");
+    assert_eq!(team["quota"]["rate"], "5/s");
+    assert_eq!(team["quota"]["concurrency"], 2);
+    assert_eq!(team["on_behalf_of"]["from_claim"], "email");
+    assert_eq!(team["operations"][0]["id"], "listWidgets");
+    assert_eq!(summary["issuers"], serde_json::json!([ORIGIN]));
+    assert_eq!(summary["credentials"][1]["name"], "partner_key");
+    assert_eq!(summary["credentials"][1]["kind"], "basic");
+    assert_eq!(summary["quota"]["backend"], "memory");
+
+    // Warnings: severity warning, ok; under --strict, severity error and not ok (exit 1).
+    let warned = scenario(&gateway(ORIGIN), &one_team(), &[]);
+    let config = warned.path().join("gateway.toml");
+    let run = check_args(&config, &["--format", "json"]);
+    assert_eq!(run.code, Some(0), "{}", run.all());
+    let doc = json_of(&run);
+    assert_eq!(doc["ok"], true);
+    assert_findings(&doc["warnings"], "warning");
+    let quota = doc["warnings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["key"] == "quota")
+        .unwrap_or_else(|| panic!("no quota warning: {doc}"));
+    assert!(
+        quota["file"]
+            .as_str()
+            .unwrap()
+            .ends_with("teams/sourcing.toml"),
+        "{quota}"
+    );
+    let run = check_args(&config, &["--format", "json", "--strict"]);
+    assert_eq!(run.code, Some(1), "{}", run.all());
+    let doc = json_of(&run);
+    assert_eq!(doc["ok"], false);
+    assert_eq!(doc["strict"], true);
+    assert_findings(&doc["warnings"], "error");
+    assert!(doc["summary"].is_object());
+
+    // Problems: not ok, severity error, no summary (exit 1).
+    let broken = scenario(
+        &gateway(ORIGIN).replace("[upstream]\n", "[upstream]\ntimeout = \"30\"\n"),
+        &one_team(),
+        &[],
+    );
+    let run = check_args(&broken.path().join("gateway.toml"), &["--format", "json"]);
+    assert_eq!(run.code, Some(1), "{}", run.all());
+    let doc = json_of(&run);
+    assert_eq!(doc["ok"], false);
+    assert!(doc["summary"].is_null(), "{doc}");
+    assert_findings(&doc["problems"], "error");
+    let timeout = doc["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["key"] == "upstream.timeout")
+        .unwrap_or_else(|| panic!("no upstream.timeout problem: {doc}"));
+    assert!(
+        timeout["file"].as_str().unwrap().ends_with("gateway.toml"),
+        "{timeout}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The admin listener off loopback
+// ---------------------------------------------------------------------------------------------
+
+fn public_admin_config() -> TempDir {
+    let text = gateway(ORIGIN)
+        .replace("addr = \"127.0.0.1:18080\"", "addr = \"127.0.0.1:0\"")
+        .replace("addr = \"127.0.0.1:19090\"", "addr = \"0.0.0.0:0\"");
+    scenario(&text, &one_team(), &[])
+}
+
+#[test]
+fn an_admin_listener_off_loopback_without_a_token_is_refused_by_check_naming_both_keys() {
+    let dir = public_admin_config();
+    let run = check(&dir.path().join("gateway.toml"));
+    assert_eq!(run.code, Some(1), "{}", run.all());
+    assert_problem(
+        &run,
+        "gateway.toml",
+        "admin.token",
+        "required when admin.addr is not a loopback address (it is 0.0.0.0:0)",
+    );
+    assert_problem(
+        &run,
+        "gateway.toml",
+        "admin.token",
+        "set admin.token = { env = \"GATEWAY_ADMIN_TOKEN\" }",
+    );
+    assert_problem(
+        &run,
+        "gateway.toml",
+        "admin.token",
+        "or bind admin.addr to 127.0.0.1",
+    );
+
+    // With a token it passes.
+    let text = std::fs::read_to_string(dir.path().join("gateway.toml"))
+        .unwrap()
+        .replace(
+            "addr = \"0.0.0.0:0\"",
+            &format!(
+                "addr = \"0.0.0.0:0\"\ntoken = {{ value = \"{}\" }}",
+                "t".repeat(32)
+            ),
+        );
+    std::fs::write(dir.path().join("gateway.toml"), text).unwrap();
+    let run = check(&dir.path().join("gateway.toml"));
+    assert_eq!(run.code, Some(0), "{}", run.all());
+}
+
+#[test]
+fn serve_refuses_an_admin_listener_off_loopback_without_a_token_naming_both_keys() {
+    let dir = public_admin_config();
+    let mut child = Command::new(support::binary())
+        .args(["serve", "--config"])
+        .arg(dir.path().join("gateway.toml"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run serve");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break Some(status);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let out = child.wait_with_output().expect("output");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let status = status.unwrap_or_else(|| {
+        panic!("serve started with a public admin listener and no token:\n{stderr}")
+    });
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("admin.token: required when admin.addr is not a loopback address"))
+        .unwrap_or_else(|| panic!("serve did not name admin.token and admin.addr:\n{stderr}"));
+    assert!(line.contains("gateway.toml: admin.token"), "{line}");
+    assert!(
+        line.contains("(it is 0.0.0.0:0)") && line.contains("or bind admin.addr to 127.0.0.1"),
+        "says what to do: {line}"
+    );
 }
 
 #[test]

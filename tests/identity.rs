@@ -1343,6 +1343,89 @@ async fn subject_of_no_team_is_403_unknown_team() {
 }
 
 #[tokio::test]
+async fn unknown_team_detail_says_no_members_matched_and_names_a_missing_sub_but_no_team() {
+    let h = Harness::start().await;
+    let r = h
+        .get("/v1/partner/jobs", &h.token("svc-marketing-bot", json!({})))
+        .await;
+    assert_refused("unmatched sub", &r, StatusCode::FORBIDDEN, "unknown_team");
+    let detail = r.json()["detail"].as_str().unwrap_or_default().to_string();
+    assert!(
+        detail.contains("no team's [[members]] matched the token"),
+        "{detail}"
+    );
+    assert!(!detail.contains("has no"), "nothing is missing: {detail}");
+
+    // Every team's membership names `sub`: a token without one is told so.
+    let no_sub = h
+        .sandbox
+        .mint_token(json!({"aud": AUDIENCE}), Duration::from_secs(600));
+    let r = h.get("/v1/partner/jobs", &no_sub).await;
+    assert_refused("no sub", &r, StatusCode::FORBIDDEN, "unknown_team");
+    let detail_no_sub = r.json()["detail"].as_str().unwrap_or_default().to_string();
+    assert!(
+        detail_no_sub.contains("no team's [[members]] matched the token")
+            && detail_no_sub.contains("no \"sub\" claim"),
+        "{detail_no_sub}"
+    );
+    // Neither names a team, a pattern or the issuer.
+    for d in [&detail, &detail_no_sub] {
+        for secretish in [
+            "sourcing",
+            "agency",
+            "reporting",
+            "svc-",
+            "*",
+            &h.sandbox.issuer(),
+        ] {
+            assert!(!d.contains(secretish), "{secretish:?} in {d}");
+        }
+    }
+    assert_upstream_untouched(&h, "unknown team");
+}
+
+#[tokio::test]
+async fn operation_not_allowed_detail_names_the_operation() {
+    let h = Harness::start().await;
+    let reporting = h.token("svc-reporting-daily", json!({}));
+    let body = json!({"external_id": "ext-detail-1", "first_name": "Ada", "last_name": "Example"});
+    let r = h
+        .post_json("/v1/partner/candidates", &reporting, &body)
+        .await;
+    assert_refused(
+        "reporting createPartnerCandidate",
+        &r,
+        StatusCode::FORBIDDEN,
+        "operation_not_allowed",
+    );
+    let detail = r.json()["detail"].as_str().unwrap_or_default().to_string();
+    assert!(detail.contains("createPartnerCandidate"), "{detail}");
+    assert!(!detail.contains("ext-detail-1"), "{detail}");
+    assert_upstream_untouched(&h, "operation not allowed");
+}
+
+#[tokio::test]
+async fn route_not_found_detail_reminds_of_the_public_path_prefix_without_echoing_the_path() {
+    let h = Harness::start().await;
+    let token = h.sourcing_token();
+    for path in [
+        "/v1/partner/widgets-canary",
+        "/partner/jobs-canary",
+        "/jobs-canary",
+    ] {
+        let r = h.get(path, &token).await;
+        assert_refused(path, &r, StatusCode::NOT_FOUND, "route_not_found");
+        let detail = r.json()["detail"].as_str().unwrap_or_default().to_string();
+        assert!(
+            detail.contains("paths start with /v1/partner"),
+            "{path}: {detail}"
+        );
+        assert!(!r.text().contains("canary"), "{path}: {}", r.text());
+    }
+    assert_upstream_untouched(&h, "route not found");
+}
+
+#[tokio::test]
 async fn each_team_reaches_the_upstream_with_its_own_credential() {
     let h = Harness::start().await;
     for (sub, want_scheme, want_obo) in [

@@ -7,6 +7,7 @@
 pub mod file;
 pub mod model;
 pub mod validate;
+pub mod warnings;
 
 pub use model::*;
 pub use validate::{Problem, SecretSource, load, load_with};

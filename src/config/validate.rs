@@ -679,10 +679,15 @@ pub fn validate(
     if let Some(a) = admin_addr
         && !a.ip().is_loopback()
         && admin_token.is_none()
+        && gw.admin.token.is_none()
     {
         r.add(
             "admin.token",
-            "required when admin.addr is not a loopback address",
+            format!(
+                "required when admin.addr is not a loopback address (it is {a}): anyone who reaches it could read /metrics and /admin/teams \
+                 and reload the configuration; set admin.token = {{ env = \"GATEWAY_ADMIN_TOKEN\" }} (at least 32 bytes, `openssl rand -hex 32`), \
+                 or bind admin.addr to 127.0.0.1"
+            ),
         );
     }
     if let (Some(a), Some(b)) = (listen_addr, admin_addr)
@@ -1038,15 +1043,6 @@ pub fn validate(
         }
     }
     let teams = Teams::new(teams);
-    let warnings = teams
-        .overlaps()
-        .into_iter()
-        .map(|(a, b)| Problem {
-            file: base.join(gw.teams.as_deref().unwrap_or("teams")),
-            key: format!("{a}, {b}"),
-            message: format!("a caller could match both teams; {a} wins (teams are tried by name)"),
-        })
-        .collect();
 
     if !problems.is_empty() {
         return Err(problems);
@@ -1079,6 +1075,17 @@ pub fn validate(
         return Err(problems);
     };
     let prefix = base_url.path().trim_end_matches('/').to_string();
+    let warnings = super::warnings::collect(&super::warnings::Input {
+        gateway_path,
+        gw,
+        listen_addr: addr,
+        spec: &spec,
+        team_files,
+        teams: &teams,
+        team_quotas: &team_quotas,
+        issuers: &issuers,
+        budget: upstream_budget.as_ref(),
+    });
     Ok(Config {
         source: gateway_path.to_path_buf(),
         spec: Arc::new(spec),

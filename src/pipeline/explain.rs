@@ -137,7 +137,12 @@ async fn decide(policy: &Policy, req: Explain, ex: &mut Explanation) -> Result<(
     );
 
     // 4. Which team, may it call this, on whose behalf.
-    let team = policy.team_for(&claims).ok_or(GatewayError::UnknownTeam)?;
+    let Some(team) = policy.team_for(&claims) else {
+        let missing = cfg.teams.missing_required_claim(&claims);
+        return Err(GatewayError::UnknownTeam {
+            missing_claim: missing.map(str::to_owned),
+        });
+    };
     let table = team
         .team
         .members
@@ -152,7 +157,9 @@ async fn decide(policy: &Policy, req: Explain, ex: &mut Explanation) -> Result<(
         ),
     );
     if !team.may_call(route) {
-        return Err(GatewayError::OperationNotAllowed);
+        return Err(GatewayError::OperationNotAllowed {
+            operation: route.op.id.clone(),
+        });
     }
     ex.step(
         "allowed",

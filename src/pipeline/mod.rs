@@ -230,13 +230,18 @@ where
     ctx.record.operation = Some(route.op.id.clone());
 
     // 4. Which team, may it call this, on whose behalf.
-    let team: &TeamPolicy = policy
-        .team_for(&token.claims)
-        .ok_or(GatewayError::UnknownTeam)?;
+    let Some(team): Option<&TeamPolicy> = policy.team_for(&token.claims) else {
+        let missing = cfg.teams.missing_required_claim(&token.claims);
+        return Err(GatewayError::UnknownTeam {
+            missing_claim: missing.map(str::to_owned),
+        });
+    };
     ctx.record.team = Some(team.team.name.clone());
     ctx.record.credential = Some(team.credential.name().to_string());
     if !team.may_call(&route) {
-        return Err(GatewayError::OperationNotAllowed);
+        return Err(GatewayError::OperationNotAllowed {
+            operation: route.op.id.clone(),
+        });
     }
     let obo_headers: Vec<&HeaderValue> = req.headers().get_all("on-behalf-of").iter().collect();
     let on_behalf_of = decide_on_behalf_of(&team.team.on_behalf_of, &obo_headers, &token.claims)

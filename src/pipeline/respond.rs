@@ -74,8 +74,7 @@ pub(super) async fn respond_forwarded(
             if let Some(raw) = f.copy.filter(|_| f.complete)
                 && let Some(copy) = decoded(&coding, &raw, &route.op)
             {
-                let drift =
-                    inspect_response(&route, status, &copy, &mut ctx.record.candidate_ids);
+                let drift = inspect_response(&route, status, &copy, &mut ctx.record.candidate_ids);
                 if !drift.is_empty() {
                     gw.runtime.metrics.spec_drift(&route.op.id);
                     sample_drift(&route.op.id, &drift);

@@ -120,6 +120,18 @@ impl MemberRule {
     }
 }
 
+/// Two `[[members]]` tables of two teams that one token could both match (see
+/// [`Teams::overlapping_rules`]).
+#[derive(Debug, Clone, Copy)]
+pub struct RuleOverlap<'a> {
+    /// The team tried first, which wins.
+    pub first: &'a Team,
+    /// Index of its table in its `[[members]]`.
+    pub first_rule: usize,
+    pub second: &'a Team,
+    pub second_rule: usize,
+}
+
 /// What happens to requests that do not match the spec.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum ValidationMode {
@@ -192,19 +204,53 @@ impl Teams {
 
     /// Pairs of teams one token could belong to both of; the first of each pair wins.
     pub fn overlaps(&self) -> Vec<(&str, &str)> {
+        let mut out: Vec<(&str, &str)> = Vec::new();
+        for o in self.overlapping_rules() {
+            let pair = (o.first.name.as_str(), o.second.name.as_str());
+            if out.last() != Some(&pair) {
+                out.push(pair);
+            }
+        }
+        out
+    }
+
+    /// Every pair of `[[members]]` tables of two teams that one token could both match, teams in
+    /// the order they are tried (the first of each pair wins), tables by their index in the file.
+    pub fn overlapping_rules(&self) -> Vec<RuleOverlap<'_>> {
         let mut out = Vec::new();
-        for (i, a) in self.teams.iter().enumerate() {
-            for b in &self.teams[i + 1..] {
-                let overlap = a
-                    .members
-                    .iter()
-                    .any(|ra| b.members.iter().any(|rb| ra.may_overlap(rb)));
-                if overlap {
-                    out.push((a.name.as_str(), b.name.as_str()));
+        for (i, first) in self.teams.iter().enumerate() {
+            for second in &self.teams[i + 1..] {
+                for (first_rule, ra) in first.members.iter().enumerate() {
+                    for (second_rule, rb) in second.members.iter().enumerate() {
+                        if ra.may_overlap(rb) {
+                            out.push(RuleOverlap {
+                                first,
+                                first_rule,
+                                second,
+                                second_rule,
+                            });
+                        }
+                    }
                 }
             }
         }
         out
+    }
+
+    /// A claim that every `[[members]]` table of every team names and that `claims` lacks (or
+    /// holds as `null`): without it no team could ever match, whatever the other claims say. The
+    /// first such name in alphabetical order; `None` when there is none (or no team). Only the
+    /// claim's name is learned from this, never a team or a pattern.
+    pub fn missing_required_claim(&self, claims: &Map<String, Value>) -> Option<&str> {
+        let mut rules = self.teams.iter().flat_map(|t| t.members.iter());
+        let first = rules.next()?;
+        let mut required: BTreeSet<&str> = first.claims.iter().map(|(n, _)| n.as_str()).collect();
+        for rule in rules {
+            required.retain(|name| rule.claims.iter().any(|(n, _)| n == name));
+        }
+        required
+            .into_iter()
+            .find(|name| matches!(claims.get(*name), None | Some(Value::Null)))
     }
 }
 
@@ -284,6 +330,55 @@ mod tests {
             .map(|t| t.name.as_str());
         assert_eq!(found, Some("alpha"));
         assert_eq!(teams.overlaps(), vec![("alpha", "zeta")]);
+    }
+
+    #[test]
+    fn overlapping_rules_name_each_pair_of_tables_winner_first() {
+        let teams = Teams::new(vec![
+            team("zeta", &[&[("sub", "exact")], &[("sub", "svc-*")]]),
+            team("alpha", &[&[("sub", "svc-a*")]]),
+        ]);
+        let pairs: Vec<(&str, usize, &str, usize)> = teams
+            .overlapping_rules()
+            .iter()
+            .map(|o| {
+                (
+                    o.first.name.as_str(),
+                    o.first_rule,
+                    o.second.name.as_str(),
+                    o.second_rule,
+                )
+            })
+            .collect();
+        assert_eq!(pairs, vec![("alpha", 0, "zeta", 1)]);
+    }
+
+    #[test]
+    fn a_claim_every_table_names_is_reported_missing_and_no_other() {
+        let teams = Teams::new(vec![
+            team(
+                "a",
+                &[
+                    &[("iss", "i"), ("sub", "svc-a")],
+                    &[("sub", "svc-b"), ("grp", "g")],
+                ],
+            ),
+            team("b", &[&[("sub", "svc-c"), ("iss", "i")]]),
+        ]);
+        assert_eq!(
+            teams.missing_required_claim(&claims(json!({"iss": "i"}))),
+            Some("sub")
+        );
+        assert_eq!(
+            teams.missing_required_claim(&claims(json!({"iss": "i", "sub": null}))),
+            Some("sub")
+        );
+        // `iss` and `grp` are not named by every table: never reported.
+        assert_eq!(
+            teams.missing_required_claim(&claims(json!({"sub": "other"}))),
+            None
+        );
+        assert_eq!(Teams::default().missing_required_claim(&Map::new()), None);
     }
 
     #[test]
