@@ -9,6 +9,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 
 use crate::gateway::Gateway;
+use crate::metrics::{Format, Sampled};
 
 /// Reasons the gateway is not ready; empty when it is.
 pub fn not_ready(gw: &Gateway) -> Vec<String> {
@@ -100,11 +101,25 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Full<B
             };
             text(status, "application/json", body)
         }
-        "/metrics" if authorized(&gw, &req) => text(
-            StatusCode::OK,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            gw.runtime.metrics.render(),
-        ),
+        "/metrics" if authorized(&gw, &req) => {
+            let accept = req
+                .headers()
+                .get(header::ACCEPT)
+                .and_then(|v| v.to_str().ok());
+            let format = Format::negotiate(accept);
+            let sampled = Sampled {
+                audit_queue_depth: gw.runtime.audit.queue_depth(),
+                quota_backend_errors: gw.policy().quotas.backend_errors(),
+            };
+            let mut r = text(
+                StatusCode::OK,
+                format.content_type(),
+                gw.runtime.metrics.expose(format, &sampled),
+            );
+            r.headers_mut()
+                .insert(header::VARY, http::HeaderValue::from_static("Accept"));
+            r
+        }
         "/metrics" => text(
             StatusCode::UNAUTHORIZED,
             "text/plain",

@@ -35,9 +35,11 @@ use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
 use super::jwks::{
-    FETCH_TIMEOUT, IssuerConfig, IssuerKeys, KeyMatch, is_hmac, is_valid_kid, spawn_refresher,
+    FETCH_TIMEOUT, FetchCounter, IssuerConfig, IssuerKeys, KeyMatch, is_hmac, is_valid_kid,
+    spawn_refresher,
 };
 use crate::http_client::HttpClient;
+use crate::metrics::Metrics;
 
 /// Tokens longer than this are refused before any decoding.
 pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
@@ -175,7 +177,7 @@ struct Issuer {
 }
 
 impl Issuer {
-    fn new(configured: IssuerConfig, client: &HttpClient, fetches: &Arc<AtomicU64>) -> Issuer {
+    fn new(configured: IssuerConfig, client: &HttpClient, fetches: &Arc<FetchCounter>) -> Issuer {
         let mut config = configured.clone();
         if config.leeway > MAX_LEEWAY {
             tracing::warn!(issuer = %config.issuer, "jwt: leeway capped at one hour");
@@ -229,7 +231,7 @@ struct Inner {
     /// Union of every issuer's accepted algorithms, checked before the payload is read.
     any_alg: HashSet<Algorithm>,
     cache: moka::future::Cache<CacheKey, Arc<Cached>>,
-    fetches: Arc<AtomicU64>,
+    fetches: Arc<FetchCounter>,
     signature_checks: Arc<AtomicU64>,
     client: HttpClient,
 }
@@ -255,7 +257,13 @@ impl moka::Expiry<CacheKey, Arc<Cached>> for UntilExpiry {
 impl Verifier {
     /// Builds a verifier; no I/O happens until [`Verifier::start`] or the first [`Verifier::verify`].
     pub fn new(issuers: Vec<IssuerConfig>, client: HttpClient) -> Self {
-        Verifier::build(issuers, client, None)
+        Verifier::build(issuers, client, None, None)
+    }
+
+    /// [`Verifier::new`], counting every key fetch in `gateway_jwks_fetches_total` (kept by the
+    /// verifiers of later reloads).
+    pub fn with_metrics(issuers: Vec<IssuerConfig>, client: HttpClient, metrics: Metrics) -> Self {
+        Verifier::build(issuers, client, None, Some(metrics))
     }
 
     /// The verifier for a reloaded configuration. An issuer whose settings did not change is
@@ -264,11 +272,19 @@ impl Verifier {
     /// one is dropped with its refresher. Verified tokens are kept only when no issuer changed
     /// or went away, so a token is never honoured under settings it was not checked against.
     pub fn reconfigured(&self, issuers: Vec<IssuerConfig>) -> Verifier {
-        Verifier::build(issuers, self.inner.client.clone(), Some(&self.inner))
+        Verifier::build(issuers, self.inner.client.clone(), Some(&self.inner), None)
     }
 
-    fn build(issuers: Vec<IssuerConfig>, client: HttpClient, previous: Option<&Inner>) -> Self {
-        let fetches = previous.map_or_else(|| Arc::new(AtomicU64::new(0)), |p| p.fetches.clone());
+    fn build(
+        issuers: Vec<IssuerConfig>,
+        client: HttpClient,
+        previous: Option<&Inner>,
+        metrics: Option<Metrics>,
+    ) -> Self {
+        let fetches = previous.map_or_else(
+            || Arc::new(FetchCounter::new(metrics)),
+            |p| p.fetches.clone(),
+        );
         let mut list: Vec<Arc<Issuer>> = Vec::new();
         let mut by_name = HashMap::new();
         let mut any_alg = HashSet::new();
@@ -378,7 +394,7 @@ impl Verifier {
 
     /// Total JWKS fetch attempts (URL or file), all issuers.
     pub fn jwks_fetches(&self) -> u64 {
-        self.inner.fetches.load(Ordering::Relaxed)
+        self.inner.fetches.total()
     }
 
     /// Total signature verifications performed.

@@ -88,7 +88,7 @@ pub async fn build(config: Config) -> Result<Arc<Gateway>, StartError> {
         config.upstream.connect_timeout,
     )?;
     let metrics = Metrics::new();
-    let verifier = Verifier::new(config.issuers.clone(), client.clone());
+    let verifier = Verifier::with_metrics(config.issuers.clone(), client.clone(), metrics.clone());
     let credentials =
         UpstreamCredentials::new(&config.credentials, client.clone(), metrics.clone());
     let audit = crate::audit::AuditLog::open(config.audit.clone())?;
