@@ -123,18 +123,35 @@ pub enum AuditCommand {
     },
 }
 
-/// Sets up logging. Secrets never reach a log line: they are redacted types or sensitive headers.
+/// Sets up logging: JSON lines with `--log-json` or `GATEWAY_LOG_FORMAT=json`, else text; the
+/// level and targets from `RUST_LOG` (default `info`). Both formats print the fields of the
+/// spans a line was logged in, so a line logged while handling a request carries its
+/// `request_id`. Secrets never reach a log line: they are redacted types or sensitive headers.
 pub fn init_tracing(json: bool) {
+    let json = json || log_format_is_json(std::env::var("GATEWAY_LOG_FORMAT").ok().as_deref());
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     if json {
-        builder.json().init();
+        builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .init();
     } else {
-        builder.init();
+        // Colours only on a terminal: a log collector would keep the escape codes.
+        builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init();
     }
+}
+
+/// Whether `GATEWAY_LOG_FORMAT` asks for JSON lines (`json`, in any case); `text`, unset or
+/// anything else is text.
+pub fn log_format_is_json(value: Option<&str>) -> bool {
+    value.is_some_and(|v| v.trim().eq_ignore_ascii_case("json"))
 }
 
 /// Runs a command; the returned code is the process exit code.

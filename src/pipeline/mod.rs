@@ -81,6 +81,9 @@ struct Context {
     validation: Vec<Value>,
     /// Room for the record in the audit reserve, taken before forwarding.
     reservation: Option<AuditReservation>,
+    /// Why the gateway answered itself, for the request's log line: the problem's detail (never
+    /// a submitted value).
+    detail: Option<String>,
 }
 
 impl Context {
