@@ -67,9 +67,13 @@ pub enum Command {
         /// The admin listener, IP:PORT [default: admin.addr of --config, else 127.0.0.1:9090].
         #[arg(long, conflicts_with = "config")]
         addr: Option<SocketAddr>,
-        /// Take the address from this config's admin.addr (0.0.0.0 or :: is probed on loopback).
+        /// Take the address from this config's admin.addr (0.0.0.0 or :: is probed on loopback)
+        /// and send its admin.token, when set, as a bearer token.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// GET /readyz instead (a readiness check: 503 until ready and while draining).
+        #[arg(long)]
+        ready: bool,
         /// Longest wait for the answer, connecting included.
         #[arg(long, default_value = "2s", value_parser = crate::values::parse_duration)]
         timeout: Duration,
@@ -185,8 +189,9 @@ pub async fn run(cli: Cli) -> i32 {
         Command::Healthcheck {
             addr,
             config,
+            ready,
             timeout,
-        } => crate::healthcheck::run(addr, config.as_deref(), timeout).await,
+        } => crate::healthcheck::run(addr, config.as_deref(), ready, timeout).await,
     }
 }
 
