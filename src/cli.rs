@@ -489,6 +489,49 @@ fn reload_on_sighup(gateway: &std::sync::Arc<crate::gateway::Gateway>) {
     }
 }
 
+/// Which signal asked `serve` to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// SIGTERM: what orchestrators send; the drain window applies.
+    Terminate,
+    /// SIGINT (Ctrl-C): someone at a terminal; stops at once.
+    Interrupt,
+}
+
+async fn stop_signal() -> Stop {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            return tokio::select! {
+                _ = term.recv() => Stop::Terminate,
+                _ = tokio::signal::ctrl_c() => Stop::Interrupt,
+            };
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+    Stop::Interrupt
+}
+
+/// After SIGTERM: `/readyz` answers 503 for `listen.drain` while both listeners keep serving,
+/// so that load balancers take the replica out before its listeners close. A second SIGTERM or
+/// SIGINT cuts the window short.
+async fn drain(gateway: &crate::gateway::Gateway) {
+    let window = gateway.policy().config.listen.drain;
+    if window.is_zero() {
+        return;
+    }
+    gateway.start_draining();
+    tracing::info!(
+        drain_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX),
+        "SIGTERM received: /readyz answers 503 for the drain window; requests are still served"
+    );
+    tokio::select! {
+        _ = tokio::time::sleep(window) => {}
+        _ = shutdown_signal() => tracing::info!("second signal: drain window cut short"),
+    }
+}
+
 async fn serve(cfg: Config) -> i32 {
     match crate::server::start(cfg).await {
         Err(e) => {
@@ -497,7 +540,9 @@ async fn serve(cfg: Config) -> i32 {
         }
         Ok(running) => {
             reload_on_sighup(&running.gateway);
-            shutdown_signal().await;
+            if stop_signal().await == Stop::Terminate {
+                drain(&running.gateway).await;
+            }
             tracing::info!("shutting down: no new connections; waiting for in-flight requests");
             running.shutdown().await;
             tracing::info!("stopped");
