@@ -41,7 +41,8 @@ VOLUME ["/var/lib/greenhouse-gateway/audit"]
 # 8443: the gateway (TLS in the production example); 9090: the admin listener (/healthz, /readyz,
 # /metrics). In a container both must bind 0.0.0.0; admin.addr off loopback needs admin.token.
 EXPOSE 8443 9090
-# GET /healthz of the admin listener named by the mounted config (0.0.0.0 is probed on loopback).
+# GET /healthz of the admin listener named by the mounted config (0.0.0.0 is probed on loopback),
+# with the config's admin.token (from GATEWAY_ADMIN_TOKEN in the container's environment).
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
   CMD ["greenhouse-gateway", "healthcheck", "--config", "/etc/greenhouse-gateway/gateway.toml"]
 ENTRYPOINT ["greenhouse-gateway"]

@@ -75,9 +75,13 @@ pub enum Command {
         /// The admin listener, IP:PORT [default: admin.addr of --config, else 127.0.0.1:9090].
         #[arg(long, conflicts_with = "config")]
         addr: Option<SocketAddr>,
-        /// Take the address from this config's admin.addr (0.0.0.0 or :: is probed on loopback).
+        /// Take the address from this config's admin.addr (0.0.0.0 or :: is probed on loopback)
+        /// and send its admin.token, when set, as a bearer token.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// GET /readyz instead (a readiness check: 503 until ready and while draining).
+        #[arg(long)]
+        ready: bool,
         /// Longest wait for the answer, connecting included.
         #[arg(long, default_value = "2s", value_parser = crate::values::parse_duration)]
         timeout: Duration,
@@ -166,11 +170,15 @@ pub enum AuditCommand {
     },
 }
 
-/// Sets up logging. Secrets never reach a log line: they are redacted types or sensitive headers.
+/// Sets up logging: JSON lines with `--log-json` or `GATEWAY_LOG_FORMAT=json`, else text; the
+/// level and targets from `RUST_LOG` (default `info`). Both formats print the fields of the
+/// spans a line was logged in, so a line logged while handling a request carries its
+/// `request_id`. Secrets never reach a log line: they are redacted types or sensitive headers.
 pub fn init_tracing(json: bool) {
     use tracing_subscriber::Layer as _;
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
+    let json = json || log_format_is_json(std::env::var("GATEWAY_LOG_FORMAT").ok().as_deref());
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
@@ -178,10 +186,19 @@ pub fn init_tracing(json: bool) {
     // spans, exported once `[tracing] otlp_endpoint` is installed).
     let registry = tracing_subscriber::registry().with(crate::telemetry::layer());
     if json {
-        registry.with(fmt.json().with_filter(filter)).init();
+        let fmt = fmt.json().with_current_span(true).with_span_list(true);
+        registry.with(fmt.with_filter(filter)).init();
     } else {
+        // Colours only on a terminal: a log collector would keep the escape codes.
+        let fmt = fmt.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
         registry.with(fmt.with_filter(filter)).init();
     }
+}
+
+/// Whether `GATEWAY_LOG_FORMAT` asks for JSON lines (`json`, in any case); `text`, unset or
+/// anything else is text.
+pub fn log_format_is_json(value: Option<&str>) -> bool {
+    value.is_some_and(|v| v.trim().eq_ignore_ascii_case("json"))
 }
 
 /// Runs a command; the returned code is the process exit code.
@@ -223,8 +240,9 @@ pub async fn run(cli: Cli) -> i32 {
         Command::Healthcheck {
             addr,
             config,
+            ready,
             timeout,
-        } => crate::healthcheck::run(addr, config.as_deref(), timeout).await,
+        } => crate::healthcheck::run(addr, config.as_deref(), ready, timeout).await,
     }
 }
 
@@ -757,6 +775,49 @@ fn export_spans(cfg: &Config) -> Result<Option<crate::telemetry::Exporting>, Str
         .transpose()
 }
 
+/// Which signal asked `serve` to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// SIGTERM: what orchestrators send; the drain window applies.
+    Terminate,
+    /// SIGINT (Ctrl-C): someone at a terminal; stops at once.
+    Interrupt,
+}
+
+async fn stop_signal() -> Stop {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            return tokio::select! {
+                _ = term.recv() => Stop::Terminate,
+                _ = tokio::signal::ctrl_c() => Stop::Interrupt,
+            };
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+    Stop::Interrupt
+}
+
+/// After SIGTERM: `/readyz` answers 503 for `listen.drain` while both listeners keep serving,
+/// so that load balancers take the replica out before its listeners close. A second SIGTERM or
+/// SIGINT cuts the window short.
+async fn drain(gateway: &crate::gateway::Gateway) {
+    let window = gateway.policy().config.listen.drain;
+    if window.is_zero() {
+        return;
+    }
+    gateway.start_draining();
+    tracing::info!(
+        drain_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX),
+        "SIGTERM received: /readyz answers 503 for the drain window; requests are still served"
+    );
+    tokio::select! {
+        _ = tokio::time::sleep(window) => {}
+        _ = shutdown_signal() => tracing::info!("second signal: drain window cut short"),
+    }
+}
+
 async fn serve(cfg: Config) -> i32 {
     let spans = match export_spans(&cfg) {
         Ok(s) => s,
@@ -772,7 +833,9 @@ async fn serve(cfg: Config) -> i32 {
         }
         Ok(running) => {
             reload_on_sighup(&running.gateway);
-            shutdown_signal().await;
+            if stop_signal().await == Stop::Terminate {
+                drain(&running.gateway).await;
+            }
             tracing::info!("shutting down: no new connections; waiting for in-flight requests");
             running.shutdown().await;
             if let Some(spans) = spans {

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use arc_swap::ArcSwap;
 use http::HeaderValue;
@@ -220,6 +220,9 @@ pub struct Gateway {
     /// One reload at a time (a second waits for the first, then reads the files again).
     reloading: tokio::sync::Mutex<()>,
     generations: AtomicU64,
+    /// Set on SIGTERM for the drain window: `/readyz` answers 503 while requests are still
+    /// served, so load balancers stop sending before the listeners close.
+    draining: AtomicBool,
 }
 
 impl Gateway {
@@ -229,6 +232,7 @@ impl Gateway {
             runtime,
             policy: ArcSwap::from_pointee(policy),
             reloading: tokio::sync::Mutex::new(()),
+            draining: AtomicBool::new(false),
         }
     }
 
@@ -249,10 +253,26 @@ impl Gateway {
         self.policy.store(Arc::new(policy));
     }
 
+    /// From now on `/readyz` answers 503 (`listen.drain` after SIGTERM); nothing else changes.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
     /// Reasons the gateway is not ready; empty when it is.
     pub fn not_ready(&self) -> Vec<String> {
         let policy = self.policy();
-        let mut out = policy.verifier.not_ready();
+        let mut out = Vec::new();
+        if self.is_draining() {
+            out.push(
+                "shutting down: draining (requests are still served until the listeners close)"
+                    .to_string(),
+            );
+        }
+        out.extend(policy.verifier.not_ready());
         out.extend(policy.credentials.not_ready());
         out.extend(policy.quotas.not_ready());
         if !self.runtime.audit.healthy() {

@@ -1,12 +1,22 @@
 //! Prometheus metrics (DESIGN 1.6 names). Label values come from configuration (team names,
-//! operation ids, fixed reason codes), never from raw request input.
+//! operation ids, issuers, credential names) or from fixed lists in the code (codes, reasons,
+//! results, status classes), never from raw request input.
+//!
+//! Most series are counted where their event happens. A few are read when `/metrics` is scraped
+//! instead, from the component that owns them ([`Sampled`]: the audit queue, the quota backend's
+//! failures) or from the operating system ([`process::ProcessStats`]).
+
+mod format;
+pub mod process;
 
 use std::sync::Arc;
 
+pub use format::Format;
+
 use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
@@ -64,6 +74,18 @@ struct ResultLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamResponseLabels {
+    operation: String,
+    status_class: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct JwksFetchLabels {
+    issuer: String,
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: String,
 }
@@ -79,6 +101,8 @@ struct Inner {
     requests: Family<RequestLabels, Counter>,
     duration: Family<TeamOpLabels, Histogram, fn() -> Histogram>,
     upstream_duration: Family<OpLabels, Histogram, fn() -> Histogram>,
+    upstream_responses: Family<UpstreamResponseLabels, Counter>,
+    jwks_fetches: Family<JwksFetchLabels, Counter>,
     jwt_rejections: Family<ReasonLabels, Counter>,
     token_fetches: Family<TokenFetchLabels, Counter>,
     quota_rejections: Family<QuotaLabels, Counter>,
@@ -112,6 +136,8 @@ impl Metrics {
             Family::<OpLabels, Histogram, fn() -> Histogram>::new_with_constructor(
                 latency_histogram,
             );
+        let upstream_responses = Family::<UpstreamResponseLabels, Counter>::default();
+        let jwks_fetches = Family::<JwksFetchLabels, Counter>::default();
         let jwt_rejections = Family::<ReasonLabels, Counter>::default();
         let token_fetches = Family::<TokenFetchLabels, Counter>::default();
         let build_info = Family::<BuildLabels, Gauge>::default();
@@ -184,6 +210,16 @@ impl Metrics {
             upstream_duration.clone(),
         );
         registry.register(
+            "gateway_upstream_responses",
+            "Answers Greenhouse gave, by operation and status class (2xx, 3xx, 4xx, 5xx)",
+            upstream_responses.clone(),
+        );
+        registry.register(
+            "gateway_jwks_fetches",
+            "JWKS fetch attempts, by issuer and result (success, error, invalid)",
+            jwks_fetches.clone(),
+        );
+        registry.register(
             "gateway_jwt_rejections",
             "Caller tokens refused, by reason",
             jwt_rejections.clone(),
@@ -207,6 +243,8 @@ impl Metrics {
             requests,
             duration,
             upstream_duration,
+            upstream_responses,
+            jwks_fetches,
             jwt_rejections,
             token_fetches,
         }))
@@ -238,6 +276,36 @@ impl Metrics {
                 operation: operation.into(),
             })
             .observe(seconds);
+    }
+
+    /// One answer from Greenhouse (every answer counts, a 401 replayed with a fresh token too).
+    pub fn upstream_response(&self, operation: &str, status: http::StatusCode) {
+        let class = match status.as_u16() {
+            100..=199 => "1xx",
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        };
+        self.0
+            .upstream_responses
+            .get_or_create(&UpstreamResponseLabels {
+                operation: operation.into(),
+                status_class: class.into(),
+            })
+            .inc();
+    }
+
+    /// One JWKS fetch attempt of a configured issuer; `result` is `success`, `error` (no
+    /// document: transport, status, timeout, unreadable file) or `invalid` (no usable key in it).
+    pub fn jwks_fetch(&self, issuer: &str, result: &'static str) {
+        self.0
+            .jwks_fetches
+            .get_or_create(&JwksFetchLabels {
+                issuer: issuer.into(),
+                result: result.into(),
+            })
+            .inc();
     }
 
     pub fn jwt_rejection(&self, reason: &'static str) {
@@ -324,13 +392,99 @@ impl Metrics {
         self.0.audit_errors.inc();
     }
 
-    /// Prometheus text exposition.
+    /// The series counted here (not the sampled ones), as OpenMetrics text.
     pub fn render(&self) -> String {
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.0.registry).is_err() {
             out.clear();
         }
         out
+    }
+
+    /// The whole exposition for a scrape: the series counted here, `sampled` and the process's
+    /// own, in `format`.
+    pub fn expose(&self, format: Format, sampled: &Sampled) -> String {
+        use prometheus_client::encoding::text::{encode_eof, encode_registry};
+        let mut now = Registry::default();
+        now.register(
+            "gateway_audit_queue_depth",
+            "Audit records queued for the writer and not yet written",
+            ConstGauge::new(i64::try_from(sampled.audit_queue_depth).unwrap_or(i64::MAX)),
+        );
+        now.register(
+            "gateway_quota_backend_errors",
+            "Quota decisions Redis could not make (an error or timeout, or Redis known to be down); on_backend_error decided them",
+            ConstCounter::new(sampled.quota_backend_errors),
+        );
+        register_process(&mut now, &process::ProcessStats::read());
+        let mut out = String::new();
+        let encoded = encode_registry(&mut out, &self.0.registry)
+            .and_then(|()| encode_registry(&mut out, &now))
+            .and_then(|()| encode_eof(&mut out));
+        if encoded.is_err() {
+            out.clear();
+        }
+        match format {
+            Format::OpenMetrics => out,
+            Format::Prometheus => format::to_prometheus(&out),
+        }
+    }
+}
+
+/// Values owned by other components, read when `/metrics` is scraped.
+#[derive(Debug, Default, Clone)]
+pub struct Sampled {
+    /// Records queued for the audit writer.
+    pub audit_queue_depth: u64,
+    /// Quota decisions made without Redis since the start (see `Quotas::backend_errors`).
+    pub quota_backend_errors: u64,
+}
+
+fn register_process(r: &mut Registry, p: &process::ProcessStats) {
+    if let Some(v) = p.cpu_seconds {
+        r.register(
+            "process_cpu_seconds",
+            "Total user and system CPU time spent in seconds",
+            ConstCounter::new(v),
+        );
+    }
+    let gauges: [(&str, &str, Option<u64>); 4] = [
+        (
+            "process_resident_memory_bytes",
+            "Resident memory size in bytes",
+            p.resident_memory_bytes,
+        ),
+        (
+            "process_virtual_memory_bytes",
+            "Virtual memory size in bytes",
+            p.virtual_memory_bytes,
+        ),
+        (
+            "process_open_fds",
+            "Number of open file descriptors",
+            p.open_fds,
+        ),
+        (
+            "process_max_fds",
+            "Maximum number of open file descriptors",
+            p.max_fds,
+        ),
+    ];
+    for (name, help, value) in gauges {
+        if let Some(v) = value {
+            r.register(
+                name,
+                help,
+                ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX)),
+            );
+        }
+    }
+    if let Some(v) = p.start_time_seconds {
+        r.register(
+            "process_start_time_seconds",
+            "Start time of the process since the Unix epoch in seconds",
+            ConstGauge::new(v),
+        );
     }
 }
 
@@ -363,5 +517,44 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("gateway_build_info"), "{text}");
+    }
+
+    #[test]
+    fn exposition_holds_sampled_and_process_series_in_either_format() {
+        let m = Metrics::new();
+        m.upstream_response("listPartnerJobs", http::StatusCode::NOT_FOUND);
+        m.jwks_fetch("https://idp.example", "success");
+        let sampled = Sampled {
+            audit_queue_depth: 3,
+            quota_backend_errors: 7,
+        };
+        let om = m.expose(Format::OpenMetrics, &sampled);
+        assert!(om.ends_with("# EOF\n"), "{om}");
+        assert_eq!(om.matches("# EOF").count(), 1, "{om}");
+        for line in [
+            "gateway_upstream_responses_total{operation=\"listPartnerJobs\",status_class=\"4xx\"} 1",
+            "gateway_jwks_fetches_total{issuer=\"https://idp.example\",result=\"success\"} 1",
+            "gateway_audit_queue_depth 3",
+            "gateway_quota_backend_errors_total 7",
+            "# TYPE gateway_quota_backend_errors counter",
+        ] {
+            assert!(om.lines().any(|l| l == line), "{line} in\n{om}");
+        }
+        #[cfg(target_os = "linux")]
+        for name in [
+            "process_cpu_seconds_total ",
+            "process_resident_memory_bytes ",
+            "process_open_fds ",
+            "process_start_time_seconds ",
+        ] {
+            assert!(om.lines().any(|l| l.starts_with(name)), "{name} in\n{om}");
+        }
+        let text = m.expose(Format::Prometheus, &sampled);
+        assert!(!text.contains("# EOF"), "{text}");
+        assert!(
+            text.contains("# TYPE gateway_quota_backend_errors_total counter\n"),
+            "{text}"
+        );
+        assert!(text.contains("gateway_audit_queue_depth 3\n"), "{text}");
     }
 }

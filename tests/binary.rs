@@ -22,6 +22,9 @@ async fn serve_on_sigterm_finishes_the_in_flight_request_and_exits_0() {
     let dir = tempfile::tempdir().unwrap();
     let setup = Setup {
         upstream: Some(stub.base_url()),
+        // No readiness drain: this is about the request in flight (the drain has its own test
+        // in observability.rs).
+        listen_extra: "drain = \"0s\"".into(),
         ..Setup::default()
     };
     support::write_config(dir.path(), &sandbox, &setup);

@@ -14,9 +14,8 @@ use serde_json::json;
 use support::{Harness, Setup, email};
 
 fn promtool() -> std::path::PathBuf {
-    which("promtool").expect(
-        "promtool is not installed: `apt-get install prometheus` (Debian), as .ci/run does",
-    )
+    which("promtool")
+        .expect("promtool is not installed: `apt-get install prometheus` (Debian), as .ci/run does")
 }
 
 fn which(name: &str) -> Option<std::path::PathBuf> {
@@ -67,7 +66,11 @@ rate = "1/m"
         StatusCode::TOO_MANY_REQUESTS
     );
     let invalid = h
-        .post_json("/v1/partner/candidates", &sourcing, &json!({"first_name": 1}))
+        .post_json(
+            "/v1/partner/candidates",
+            &sourcing,
+            &json!({"first_name": 1}),
+        )
         .await;
     assert_eq!(invalid.status, StatusCode::UNPROCESSABLE_ENTITY);
     let reloaded = h

@@ -1,5 +1,7 @@
-//! The admin listener: `/healthz`, `/readyz`, `/metrics`. Loopback by default; when a token is
-//! configured, `/metrics` needs it as a bearer token (health and readiness stay open for probes).
+//! The admin listener: `/healthz`, `/readyz`, `/metrics`, `/admin/teams`, `/admin/reload`.
+//! Loopback by default. With `admin.token`, every path needs it as a bearer token, the probes
+//! included: `greenhouse-gateway healthcheck --config` reads the token from the same config and
+//! sends it, so container health checks keep working without the token in a manifest.
 
 use std::sync::Arc;
 
@@ -9,6 +11,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 
 use crate::gateway::Gateway;
+use crate::metrics::{Format, Sampled};
 
 /// Reasons the gateway is not ready; empty when it is.
 pub fn not_ready(gw: &Gateway) -> Vec<String> {
@@ -29,6 +32,19 @@ fn text(
     r.headers_mut().insert(
         header::CACHE_CONTROL,
         http::HeaderValue::from_static("no-store"),
+    );
+    r
+}
+
+fn unauthorized() -> Response<Full<Bytes>> {
+    let mut r = text(
+        StatusCode::UNAUTHORIZED,
+        "text/plain",
+        "admin token required\n",
+    );
+    r.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        http::HeaderValue::from_static("Bearer realm=\"greenhouse-gateway admin\""),
     );
     r
 }
@@ -77,6 +93,10 @@ fn teams_json(gw: &Gateway) -> serde_json::Value {
 }
 
 pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    // Before anything else, so that without the token not even which paths exist is told.
+    if !authorized(&gw, &req) {
+        return unauthorized();
+    }
     if req.uri().path() == "/admin/reload" {
         return reload(&gw, &req).await;
     }
@@ -100,25 +120,29 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Full<B
             };
             text(status, "application/json", body)
         }
-        "/metrics" if authorized(&gw, &req) => text(
-            StatusCode::OK,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            gw.runtime.metrics.render(),
-        ),
-        "/metrics" => text(
-            StatusCode::UNAUTHORIZED,
-            "text/plain",
-            "admin token required\n",
-        ),
-        "/admin/teams" if authorized(&gw, &req) => text(
+        "/metrics" => {
+            let accept = req
+                .headers()
+                .get(header::ACCEPT)
+                .and_then(|v| v.to_str().ok());
+            let format = Format::negotiate(accept);
+            let sampled = Sampled {
+                audit_queue_depth: gw.runtime.audit.queue_depth(),
+                quota_backend_errors: gw.policy().quotas.backend_errors(),
+            };
+            let mut r = text(
+                StatusCode::OK,
+                format.content_type(),
+                gw.runtime.metrics.expose(format, &sampled),
+            );
+            r.headers_mut()
+                .insert(header::VARY, http::HeaderValue::from_static("Accept"));
+            r
+        }
+        "/admin/teams" => text(
             StatusCode::OK,
             "application/json",
             teams_json(&gw).to_string(),
-        ),
-        "/admin/teams" => text(
-            StatusCode::UNAUTHORIZED,
-            "text/plain",
-            "admin token required\n",
         ),
         _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
     }
@@ -136,13 +160,6 @@ async fn reload(gw: &Gateway, req: &Request<Incoming>) -> Response<Full<Bytes>> 
         r.headers_mut()
             .insert(header::ALLOW, http::HeaderValue::from_static("POST"));
         return r;
-    }
-    if !authorized(gw, req) {
-        return text(
-            StatusCode::UNAUTHORIZED,
-            "text/plain",
-            "admin token required\n",
-        );
     }
     match gw.reload().await {
         Ok(generation) => text(

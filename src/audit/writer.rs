@@ -268,6 +268,12 @@ impl AuditLog {
         self.inner.shared.written.load(Ordering::Relaxed)
     }
 
+    /// Records waiting in the writer's queue, not yet taken into a group to write
+    /// (`gateway_audit_queue_depth`); at `audit.queue_capacity` new records are refused.
+    pub fn queue_depth(&self) -> u64 {
+        self.inner.shared.pending.load(Ordering::Acquire) as u64
+    }
+
     /// Records refused (queue full) or not written (I/O error), plus failed periodic fsyncs.
     pub fn errors(&self) -> u64 {
         self.inner.shared.errors.load(Ordering::Relaxed)

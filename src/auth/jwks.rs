@@ -39,6 +39,7 @@ use tokio::io::AsyncReadExt as _;
 use tracing::Instrument as _;
 
 use crate::http_client::{HttpClient, fetch, full_body};
+use crate::metrics::Metrics;
 
 /// Default background refresh period when the JWKS response carries no `max-age`.
 pub const DEFAULT_REFRESH_INTERVAL: Duration = Duration::from_secs(300);
@@ -416,6 +417,33 @@ pub fn cache_max_age(headers: &HeaderMap) -> Option<Duration> {
     found
 }
 
+/// Counts fetch attempts of every issuer of a verifier: the total, and, when the verifier has
+/// metrics, `gateway_jwks_fetches_total{issuer,result}`.
+pub(crate) struct FetchCounter {
+    total: AtomicU64,
+    metrics: Option<Metrics>,
+}
+
+impl FetchCounter {
+    pub(crate) fn new(metrics: Option<Metrics>) -> Self {
+        FetchCounter {
+            total: AtomicU64::new(0),
+            metrics,
+        }
+    }
+
+    /// Fetch attempts so far (URL or file), all issuers.
+    pub(crate) fn total(&self) -> u64 {
+        self.total.load(Ordering::Relaxed)
+    }
+
+    fn outcome(&self, issuer: &str, result: &'static str) {
+        if let Some(m) = &self.metrics {
+            m.jwks_fetch(issuer, result);
+        }
+    }
+}
+
 struct Snapshot {
     keys: Option<Arc<KeySet>>,
     /// Incremented at the end of every fetch attempt, good or bad.
@@ -438,11 +466,15 @@ pub(crate) struct IssuerKeys {
     state: RwLock<Snapshot>,
     /// Held for the whole of a fetch: this is what makes fetches single-flight.
     fetch_lock: tokio::sync::Mutex<()>,
-    fetches: Arc<AtomicU64>,
+    fetches: Arc<FetchCounter>,
 }
 
 impl IssuerKeys {
-    pub(crate) fn new(config: IssuerConfig, client: HttpClient, fetches: Arc<AtomicU64>) -> Self {
+    pub(crate) fn new(
+        config: IssuerConfig,
+        client: HttpClient,
+        fetches: Arc<FetchCounter>,
+    ) -> Self {
         IssuerKeys {
             config,
             client,
@@ -528,12 +560,17 @@ impl IssuerKeys {
 
     /// One fetch attempt; the caller holds `fetch_lock`.
     async fn fetch_locked(&self) -> Duration {
-        self.fetches.fetch_add(1, Ordering::Relaxed);
+        self.fetches.total.fetch_add(1, Ordering::Relaxed);
         let span = crate::telemetry::jwks_fetch_span(&self.config.issuer);
+        // `error`: no document (transport, status, timeout, file); `invalid`: nothing usable in it.
         let outcome = match self.load().instrument(span.clone()).await {
-            Ok((body, hint)) => parse_jwks(&body).map(|set| (set, hint)),
-            Err(e) => Err(e),
+            Ok((body, hint)) => parse_jwks(&body)
+                .map(|set| (set, hint))
+                .map_err(|e| ("invalid", e)),
+            Err(e) => Err(("error", e)),
         };
+        let result = outcome.as_ref().map_or_else(|(r, _)| *r, |_| "success");
+        self.fetches.outcome(&self.config.issuer, result);
         span.record("result", if outcome.is_ok() { "ok" } else { "error" });
         if outcome.is_err() {
             crate::telemetry::mark_error(&span);
@@ -556,7 +593,7 @@ impl IssuerKeys {
                 s.last_error = None;
                 hint.unwrap_or(self.config.refresh_interval)
             }
-            Err(reason) => {
+            Err((_, reason)) => {
                 s.failures = s.failures.saturating_add(1);
                 s.retry_at = Some(Instant::now() + self.failure_backoff(s.failures));
                 s.last_error = Some(reason.clone());

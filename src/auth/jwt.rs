@@ -35,9 +35,11 @@ use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
 use super::jwks::{
-    FETCH_TIMEOUT, IssuerConfig, IssuerKeys, KeyMatch, is_hmac, is_valid_kid, spawn_refresher,
+    FETCH_TIMEOUT, FetchCounter, IssuerConfig, IssuerKeys, KeyMatch, is_hmac, is_valid_kid,
+    spawn_refresher,
 };
 use crate::http_client::HttpClient;
+use crate::metrics::Metrics;
 
 /// Tokens longer than this are refused before any decoding.
 pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
@@ -182,7 +184,7 @@ struct Issuer {
 }
 
 impl Issuer {
-    fn new(configured: IssuerConfig, client: &HttpClient, fetches: &Arc<AtomicU64>) -> Issuer {
+    fn new(configured: IssuerConfig, client: &HttpClient, fetches: &Arc<FetchCounter>) -> Issuer {
         let mut config = configured.clone();
         if config.leeway > MAX_LEEWAY {
             tracing::warn!(issuer = %config.issuer, "jwt: leeway capped at one hour");
@@ -246,7 +248,7 @@ struct Inner {
     /// `None` when the budget is 0: every token's signature is checked on every request.
     cache: Option<moka::future::Cache<CacheKey, Arc<Cached>>>,
     cache_bytes: u64,
-    fetches: Arc<AtomicU64>,
+    fetches: Arc<FetchCounter>,
     signature_checks: Arc<AtomicU64>,
     client: HttpClient,
 }
@@ -272,12 +274,23 @@ impl moka::Expiry<CacheKey, Arc<Cached>> for UntilExpiry {
 impl Verifier {
     /// Builds a verifier; no I/O happens until [`Verifier::start`] or the first [`Verifier::verify`].
     pub fn new(issuers: Vec<IssuerConfig>, client: HttpClient) -> Self {
-        Verifier::with_cache_bytes(issuers, client, DEFAULT_TOKEN_CACHE_BYTES)
+        Verifier::build(issuers, client, DEFAULT_TOKEN_CACHE_BYTES, None, None)
     }
 
     /// [`Verifier::new`] with a byte budget for verified tokens (`0`: no cache).
     pub fn with_cache_bytes(issuers: Vec<IssuerConfig>, client: HttpClient, bytes: u64) -> Self {
-        Verifier::build(issuers, client, bytes, None)
+        Verifier::build(issuers, client, bytes, None, None)
+    }
+
+    /// [`Verifier::with_cache_bytes`], counting every key fetch in `gateway_jwks_fetches_total`
+    /// (kept by the verifiers of later reloads).
+    pub fn with_metrics(
+        issuers: Vec<IssuerConfig>,
+        client: HttpClient,
+        cache_bytes: u64,
+        metrics: Metrics,
+    ) -> Self {
+        Verifier::build(issuers, client, cache_bytes, None, Some(metrics))
     }
 
     /// The verifier for a reloaded configuration. An issuer whose settings did not change is
@@ -292,6 +305,7 @@ impl Verifier {
             self.inner.client.clone(),
             cache_bytes,
             Some(&self.inner),
+            None,
         )
     }
 
@@ -300,8 +314,12 @@ impl Verifier {
         client: HttpClient,
         cache_bytes: u64,
         previous: Option<&Inner>,
+        metrics: Option<Metrics>,
     ) -> Self {
-        let fetches = previous.map_or_else(|| Arc::new(AtomicU64::new(0)), |p| p.fetches.clone());
+        let fetches = previous.map_or_else(
+            || Arc::new(FetchCounter::new(metrics)),
+            |p| p.fetches.clone(),
+        );
         let mut list: Vec<Arc<Issuer>> = Vec::new();
         let mut by_name = HashMap::new();
         let mut any_alg = HashSet::new();
@@ -415,7 +433,7 @@ impl Verifier {
 
     /// Total JWKS fetch attempts (URL or file), all issuers.
     pub fn jwks_fetches(&self) -> u64 {
-        self.inner.fetches.load(Ordering::Relaxed)
+        self.inner.fetches.total()
     }
 
     /// Verified tokens held, and their estimated bytes (after pending evictions are applied).

@@ -111,6 +111,9 @@ pub struct ListenFile {
     pub max_header_bytes: Option<u64>,
     /// How long in-flight requests may run after SIGTERM/SIGINT (default `30s`).
     pub shutdown_grace: Option<String>,
+    /// After SIGTERM, how long `/readyz` answers 503 while requests are still served, before
+    /// the listeners close (default `5s`; `0s` closes them at once).
+    pub drain: Option<String>,
     /// A connection with no request in flight for this long is closed (default `60s`).
     pub idle_timeout: Option<String>,
     /// Open connections on the gateway listener; at the cap it stops accepting (default 4096).

@@ -45,6 +45,8 @@ pub struct Listen {
     pub response_write_timeout: Duration,
     pub max_header_bytes: usize,
     pub shutdown_grace: Duration,
+    /// After SIGTERM, `/readyz` answers 503 this long before the listeners close.
+    pub drain: Duration,
     /// A connection with no request in flight for this long is closed.
     pub idle_timeout: Duration,
     /// Open connections on the gateway listener before it stops accepting.

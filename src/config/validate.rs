@@ -48,6 +48,12 @@ impl fmt::Display for Problem {
     }
 }
 
+/// `listen.drain` when the file does not set it: long enough for a readiness probe every few
+/// seconds to see the 503.
+pub const DEFAULT_DRAIN: Duration = Duration::from_secs(5);
+/// The longest `listen.drain` accepted.
+const MAX_DRAIN: Duration = Duration::from_secs(300);
+
 /// Resolves `{ env }` and `{ file }` secrets. Injected so validation stays pure in tests.
 pub trait SecretSource {
     fn env(&self, name: &str) -> Option<String>;
@@ -634,6 +640,13 @@ pub fn validate(
         gw.listen.shutdown_grace.as_deref(),
         Duration::from_secs(30),
     );
+    let drain = r.duration("listen.drain", gw.listen.drain.as_deref(), DEFAULT_DRAIN);
+    if drain > MAX_DRAIN {
+        r.add(
+            "listen.drain",
+            "must be at most 5m (it only needs to outlast the load balancer's readiness checks)",
+        );
+    }
     let idle_timeout = r.duration(
         "listen.idle_timeout",
         gw.listen.idle_timeout.as_deref(),
@@ -1097,6 +1110,7 @@ pub fn validate(
             response_write_timeout,
             max_header_bytes: max_header_bytes as usize,
             shutdown_grace,
+            drain,
             idle_timeout,
             max_connections: max_connections as usize,
             max_requests_in_flight: max_requests_in_flight as usize,

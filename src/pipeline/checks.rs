@@ -76,18 +76,16 @@ pub(super) fn check_query(
     if found.undeclared.is_empty() && found.invalid.is_empty() {
         return Ok(raw.map(str::to_string));
     }
+    // Counted alike in both modes, undeclared parameters included (report mode counts them too).
+    gw.runtime
+        .metrics
+        .validation_failure(name, &op.id, mode.as_str());
     if mode == ValidationMode::Enforce {
         if !found.undeclared.is_empty() {
             return Err(GatewayError::UndeclaredQuery(found.undeclared));
         }
-        gw.runtime
-            .metrics
-            .validation_failure(name, &op.id, mode.as_str());
         return Err(GatewayError::ValidationFailed(found.invalid));
     }
-    gw.runtime
-        .metrics
-        .validation_failure(name, &op.id, mode.as_str());
     for n in &found.undeclared {
         ctx.validation.push(
             json!({"in": "query", "pointer": format!("/query/{n}"), "keyword": "undeclared"}),

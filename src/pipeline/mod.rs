@@ -87,6 +87,9 @@ struct Context {
     reservation: Option<AuditReservation>,
     /// The request's trace and span, held until the record is written (the response's end).
     trace: Option<RequestTrace>,
+    /// Why the gateway answered itself, for the request's log line: the problem's detail (never
+    /// a submitted value).
+    detail: Option<String>,
 }
 
 impl Context {

@@ -23,6 +23,7 @@ pub(super) async fn respond_error(
         .map(|b| Full::new(b).map_err(|never| match never {}).boxed_unsync());
     set_headers(resp.headers_mut(), &ctx);
     ctx.record.code = Some(e.code().to_string());
+    ctx.detail = log_detail(&e);
     ctx.record.status = resp.status().as_u16();
     ctx.record.response_bytes = http_body::Body::size_hint(resp.body()).exact().unwrap_or(0);
     let _ = finish_record(gw, ctx, started).await;
@@ -98,6 +99,9 @@ pub(super) async fn respond_forwarded(
             }
         })
     });
+    // The finishing work runs where the body ends (polled by the connection, or spawned), out
+    // of the request's span unless given it: its log lines carry the request id like the rest.
+    let on_finish = in_current_span(on_finish);
     if http_body::Body::is_end_stream(&body) || http_body::Body::size_hint(&body).exact() == Some(0)
     {
         return respond_empty(head, body, on_finish, fwd.guard).await;
@@ -112,6 +116,12 @@ pub(super) async fn respond_forwarded(
         expired.store(true, Ordering::SeqCst)
     });
     Response::from_parts(head, body.boxed_unsync())
+}
+
+/// `on_finish`, run in the span current now (the request's).
+fn in_current_span(on_finish: OnFinish) -> OnFinish {
+    let span = tracing::Span::current();
+    Box::new(move |f: Finished| Box::pin(tracing::Instrument::instrument(on_finish(f), span)))
 }
 
 /// An empty forwarded answer: its (empty) body is read and its record written first, then the
@@ -191,6 +201,7 @@ pub(super) async fn finish_record(
         &code,
         started.elapsed().as_secs_f64(),
     );
+    let line = AccessLine::of(&ctx, code);
     let written = match ctx.reservation.take() {
         Some(room) => rt.audit.write_reserved(ctx.record, room).await,
         None => rt.audit.write(ctx.record).await,
@@ -199,10 +210,88 @@ pub(super) async fn finish_record(
         Ok(()) => rt.metrics.audit_written(),
         Err(e) => {
             rt.metrics.audit_error();
-            tracing::error!(error = %e, "audit record could not be written");
+            tracing::error!(request_id = %line.request_id, error = %e, "audit record could not be written");
         }
     }
+    line.log();
     written
+}
+
+/// The one log line of a request, written when it ends (its record written or refused):
+/// `info` on the target `greenhouse_gateway::access`, so `RUST_LOG` can keep or drop it alone.
+/// Names from the configuration and the gateway's own codes only: never the token, the subject,
+/// the `On-Behalf-Of` user, the path or the query.
+struct AccessLine {
+    request_id: String,
+    method: String,
+    team: Option<String>,
+    operation: Option<String>,
+    issuer: Option<String>,
+    status: u16,
+    code: String,
+    upstream_status: Option<u16>,
+    duration_ms: f64,
+    upstream_ms: Option<f64>,
+    detail: Option<String>,
+}
+
+impl AccessLine {
+    fn of(ctx: &Context, code: String) -> AccessLine {
+        let r = &ctx.record;
+        AccessLine {
+            request_id: r.request_id.clone(),
+            method: r.method.clone(),
+            team: r.team.clone(),
+            operation: r.operation.clone(),
+            issuer: r.issuer.clone(),
+            status: r.status,
+            code,
+            upstream_status: r.upstream_status,
+            duration_ms: (r.duration_ms * 1000.0).round() / 1000.0,
+            upstream_ms: r
+                .upstream_duration_ms
+                .map(|d| (d * 1000.0).round() / 1000.0),
+            detail: ctx.detail.clone(),
+        }
+    }
+
+    fn log(self) {
+        tracing::info!(
+            target: "greenhouse_gateway::access",
+            request_id = %self.request_id,
+            method = %self.method,
+            team = self.team.as_deref(),
+            operation = self.operation.as_deref(),
+            issuer = self.issuer.as_deref(),
+            status = self.status,
+            code = %self.code,
+            upstream_status = self.upstream_status,
+            duration_ms = self.duration_ms,
+            upstream_ms = self.upstream_ms,
+            detail = self.detail.as_deref(),
+            "request finished"
+        );
+    }
+}
+
+/// What the log line says about an answer of the gateway's own: the problem's detail, and for a
+/// schema refusal where it failed (pointers and keywords, as in the audit record).
+fn log_detail(e: &GatewayError) -> Option<String> {
+    match e {
+        GatewayError::ValidationFailed(problems) => {
+            let at: Vec<String> = problems
+                .iter()
+                .take(10)
+                .map(|p| format!("{} ({})", p.pointer, p.keyword))
+                .collect();
+            Some(format!(
+                "{}: {}",
+                e.detail().unwrap_or_default(),
+                at.join(", ")
+            ))
+        }
+        other => other.detail(),
+    }
 }
 
 /// `X-Request-Id` and the team's rate-limit headers, on every response.

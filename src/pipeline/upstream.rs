@@ -107,6 +107,7 @@ impl Upstream<'_> {
             Some(ctx.record.upstream_duration_ms.unwrap_or(0.0) + took.as_secs_f64() * 1000.0);
         if let Ok(r) = &result {
             ctx.record.upstream_status = Some(r.status().as_u16());
+            rt.metrics.upstream_response(&op.id, r.status());
         }
         result
     }

@@ -52,6 +52,9 @@ pub struct ObservedBody {
     _guard: Option<Box<dyn Any + Send>>,
     /// The longest wait for the next piece of the upstream body.
     idle: Option<(std::time::Duration, Pin<Box<tokio::time::Sleep>>)>,
+    /// The span of the request the body answers (current when it was made): the body is polled
+    /// by the connection, outside it.
+    span: tracing::Span,
 }
 
 /// The upstream body stalled longer than the idle timeout.
@@ -85,6 +88,7 @@ impl ObservedBody {
             done: false,
             _guard: guard,
             idle: None,
+            span: tracing::Span::current(),
         }
     }
 
@@ -151,7 +155,9 @@ impl Body for ObservedBody {
             if let Some((limit, sleep)) = &mut this.idle {
                 if polled.is_pending() {
                     if sleep.as_mut().poll(cx).is_ready() {
-                        tracing::warn!("upstream response body stalled; closing it");
+                        this.span.in_scope(|| {
+                            tracing::warn!("upstream response body stalled; closing it");
+                        });
                         if let Some(fut) = this.finished(false) {
                             tokio::spawn(fut);
                         }

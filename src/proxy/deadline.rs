@@ -65,6 +65,8 @@ impl ResponseDeadline {
             waker: None,
         }));
         let weak = Arc::downgrade(&shared);
+        // The request's span (current here), so that the warning carries its request id.
+        let span = tracing::Span::current();
         let watchdog = tokio::spawn(async move {
             tokio::time::sleep(within).await;
             let Some(shared) = weak.upgrade() else {
@@ -79,10 +81,12 @@ impl ResponseDeadline {
                 on_expiry();
                 (s.body.take(), s.waker.take())
             };
-            tracing::warn!(
-                timeout_ms = within.as_millis() as u64,
-                "the caller did not take the response in time; closing it"
-            );
+            span.in_scope(|| {
+                tracing::warn!(
+                    timeout_ms = within.as_millis() as u64,
+                    "the caller did not take the response in time; closing it"
+                )
+            });
             drop(body);
             if let Some(w) = waker {
                 w.wake();

@@ -456,6 +456,8 @@ struct Inner {
     redis: Option<Arc<RedisStore>>,
     upstream: Option<Arc<Upstream>>,
     allowed: Arc<AtomicU64>,
+    /// Decisions Redis could not make (see [`Quotas::backend_errors`]).
+    backend_errors: Arc<AtomicU64>,
 }
 
 /// The quota decisions of one gateway process. Cheap to clone; `Send + Sync`.
@@ -579,6 +581,7 @@ impl Quotas {
                 redis,
                 upstream,
                 allowed: Arc::new(AtomicU64::new(0)),
+                backend_errors: Arc::new(AtomicU64::new(0)),
             }),
         }
     }
@@ -630,6 +633,7 @@ impl Quotas {
                 }
             }
         }
+        inner.backend_errors.fetch_add(1, Ordering::Relaxed);
         match inner.on_backend_error {
             OnBackendError::Deny => Err(Refusal::BackendUnavailable),
             OnBackendError::Allow => {
@@ -786,5 +790,12 @@ impl Quotas {
     /// upstream slots).
     pub fn backend_errors_allowed(&self) -> u64 {
         self.inner.allowed.load(Ordering::Relaxed)
+    }
+
+    /// Decisions (admissions and upstream budget slots) that Redis could not make, because it
+    /// failed or timed out or was known to be down, and that `on_backend_error` made instead,
+    /// whatever it decided. Kept across reloads. Zero with the memory backend.
+    pub fn backend_errors(&self) -> u64 {
+        self.inner.backend_errors.load(Ordering::Relaxed)
     }
 }

@@ -93,6 +93,7 @@ impl Quotas {
                 redis: old.redis.clone(),
                 upstream,
                 allowed: old.allowed.clone(),
+                backend_errors: old.backend_errors.clone(),
             }),
         }
     }

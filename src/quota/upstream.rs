@@ -95,6 +95,7 @@ impl Quotas {
                 decision = store.upstream(up.budget).await.ok();
             }
             if decision.is_none() {
+                inner.backend_errors.fetch_add(1, Ordering::Relaxed);
                 decision = Some(match inner.on_backend_error {
                     OnBackendError::Deny => return Err(NoSlot::BackendUnavailable),
                     OnBackendError::Allow => {

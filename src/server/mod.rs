@@ -88,10 +88,11 @@ pub async fn build(config: Config) -> Result<Arc<Gateway>, StartError> {
         config.upstream.connect_timeout,
     )?;
     let metrics = Metrics::new();
-    let verifier = Verifier::with_cache_bytes(
+    let verifier = Verifier::with_metrics(
         config.issuers.clone(),
         client.clone(),
         config.limits.verified_token_cache_bytes,
+        metrics.clone(),
     );
     let credentials =
         UpstreamCredentials::new(&config.credentials, client.clone(), metrics.clone());

@@ -120,6 +120,8 @@ pub struct Setup {
     pub extra: String,
     /// Replaces `[listen]` keys after `addr`.
     pub listen_extra: String,
+    /// `[admin]` keys after `addr` (`token = ...`, say).
+    pub admin_extra: String,
     /// Where the gateway forwards; the sandbox when `None`.
     pub upstream: Option<String>,
     pub upstream_timeout: &'static str,
@@ -138,6 +140,7 @@ impl Default for Setup {
             teams: default_teams(),
             extra: String::new(),
             listen_extra: String::new(),
+            admin_extra: String::new(),
             upstream: None,
             upstream_timeout: "5s",
             sandbox: SandboxOptions {
@@ -258,6 +261,7 @@ addr = "127.0.0.1:0"
 
 [admin]
 addr = "127.0.0.1:0"
+{admin_extra}
 
 [upstream]
 base_url = "{upstream}"
@@ -287,6 +291,7 @@ refetch_cooldown = "1s"
 {extra}
 "#,
         listen_extra = setup.listen_extra,
+        admin_extra = setup.admin_extra,
         timeout = setup.upstream_timeout,
         ca = setup
             .upstream_ca
@@ -590,8 +595,16 @@ pub fn spawn_serve(config: &Path) -> ServeProcess {
 
 /// Like [`spawn_serve`], with extra environment variables (`RUST_LOG`, say).
 pub fn spawn_serve_with_env(config: &Path, env: &[(&str, &str)]) -> ServeProcess {
+    spawn_serve_logging(config, &["--log-json"], env)
+}
+
+/// Like [`spawn_serve`], with extra `serve` arguments instead of `--log-json` (so the log format
+/// is what the environment selects: JSON lines or text) and extra environment variables.
+pub fn spawn_serve_logging(config: &Path, args: &[&str], env: &[(&str, &str)]) -> ServeProcess {
     let mut child = Command::new(binary())
-        .args(["serve", "--log-json", "--config"])
+        .arg("serve")
+        .args(args)
+        .arg("--config")
         .arg(config)
         .envs(env.iter().copied())
         .stdout(Stdio::null())
@@ -614,19 +627,35 @@ pub fn spawn_serve_with_env(config: &Path, env: &[(&str, &str)]) -> ServeProcess
         admin: String::new(),
         log,
     };
-    let listening = loop {
+    let (addr, admin) = loop {
         let line = rx
             .recv_timeout(Duration::from_secs(20))
             .expect("the gateway logs that it listens");
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-        if v["fields"]["message"] == "gateway listening" {
-            break v;
+        if let Some(found) = listening_addrs(&line) {
+            break found;
         }
     };
-    proc.addr = listening["fields"]["addr"].as_str().unwrap().to_string();
-    proc.admin = listening["fields"]["admin_addr"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    proc.addr = addr;
+    proc.admin = admin;
     proc
+}
+
+/// The gateway and admin addresses of the "gateway listening" log line, JSON or text.
+fn listening_addrs(line: &str) -> Option<(String, String)> {
+    if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
+        if v["fields"]["message"] != "gateway listening" {
+            return None;
+        }
+        let field = |k: &str| v["fields"][k].as_str().map(str::to_string);
+        return Some((field("addr")?, field("admin_addr")?));
+    }
+    if !line.contains("gateway listening") {
+        return None;
+    }
+    let field = |k: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(k))
+            .map(str::to_string)
+    };
+    Some((field("addr=")?, field("admin_addr=")?))
 }
