@@ -627,10 +627,14 @@ pub fn spawn_serve_logging(config: &Path, args: &[&str], env: &[(&str, &str)]) -
         admin: String::new(),
         log,
     };
+    // A deadline for the whole wait, not per line: a gateway that keeps logging (retrying an
+    // identity provider this thread's runtime cannot serve while it waits) must not wait forever.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
     let (addr, admin) = loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
         let line = rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("the gateway logs that it listens");
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("the gateway logs that it listens:\n{}", proc.log_text()));
         if let Some(found) = listening_addrs(&line) {
             break found;
         }
