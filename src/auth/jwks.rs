@@ -28,12 +28,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
+use aws_lc_rs::signature::{self as lc, ParsedPublicKey, VerificationAlgorithm};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use bytes::Bytes;
 use http::header::{ACCEPT, CACHE_CONTROL, USER_AGENT};
 use http::{HeaderMap, Method, Request, StatusCode};
-use jsonwebtoken::{Algorithm, DecodingKey};
+use jsonwebtoken::Algorithm;
 use serde_json::Value;
 use tokio::io::AsyncReadExt as _;
 use tracing::Instrument as _;
@@ -149,7 +150,9 @@ pub(crate) struct VerificationKey {
     pub(crate) kid: Option<String>,
     /// The algorithms this key may verify (its `alg` when published, else all its type allows).
     pub(crate) algs: Vec<Algorithm>,
-    pub(crate) key: DecodingKey,
+    /// The key parsed once, at load, for each of `algs` (a verification reuses it: no key is
+    /// rebuilt per token).
+    parsed: Vec<(Algorithm, ParsedPublicKey)>,
     /// `kid`, key type and public material: the same key in two fetches has the same identity.
     identity: String,
     /// True while the key is in the issuer's current set; shared with the same key of later
@@ -161,6 +164,82 @@ impl VerificationKey {
     fn fits(&self, alg: Algorithm) -> bool {
         self.algs.contains(&alg)
     }
+
+    /// Whether `signature` (raw bytes) signs `message` under this key with `alg`; false for an
+    /// algorithm the key may not verify.
+    pub(crate) fn verifies(&self, alg: Algorithm, message: &[u8], signature: &[u8]) -> bool {
+        self.parsed
+            .iter()
+            .find(|(a, _)| *a == alg)
+            .is_some_and(|(_, key)| key.verify_sig(message, signature).is_ok())
+    }
+}
+
+/// The aws-lc verification algorithm of a JWS `alg` (the same ones `jsonwebtoken` uses);
+/// `None` for HMAC, which is never accepted.
+fn lc_algorithm(alg: Algorithm) -> Option<&'static dyn VerificationAlgorithm> {
+    Some(match alg {
+        Algorithm::RS256 => &lc::RSA_PKCS1_2048_8192_SHA256,
+        Algorithm::RS384 => &lc::RSA_PKCS1_2048_8192_SHA384,
+        Algorithm::RS512 => &lc::RSA_PKCS1_2048_8192_SHA512,
+        Algorithm::PS256 => &lc::RSA_PSS_2048_8192_SHA256,
+        Algorithm::PS384 => &lc::RSA_PSS_2048_8192_SHA384,
+        Algorithm::PS512 => &lc::RSA_PSS_2048_8192_SHA512,
+        Algorithm::ES256 => &lc::ECDSA_P256_SHA256_FIXED,
+        Algorithm::ES384 => &lc::ECDSA_P384_SHA384_FIXED,
+        Algorithm::EdDSA => &lc::ED25519,
+        _ => return None,
+    })
+}
+
+/// DER of an RFC 8017 `RSAPublicKey` (SEQUENCE { INTEGER n, INTEGER e }) from the big-endian
+/// magnitudes of a JWK's `n` and `e`.
+fn rsa_public_key_der(n: &[u8], e: &[u8]) -> Vec<u8> {
+    fn push_len(out: &mut Vec<u8>, len: usize) {
+        if len < 0x80 {
+            out.push(len as u8);
+        } else {
+            let bytes = len.to_be_bytes();
+            let skip = bytes.iter().take_while(|b| **b == 0).count();
+            out.push(0x80 | (bytes.len() - skip) as u8);
+            out.extend_from_slice(&bytes[skip..]);
+        }
+    }
+    fn integer(magnitude: &[u8]) -> Vec<u8> {
+        let trimmed: &[u8] = {
+            let skip = magnitude.iter().take_while(|b| **b == 0).count();
+            &magnitude[skip.min(magnitude.len().saturating_sub(1))..]
+        };
+        let pad = trimmed.first().is_some_and(|b| b & 0x80 != 0);
+        let mut out = vec![0x02];
+        push_len(&mut out, trimmed.len() + usize::from(pad));
+        if pad {
+            out.push(0);
+        }
+        out.extend_from_slice(trimmed);
+        out
+    }
+    let (n, e) = (integer(n), integer(e));
+    let mut out = vec![0x30];
+    push_len(&mut out, n.len() + e.len());
+    out.extend_from_slice(&n);
+    out.extend_from_slice(&e);
+    out
+}
+
+/// The key in the form aws-lc parses, once per algorithm it may verify.
+fn parse_for(
+    algs: &[Algorithm],
+    bytes: &[u8],
+) -> Result<Vec<(Algorithm, ParsedPublicKey)>, &'static str> {
+    algs.iter()
+        .map(|alg| {
+            let lc = lc_algorithm(*alg).ok_or("unsupported alg")?;
+            ParsedPublicKey::new(lc, bytes)
+                .map(|key| (*alg, key))
+                .map_err(|_| "key rejected by the crypto library")
+        })
+        .collect()
 }
 
 /// The usable keys of one issuer, as of one successful fetch.
@@ -331,7 +410,8 @@ fn parse_key(member: &Value) -> Result<VerificationKey, &'static str> {
         Some(_) => return Err("non-string alg"),
     };
     let material: String;
-    let (possible, key): (Vec<Algorithm>, DecodingKey) = match kty {
+    // The public key as aws-lc parses it: an SEC1 point, an RFC 8017 DER, raw Ed25519 bytes.
+    let (possible, public): (Vec<Algorithm>, Vec<u8>) = match kty {
         "EC" => {
             let crv = obj.get("crv").and_then(Value::as_str).ok_or("no crv")?;
             let (alg, len) = match crv {
@@ -344,9 +424,12 @@ fn parse_key(member: &Value) -> Result<VerificationKey, &'static str> {
             if xb.len() != len || yb.len() != len {
                 return Err("EC coordinates of the wrong length");
             }
-            let key = DecodingKey::from_ec_components(x, y).map_err(|_| "bad EC key")?;
+            let mut point = Vec::with_capacity(1 + 2 * len);
+            point.push(0x04);
+            point.extend_from_slice(&xb);
+            point.extend_from_slice(&yb);
             material = format!("EC {crv} {x} {y}");
-            (vec![alg], key)
+            (vec![alg], point)
         }
         "RSA" => {
             let (n, nb) = b64_member(obj, "n")?;
@@ -363,9 +446,8 @@ fn parse_key(member: &Value) -> Result<VerificationKey, &'static str> {
             if eb.iter().all(|b| *b == 0) || eb.len() > 8 {
                 return Err("bad RSA exponent");
             }
-            let key = DecodingKey::from_rsa_components(n, e).map_err(|_| "bad RSA key")?;
             material = format!("RSA {n} {e}");
-            (RSA_ALGS.to_vec(), key)
+            (RSA_ALGS.to_vec(), rsa_public_key_der(&nb, &eb))
         }
         "OKP" => {
             let crv = obj.get("crv").and_then(Value::as_str).ok_or("no crv")?;
@@ -376,9 +458,8 @@ fn parse_key(member: &Value) -> Result<VerificationKey, &'static str> {
             if xb.len() != 32 {
                 return Err("Ed25519 key of the wrong length");
             }
-            let key = DecodingKey::from_ed_components(x).map_err(|_| "bad Ed25519 key")?;
             material = format!("OKP {crv} {x}");
-            (vec![Algorithm::EdDSA], key)
+            (vec![Algorithm::EdDSA], xb)
         }
         _ => return Err("unsupported kty"),
     };
@@ -387,11 +468,12 @@ fn parse_key(member: &Value) -> Result<VerificationKey, &'static str> {
         Some(_) => return Err("alg does not fit the key type"),
         None => possible,
     };
+    let parsed = parse_for(&algs, &public)?;
     let identity = format!("{} {material}", kid.as_deref().unwrap_or(""));
     Ok(VerificationKey {
         kid,
         algs,
-        key,
+        parsed,
         identity,
         live: Arc::new(AtomicBool::new(true)),
     })
@@ -668,4 +750,51 @@ pub(crate) fn spawn_refresher(keys: &Arc<IssuerKeys>, first_delay: Duration) {
             delay = keys.refresh().await;
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aws_lc_rs::rsa::{KeyPair, KeySize, PublicKeyComponents};
+    use aws_lc_rs::signature::KeyPair as _;
+
+    fn components(bits: KeySize) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+        let pair = KeyPair::generate(bits).unwrap();
+        let der = pair.public_key().as_ref().to_vec();
+        let c = PublicKeyComponents::<Vec<u8>>::from(pair.public_key());
+        (c.n, c.e, der)
+    }
+
+    #[test]
+    fn rsa_der_built_from_jwk_components_equals_the_library_encoding() {
+        for size in [KeySize::Rsa2048, KeySize::Rsa4096] {
+            let (n, e, der) = components(size);
+            assert_eq!(rsa_public_key_der(&n, &e), der);
+            // A JWK `n` with a leading zero octet (some encoders add one) is the same key.
+            let padded: Vec<u8> = std::iter::once(0).chain(n.iter().copied()).collect();
+            assert_eq!(rsa_public_key_der(&padded, &e), der);
+        }
+    }
+
+    #[test]
+    fn parsed_key_verifies_only_the_algorithm_it_was_parsed_for() {
+        let pair = KeyPair::generate(KeySize::Rsa2048).unwrap();
+        let c = PublicKeyComponents::<Vec<u8>>::from(pair.public_key());
+        let key = VerificationKey {
+            kid: None,
+            algs: vec![Algorithm::RS256],
+            parsed: parse_for(&[Algorithm::RS256], &rsa_public_key_der(&c.n, &c.e)).unwrap(),
+            identity: String::new(),
+            live: Arc::new(AtomicBool::new(true)),
+        };
+        let rng = aws_lc_rs::rand::SystemRandom::new();
+        let mut sig = vec![0; pair.public_modulus_len()];
+        pair.sign(&lc::RSA_PKCS1_SHA256, &rng, b"h.p", &mut sig)
+            .unwrap();
+        assert!(key.verifies(Algorithm::RS256, b"h.p", &sig));
+        assert!(!key.verifies(Algorithm::RS256, b"h.q", &sig));
+        assert!(!key.verifies(Algorithm::RS384, b"h.p", &sig));
+        sig[10] ^= 1;
+        assert!(!key.verifies(Algorithm::RS256, b"h.p", &sig));
+    }
 }
