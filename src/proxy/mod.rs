@@ -45,6 +45,19 @@ const CALLER_ONLY: [&str; 10] = [
     "tracestate",
 ];
 
+/// Whether a caller's header goes on to Greenhouse: not hop-by-hop (fixed or listed in
+/// `Connection`), not one the caller may never pass on, no `X-Forwarded-*` of its own, and no
+/// underscore: `On_Behalf_Of` is `On-Behalf-Of` to every framework that folds `_` into `-`, so
+/// such headers never reach Greenhouse (nginx and Envoy drop them the same way).
+fn caller_may_forward(name: &HeaderName, listed: &[HeaderName]) -> bool {
+    let n = name.as_str();
+    !(HOP_BY_HOP.contains(&n)
+        || CALLER_ONLY.contains(&n)
+        || n.starts_with("x-forwarded-")
+        || n.contains('_')
+        || listed.contains(name))
+}
+
 /// Names listed in `Connection` (they are hop-by-hop for this message).
 fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
     headers
@@ -80,28 +93,13 @@ pub struct Outbound<'a> {
 
 /// The headers the upstream receives (DESIGN 1.3 step 7).
 pub fn upstream_headers(inbound: &HeaderMap, out: Outbound<'_>) -> Result<HeaderMap, GatewayError> {
-    let mut h = inbound.clone();
-    strip_hop_by_hop(&mut h);
-    for name in CALLER_ONLY {
-        h.remove(name);
-    }
-    let forwarded: Vec<HeaderName> = h
-        .keys()
-        .filter(|k| k.as_str().starts_with("x-forwarded-"))
-        .cloned()
-        .collect();
-    for name in forwarded {
-        h.remove(name);
-    }
-    // `On_Behalf_Of` is `On-Behalf-Of` to every framework that folds `_` into `-`: headers with
-    // an underscore never reach Greenhouse (nginx and Envoy drop them the same way).
-    let underscored: Vec<HeaderName> = h
-        .keys()
-        .filter(|k| k.as_str().contains('_'))
-        .cloned()
-        .collect();
-    for name in underscored {
-        h.remove(name);
+    // One pass over the caller's headers keeping what may go on (no clone-then-remove).
+    let listed = connection_listed(inbound);
+    let mut h = HeaderMap::with_capacity(inbound.keys_len() + 8);
+    for (name, value) in inbound {
+        if caller_may_forward(name, &listed) {
+            h.append(name.clone(), value.clone());
+        }
     }
     encoding::accept_only_decodable(&mut h);
     h.insert(header::HOST, out.upstream_host.clone());
