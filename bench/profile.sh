@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A CPU profile of the gateway under the shared harness's load, one proxy core, as in
 # bench/compare.sh: `perf record` attaches to the gateway while one scenario runs, then writes a
-# flat profile, a caller/callee tree and folded stacks (for a flame graph) next to each other.
+# breakdown by stage of a request, a flat profile and folded stacks (for a flame graph).
 #
 #   bench/profile.sh [--scenario sat|sat1tok|post|light] [--cache-bytes N] [--seconds S]
 #                    [--fsync batch|always] [--quota memory|redis] [--out DIR] [--no-build]
@@ -55,10 +55,10 @@ sleep 4
 perf record -F 499 -g --call-graph dwarf,16384 -p "$pid" -o "$OUT/perf.data" -- sleep "$SECONDS_" 2>"$OUT/perf-record.log"
 wait $harness || true
 perf report -i "$OUT/perf.data" --no-children --stdio --percent-limit 0.3 --sort symbol \
-  -g none 2>/dev/null > "$OUT/flat.txt"
-perf report -i "$OUT/perf.data" --children --stdio --percent-limit 2 --sort symbol \
-  -g caller,0.5,callee --max-stack 40 2>/dev/null > "$OUT/tree.txt"
+  -g none 2>/dev/null | sed -e 's/ *$//' | cut -c1-200 > "$OUT/flat.txt"
 perf script -i "$OUT/perf.data" 2>/dev/null | python3 "$ROOT/bench/fold.py" > "$OUT/folded.txt"
 rm -f "$OUT/perf.data"
-grep -h "req/s" "$OUT/harness.log" | tail -1 || true
-echo "profile in $OUT (flat.txt, tree.txt, folded.txt; inferno-flamegraph folded.txt > flame.svg)"
+{ grep -h "^rep" "$OUT/harness.log" || true; python3 "$ROOT/bench/breakdown.py" "$OUT/folded.txt"; } > "$OUT/breakdown.txt"
+gzip -9f "$OUT/folded.txt"
+cat "$OUT/breakdown.txt"
+echo "profile in $OUT (breakdown.txt, flat.txt, folded.txt.gz; zcat folded.txt.gz | inferno-flamegraph > flame.svg)"
