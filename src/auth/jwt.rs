@@ -622,6 +622,11 @@ impl Verifier {
             }
         };
 
+        // A refetch waited on the network: the times are checked again, as of now.
+        if refetched {
+            check_claims(&claims, issuer, now_secs())?;
+        }
+
         // 5. Signature: one key, one check, over exactly the header and payload bytes decoded
         //    and checked above.
         self.inner.signature_checks.fetch_add(1, Ordering::Relaxed);
