@@ -307,6 +307,93 @@ async fn valid_eddsa_token_is_accepted() {
     assert_eq!(check(&v, &good_token(&s)).await, Ok(()));
 }
 
+/// Every asymmetric algorithm the gateway accepts, each signed by `jsonwebtoken` (not by the
+/// code that verifies) and published in a real JWKS: accepted as signed, refused with one
+/// signature byte flipped, and refused under another algorithm of the same key type (an RSA key
+/// without `alg` may serve all six RSA algorithms; a PKCS#1 signature is no PSS signature).
+#[tokio::test]
+async fn every_accepted_algorithm_verifies_its_own_signature_and_no_other() {
+    let rsa = rsa_signer("rsa-any");
+    let pkcs8 =
+        EcdsaKeyPair::generate_pkcs8(&ECDSA_P384_SHA384_FIXED_SIGNING, &SystemRandom::new())
+            .unwrap();
+    let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P384_SHA384_FIXED_SIGNING, pkcs8.as_ref()).unwrap();
+    let point = pair.public_key().as_ref().to_vec();
+    let p384 = Signer {
+        kid: "ec-384".into(),
+        alg: Algorithm::ES384,
+        key: EncodingKey::from_ec_der(pkcs8.as_ref()),
+        jwk: json!({"kty": "EC", "crv": "P-384", "kid": "ec-384",
+                    "x": b64(&point[1..49]), "y": b64(&point[49..97])}),
+        raw_public: point.clone(),
+    };
+    let p256 = ec_signer("ec-256");
+    let ed = ed_signer("ed-1");
+    let server = JwksServer::start(vec![
+        rsa.jwk.clone(),
+        p384.jwk.clone(),
+        p256.jwk.clone(),
+        ed.jwk.clone(),
+    ])
+    .await;
+    let rsa_algs = [
+        Algorithm::RS256,
+        Algorithm::RS384,
+        Algorithm::RS512,
+        Algorithm::PS256,
+        Algorithm::PS384,
+        Algorithm::PS512,
+    ];
+    let mut cfg = config(&server.url);
+    cfg.algorithms = rsa_algs.to_vec();
+    cfg.algorithms
+        .extend([Algorithm::ES256, Algorithm::ES384, Algorithm::EdDSA]);
+    let v = verifier(vec![cfg]);
+    v.start().await;
+    assert!(v.not_ready().is_empty(), "{:?}", v.not_ready());
+    let mut cases: Vec<(&Signer, Algorithm)> = rsa_algs.iter().map(|a| (&rsa, *a)).collect();
+    cases.extend([
+        (&p256, Algorithm::ES256),
+        (&p384, Algorithm::ES384),
+        (&ed, Algorithm::EdDSA),
+    ]);
+    for (signer, alg) in cases {
+        let h = json!({"alg": alg_name(alg), "kid": signer.kid});
+        let token = sign_raw(&h, &claims(), &signer.key, alg);
+        assert_eq!(check(&v, &token).await, Ok(()), "{alg:?}");
+        let (message, sig) = token.rsplit_once('.').unwrap();
+        let mut raw = URL_SAFE_NO_PAD.decode(sig).unwrap();
+        raw[5] ^= 0x01;
+        let forged = format!("{message}.{}", b64(&raw));
+        assert_eq!(
+            check(&v, &forged).await,
+            rejected(RejectReason::Signature),
+            "{alg:?}"
+        );
+    }
+    // The RSA key signs PKCS#1 v1.5 with SHA-256; the same bytes presented as PS256 or RS384
+    // must not verify.
+    let rs256 = sign_raw(
+        &json!({"alg": "RS256", "kid": "rsa-any"}),
+        &claims(),
+        &rsa.key,
+        Algorithm::RS256,
+    );
+    let sig = rs256.rsplit_once('.').unwrap().1;
+    for other in ["PS256", "RS384"] {
+        let h = b64(json!({"alg": other, "kid": "rsa-any"})
+            .to_string()
+            .as_bytes());
+        let p = b64(claims().to_string().as_bytes());
+        let relabelled = format!("{h}.{p}.{sig}");
+        assert_eq!(
+            check(&v, &relabelled).await,
+            rejected(RejectReason::Signature),
+            "{other}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn token_without_kid_is_accepted_by_a_fitting_key() {
     let ec = ec_signer("ec-1");
