@@ -148,9 +148,8 @@ pub(crate) fn is_valid_kid(kid: &str) -> bool {
 /// One usable verification key.
 pub(crate) struct VerificationKey {
     pub(crate) kid: Option<String>,
-    /// The algorithms this key may verify (its `alg` when published, else all its type allows).
-    pub(crate) algs: Vec<Algorithm>,
-    /// The key parsed once, at load, for each of `algs` (a verification reuses it: no key is
+    /// The algorithms this key may verify (its `alg` when published, else all its type allows),
+    /// each with the key parsed once, at load, for it (a verification reuses it: no key is
     /// rebuilt per token).
     parsed: Vec<(Algorithm, ParsedPublicKey)>,
     /// `kid`, key type and public material: the same key in two fetches has the same identity.
@@ -162,7 +161,7 @@ pub(crate) struct VerificationKey {
 
 impl VerificationKey {
     fn fits(&self, alg: Algorithm) -> bool {
-        self.algs.contains(&alg)
+        self.parsed.iter().any(|(a, _)| *a == alg)
     }
 
     /// Whether `signature` (raw bytes) signs `message` under this key with `alg`; false for an
@@ -472,7 +471,6 @@ fn parse_key(member: &Value) -> Result<VerificationKey, &'static str> {
     let identity = format!("{} {material}", kid.as_deref().unwrap_or(""));
     Ok(VerificationKey {
         kid,
-        algs,
         parsed,
         identity,
         live: Arc::new(AtomicBool::new(true)),
@@ -782,7 +780,6 @@ mod tests {
         let c = PublicKeyComponents::<Vec<u8>>::from(pair.public_key());
         let key = VerificationKey {
             kid: None,
-            algs: vec![Algorithm::RS256],
             parsed: parse_for(&[Algorithm::RS256], &rsa_public_key_der(&c.n, &c.e)).unwrap(),
             identity: String::new(),
             live: Arc::new(AtomicBool::new(true)),
