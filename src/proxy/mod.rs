@@ -51,11 +51,16 @@ const CALLER_ONLY: [&str; 10] = [
 /// such headers never reach Greenhouse (nginx and Envoy drop them the same way).
 fn caller_may_forward(name: &HeaderName, listed: &[HeaderName]) -> bool {
     let n = name.as_str();
-    !(HOP_BY_HOP.contains(&n)
+    !(is_hop_by_hop(name, listed)
         || CALLER_ONLY.contains(&n)
         || n.starts_with("x-forwarded-")
-        || n.contains('_')
-        || listed.contains(name))
+        || n.contains('_'))
+}
+
+/// Whether a header is hop-by-hop for this message: one of [`HOP_BY_HOP`] or named in its
+/// `Connection` header (`listed`, from [`connection_listed`]).
+fn is_hop_by_hop(name: &HeaderName, listed: &[HeaderName]) -> bool {
+    HOP_BY_HOP.contains(&name.as_str()) || listed.contains(name)
 }
 
 /// Names listed in `Connection` (they are hop-by-hop for this message).
@@ -70,10 +75,13 @@ fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
 }
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    for name in connection_listed(headers) {
-        headers.remove(name);
-    }
-    for name in HOP_BY_HOP {
+    let listed = connection_listed(headers);
+    let hop: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| is_hop_by_hop(name, &listed))
+        .cloned()
+        .collect();
+    for name in hop {
         headers.remove(name);
     }
 }
