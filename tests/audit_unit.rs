@@ -1418,3 +1418,45 @@ async fn oversized_record_is_shrunk_to_the_record_bound_and_still_verifies() {
     let report = check(&path);
     assert!(report.is_ok() && report.records == 2, "{report:?}");
 }
+
+/// The writer thread runs under `SCHED_BATCH` (policy 3 in field 41 of its
+/// `/proc/self/task/<tid>/stat`), so that queuing a record does not preempt the request threads.
+#[cfg(target_os = "linux")]
+#[test]
+fn the_writer_thread_runs_under_sched_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let _log = AuditLog::open(settings(dir.path())).unwrap();
+    // The thread names itself and sets its policy as it starts: look for a little while.
+    let mut policies = Vec::new();
+    for _ in 0..200 {
+        policies = writer_policies();
+        if !policies.is_empty() && policies.iter().all(|p| *p == 3) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(!policies.is_empty(), "no audit-writer thread found");
+    assert!(policies.iter().all(|p| *p == 3), "policies {policies:?}");
+}
+
+/// The scheduling policy of every thread named `audit-writer` in this process.
+#[cfg(target_os = "linux")]
+fn writer_policies() -> Vec<u32> {
+    let mut policies = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task").unwrap() {
+        let path = task.unwrap().path();
+        let Ok(comm) = std::fs::read_to_string(path.join("comm")) else {
+            continue;
+        };
+        if comm.trim() != "audit-writer" {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(path.join("stat")) else {
+            continue;
+        };
+        // Fields after the parenthesised name start at field 3.
+        let after = &stat[stat.rfind(')').unwrap() + 2..];
+        policies.push(after.split(' ').nth(41 - 3).unwrap().parse().unwrap());
+    }
+    policies
+}
