@@ -8,6 +8,10 @@ use super::*;
 /// responses still stream through, unchecked.
 const RESPONSE_COPY_LIMIT: usize = 4 * 1024 * 1024;
 
+/// Up to this much of an upstream response is read before its head is returned: an answer that
+/// fits is recorded first and then written to the caller at once. Bounded per request in flight.
+const RESPONSE_READ_AHEAD: u64 = 64 * 1024;
+
 /// The gateway's own answer: written to the audit trail before it is sent.
 pub(super) async fn respond_error(
     gw: &Gateway,
@@ -31,7 +35,8 @@ pub(super) async fn respond_error(
 }
 
 /// Greenhouse's answer, streamed back; the audit record is written when its body ends, before
-/// its last bytes are released. An empty answer (204, 304, `Content-Length: 0`, a HEAD) is one a
+/// its last bytes are released. An answer of up to [`RESPONSE_READ_AHEAD`] bytes is read and
+/// recorded before its head is returned. An empty answer (204, 304, `Content-Length: 0`, a HEAD) is one a
 /// server may send without ever polling its body, so its record is written before the head is
 /// returned. With `on_error = "reject"`, a record that could not be written means the caller
 /// never sees a complete success: an empty answer becomes 503 `audit_unavailable`, a body ends
@@ -109,8 +114,11 @@ pub(super) async fn respond_forwarded(
     let body = body
         .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
         .boxed();
-    let observed = ObservedBody::new(body, RESPONSE_COPY_LIMIT, on_finish, Some(fwd.guard))
+    let mut observed = ObservedBody::new(body, RESPONSE_COPY_LIMIT, on_finish, Some(fwd.guard))
         .with_idle_timeout(idle);
+    // A small answer is read whole and recorded before its head goes out, so the caller gets it
+    // in one write (and the connection is not woken again for the rest); a larger one streams.
+    observed.prefetch(RESPONSE_READ_AHEAD).await;
     // The caller has this long to take the whole response; then its slot is released.
     let body = ResponseDeadline::new(observed, within, move || {
         expired.store(true, Ordering::SeqCst)

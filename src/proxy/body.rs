@@ -40,8 +40,12 @@ pub type OnFinish = Box<dyn FnOnce(Finished) -> FinishFuture + Send>;
 
 pub struct ObservedBody {
     inner: Inner,
+    /// Chunks read ahead by [`ObservedBody::prefetch`], released before anything else.
+    early: VecDeque<Bytes>,
     held: Option<Bytes>,
     queued: VecDeque<Frame<Bytes>>,
+    /// Why the body ends with an error (given to the caller once, instead of the rest).
+    failed: Option<BoxError>,
     copy: Option<BytesMut>,
     copy_limit: usize,
     bytes: u64,
@@ -78,8 +82,10 @@ impl ObservedBody {
     ) -> Self {
         ObservedBody {
             inner,
+            early: VecDeque::new(),
             held: None,
             queued: VecDeque::new(),
+            failed: None,
             copy: Some(BytesMut::new()),
             copy_limit,
             bytes: 0,
@@ -120,6 +126,111 @@ impl ObservedBody {
     }
 }
 
+/// One step of reading the upstream body (see [`ObservedBody::step`]).
+enum Step {
+    /// A data chunk that may go to the caller now (the one before the latest).
+    Release(Bytes),
+    /// State moved on (a chunk held back, trailers queued, the end reached or finished).
+    Progress,
+    /// The body is over (complete and finished) or broke; nothing more to read.
+    Over,
+}
+
+impl ObservedBody {
+    /// Reads the upstream body ahead, before the response head goes out, until it ended and its
+    /// finishing work ran (then the caller gets the head and the whole body in one write) or
+    /// more than `limit` bytes were read (then the rest streams as usual). Nothing is lost
+    /// either way: what was read ahead is released first, the last chunk still only after the
+    /// finishing work.
+    pub async fn prefetch(&mut self, limit: u64) {
+        std::future::poll_fn(|cx| {
+            loop {
+                if self.failed.is_some() || self.bytes > limit {
+                    return Poll::Ready(());
+                }
+                match self.step(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Step::Release(d)) => self.early.push_back(d),
+                    Poll::Ready(Step::Progress) => {}
+                    Poll::Ready(Step::Over) => return Poll::Ready(()),
+                }
+            }
+        })
+        .await
+    }
+
+    /// Polls the finishing work, or else the upstream body once: a chunk is held back until the
+    /// next arrives (the previous one is released); at the end, the finishing work starts; a
+    /// broken or stalled body finishes incomplete and records its error in `failed`.
+    fn step(&mut self, cx: &mut Context<'_>) -> Poll<Step> {
+        if let Some(fut) = &mut self.finishing {
+            let result = std::task::ready!(fut.as_mut().poll(cx));
+            self.finishing = None;
+            self.done = true;
+            if let Err(e) = result {
+                self.fail(e);
+            }
+            return Poll::Ready(Step::Over);
+        }
+        if self.done {
+            return Poll::Ready(Step::Over);
+        }
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Some((limit, sleep)) = &mut self.idle {
+            if polled.is_pending() {
+                if sleep.as_mut().poll(cx).is_ready() {
+                    self.span.in_scope(|| {
+                        tracing::warn!("upstream response body stalled; closing it");
+                    });
+                    self.broken(Box::new(BodyIdleTimeout));
+                    return Poll::Ready(Step::Over);
+                }
+            } else {
+                sleep.as_mut().reset(tokio::time::Instant::now() + *limit);
+            }
+        }
+        match std::task::ready!(polled) {
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => {
+                    self.observe(&data);
+                    if let Some(prev) = self.held.replace(data) {
+                        return Poll::Ready(Step::Release(prev));
+                    }
+                }
+                // Trailers come after all data: hold them until the end as well.
+                Err(other) => self.queued.push_back(other),
+            },
+            Some(Err(e)) => {
+                self.broken(e);
+                return Poll::Ready(Step::Over);
+            }
+            None => match self.finished(true) {
+                Some(fut) => self.finishing = Some(fut),
+                None => self.done = true,
+            },
+        }
+        Poll::Ready(Step::Progress)
+    }
+
+    /// The upstream body broke: its finishing work runs on its own, marked incomplete, and the
+    /// caller gets the error instead of the rest.
+    fn broken(&mut self, e: BoxError) {
+        if let Some(fut) = self.finished(false) {
+            tokio::spawn(fut);
+        }
+        self.done = true;
+        self.fail(e);
+    }
+
+    /// The caller must not see a complete response: nothing held is released, the error is.
+    fn fail(&mut self, e: BoxError) {
+        self.early.clear();
+        self.held = None;
+        self.queued.clear();
+        self.failed = Some(e);
+    }
+}
+
 impl Body for ObservedBody {
     type Data = Bytes;
     type Error = BoxError;
@@ -130,84 +241,60 @@ impl Body for ObservedBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
         loop {
-            if let Some(fut) = &mut this.finishing {
-                match fut.as_mut().poll(cx) {
-                    Poll::Pending => return Poll::Pending,
-                    Poll::Ready(result) => {
-                        this.finishing = None;
-                        this.done = true;
-                        if let Err(e) = result {
-                            // The caller must not see a complete response.
-                            this.held = None;
-                            this.queued.clear();
-                            return Poll::Ready(Some(Err(e)));
-                        }
-                    }
-                }
+            if let Some(e) = this.failed.take() {
+                return Poll::Ready(Some(Err(e)));
             }
-            if this.done {
+            if let Some(d) = this.early.pop_front() {
+                return Poll::Ready(Some(Ok(Frame::data(d))));
+            }
+            if this.done && this.finishing.is_none() {
                 if let Some(d) = this.held.take() {
                     return Poll::Ready(Some(Ok(Frame::data(d))));
                 }
                 return Poll::Ready(this.queued.pop_front().map(Ok));
             }
-            let polled = Pin::new(&mut this.inner).poll_frame(cx);
-            if let Some((limit, sleep)) = &mut this.idle {
-                if polled.is_pending() {
-                    if sleep.as_mut().poll(cx).is_ready() {
-                        this.span.in_scope(|| {
-                            tracing::warn!("upstream response body stalled; closing it");
-                        });
-                        if let Some(fut) = this.finished(false) {
-                            tokio::spawn(fut);
-                        }
-                        this.done = true;
-                        this.held = None;
-                        return Poll::Ready(Some(Err(Box::new(BodyIdleTimeout))));
-                    }
-                } else {
-                    sleep.as_mut().reset(tokio::time::Instant::now() + *limit);
-                }
-            }
-            match polled {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
-                    Ok(data) => {
-                        this.observe(&data);
-                        if let Some(prev) = this.held.replace(data) {
-                            return Poll::Ready(Some(Ok(Frame::data(prev))));
-                        }
-                    }
-                    // Trailers come after all data: hold them until the end as well.
-                    Err(other) => this.queued.push_back(other),
-                },
-                Poll::Ready(Some(Err(e))) => {
-                    if let Some(fut) = this.finished(false) {
-                        tokio::spawn(fut);
-                    }
-                    this.done = true;
-                    this.held = None;
-                    return Poll::Ready(Some(Err(e)));
-                }
-                Poll::Ready(None) => match this.finished(true) {
-                    Some(fut) => this.finishing = Some(fut),
-                    None => this.done = true,
-                },
+            match std::task::ready!(this.step(cx)) {
+                Step::Release(d) => return Poll::Ready(Some(Ok(Frame::data(d)))),
+                Step::Progress | Step::Over => {}
             }
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.done && self.held.is_none() && self.queued.is_empty()
+        self.done
+            && self.finishing.is_none()
+            && self.failed.is_none()
+            && self.early.is_empty()
+            && self.held.is_none()
+            && self.queued.is_empty()
     }
 
     fn size_hint(&self) -> SizeHint {
-        let hint = self.inner.size_hint();
+        if self.failed.is_some() {
+            return SizeHint::default();
+        }
+        // What was read from the upstream but not yet passed on, plus what is still to read.
+        let kept: u64 = self
+            .early
+            .iter()
+            .chain(&self.held)
+            .map(|d| d.len() as u64)
+            .sum();
+        let inner = if self.done {
+            SizeHint::with_exact(0)
+        } else {
+            self.inner.size_hint()
+        };
         // An exact 0 lets a server finish the response without ever polling the body, so before
         // the finishing work ran. (The pipeline finishes empty responses before their head is
         // sent; this keeps any other empty body honest.)
-        if hint.exact() == Some(0) && !self.done {
+        if kept == 0 && inner.exact() == Some(0) && !(self.done && self.finishing.is_none()) {
             return SizeHint::default();
+        }
+        let mut hint = SizeHint::new();
+        hint.set_lower(inner.lower() + kept);
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper + kept);
         }
         hint
     }
@@ -281,6 +368,87 @@ mod tests {
         });
         assert_eq!((f.bytes, f.complete), (6, true));
         assert_eq!(f.copy.as_deref(), Some(&b"abcdef"[..]));
+    }
+
+    /// Finishing work that logs "finished" into `events` and keeps what it learnt in `fin`.
+    fn finish_into(events: &Events, fin: &Slot, result: Result<(), &'static str>) -> OnFinish {
+        let (e2, f2) = (events.clone(), fin.clone());
+        Box::new(move |f| {
+            Box::pin(async move {
+                tokio::task::yield_now().await;
+                e2.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push("finished".into());
+                *f2.lock().unwrap_or_else(|p| p.into_inner()) = Some(f);
+                result.map_err(|e| e.into())
+            })
+        })
+    }
+
+    /// Every frame of `body` as text, an error as "error".
+    async fn drain(body: &mut ObservedBody, events: &Events) {
+        while let Some(frame) = body.frame().await {
+            let text = match frame {
+                Ok(f) => String::from_utf8_lossy(&f.into_data().unwrap_or_default()).into_owned(),
+                Err(_) => "error".into(),
+            };
+            events.lock().unwrap_or_else(|p| p.into_inner()).push(text);
+        }
+    }
+
+    #[tokio::test]
+    async fn prefetched_small_body_is_finished_before_the_first_byte_and_then_released_whole() {
+        let (events, fin) = recorder();
+        let on_finish = finish_into(&events, &fin, Ok(()));
+        let mut body = ObservedBody::new(chunks(&["ab", "cd", "ef"]), 1024, on_finish, None);
+        body.prefetch(64).await;
+        // Finished before anything was handed out; what is left is known exactly.
+        assert_eq!(
+            *events.lock().unwrap_or_else(|p| p.into_inner()),
+            ["finished"]
+        );
+        assert_eq!(body.size_hint().exact(), Some(6));
+        assert!(!body.is_end_stream());
+        drain(&mut body, &events).await;
+        let got = events.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        assert_eq!(got, ["finished", "ab", "cd", "ef"]);
+        assert!(body.is_end_stream());
+        let f = fin.lock().unwrap_or_else(|p| p.into_inner()).take();
+        assert!(
+            matches!(
+                f,
+                Some(Finished {
+                    bytes: 6,
+                    complete: true,
+                    ..
+                })
+            ),
+            "{f:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn body_beyond_the_read_ahead_streams_the_rest_and_still_holds_its_last_chunk() {
+        let (events, fin) = recorder();
+        let on_finish = finish_into(&events, &fin, Ok(()));
+        let mut body = ObservedBody::new(chunks(&["ab", "cd", "ef", "gh"]), 1024, on_finish, None);
+        // Stops once more than 3 bytes were read: "ab" released early, "cd" held.
+        body.prefetch(3).await;
+        assert!(events.lock().unwrap_or_else(|p| p.into_inner()).is_empty());
+        drain(&mut body, &events).await;
+        let got = events.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        assert_eq!(got, ["ab", "cd", "ef", "finished", "gh"]);
+    }
+
+    #[tokio::test]
+    async fn prefetched_body_whose_finishing_work_fails_gives_the_caller_only_the_error() {
+        let (events, fin) = recorder();
+        let on_finish = finish_into(&events, &fin, Err("audit record not written"));
+        let mut body = ObservedBody::new(chunks(&["ab", "cd"]), 1024, on_finish, None);
+        body.prefetch(64).await;
+        drain(&mut body, &events).await;
+        let got = events.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        assert_eq!(got, ["finished", "error"]);
     }
 
     #[tokio::test]
