@@ -174,6 +174,8 @@ pub enum AuditCommand {
 /// level and targets from `RUST_LOG` (default `info`). Both formats print the fields of the
 /// spans a line was logged in, so a line logged while handling a request carries its
 /// `request_id`. Secrets never reach a log line: they are redacted types or sensitive headers.
+/// Info lines are gathered and written every 100 ms, warnings and errors at once
+/// ([`crate::telemetry::log_writer`]).
 pub fn init_tracing(json: bool) {
     use tracing_subscriber::Layer as _;
     use tracing_subscriber::layer::SubscriberExt as _;
@@ -181,7 +183,8 @@ pub fn init_tracing(json: bool) {
     let json = json || log_format_is_json(std::env::var("GATEWAY_LOG_FORMAT").ok().as_deref());
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt =
+        tracing_subscriber::fmt::layer().with_writer(crate::telemetry::log_writer::GatheredStderr);
     // `RUST_LOG` filters the log only; the OpenTelemetry layer has its own filter (the gateway's
     // spans, exported once `[tracing] otlp_endpoint` is installed).
     let registry = tracing_subscriber::registry().with(crate::telemetry::layer());

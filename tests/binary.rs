@@ -89,7 +89,7 @@ async fn serve_on_sigterm_finishes_the_in_flight_request_and_exits_0() {
         served.child.try_wait().unwrap().is_none(),
         "SIGHUP ended the gateway"
     );
-    assert!(served.log_text().contains("configuration reloaded"));
+    assert!(served.logs_soon("configuration reloaded").await);
     let killed = Command::new("kill")
         .args(["-TERM", &served.child.id().to_string()])
         .status()

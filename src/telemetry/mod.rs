@@ -10,7 +10,10 @@
 //! field is bounded and comes from configuration or the gateway's own decisions (team, operation,
 //! status, code, credential and issuer names), never a token, a subject or a path with values.
 //! Only the spans named in [`EXPORTED_SPANS`] are exported, and no log event is.
+//!
+//! Log lines go to standard error through [`log_writer`].
 
+pub mod log_writer;
 pub mod otlp;
 pub mod w3c;
 

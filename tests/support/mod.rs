@@ -579,6 +579,18 @@ impl ServeProcess {
     pub fn log_text(&self) -> String {
         self.log.lock().expect("lock").join("\n")
     }
+
+    /// Whether a log line containing `needle` shows up within 5 s (info lines reach standard
+    /// error up to 100 ms after they are logged).
+    pub async fn logs_soon(&self, needle: &str) -> bool {
+        for _ in 0..200 {
+            if self.log_text().contains(needle) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        false
+    }
 }
 
 impl Drop for ServeProcess {
