@@ -1090,3 +1090,44 @@ fn sync_dir(path: &Path) {
         let _ = d.sync_all();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared() -> Arc<Shared> {
+        Arc::new(Shared {
+            failed: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            pending: AtomicUsize::new(0),
+            capacity: 1,
+            written: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            outstanding: AtomicUsize::new(0),
+            spare: AtomicU64::new(0),
+        })
+    }
+
+    #[test]
+    fn batch_sync_is_handed_to_its_thread_one_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let file = File::create(&path).unwrap();
+        let shared = shared();
+        let syncer = Syncer::start(shared.clone(), path).unwrap();
+        // One under way: the next is refused, and nothing more is queued behind it.
+        syncer.busy.store(true, Ordering::Release);
+        assert!(!syncer.start_sync(&file));
+        syncer.busy.store(false, Ordering::Release);
+        assert!(syncer.start_sync(&file), "an idle sync thread takes the sync");
+        // The thread syncs and becomes free again.
+        let free = (0..500).any(|_| {
+            std::thread::sleep(Duration::from_millis(10));
+            !syncer.busy.load(Ordering::Acquire)
+        });
+        assert!(free, "the sync never completed");
+        assert!(syncer.start_sync(&file));
+        assert!(!shared.failed.load(Ordering::Acquire));
+        assert_eq!(shared.errors.load(Ordering::Relaxed), 0);
+    }
+}
