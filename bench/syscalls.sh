@@ -38,7 +38,7 @@ TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 for target in "${TARGETS[@]}"; do
   case "$target" in
-    gateway) name=gw-syscalls; pattern="greenhouse-gateway serve --config $BENCH_STATE/gw-$PORT/"
+    gateway) name=gw-syscalls; pattern=" serve --config $BENCH_STATE/gw-$PORT/"
       extra=(--gateway "gw-syscalls|$PORT|rs256|$SLOT") ;;
     haproxy-jwt-log) name=haproxy-jwt-log; pattern="haproxy -db -f $RUN/haproxy-jwt-log.cfg"; extra=() ;;
     *) echo "unknown target $target" >&2; exit 2 ;;
