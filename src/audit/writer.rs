@@ -1119,7 +1119,10 @@ mod tests {
         syncer.busy.store(true, Ordering::Release);
         assert!(!syncer.start_sync(&file));
         syncer.busy.store(false, Ordering::Release);
-        assert!(syncer.start_sync(&file), "an idle sync thread takes the sync");
+        assert!(
+            syncer.start_sync(&file),
+            "an idle sync thread takes the sync"
+        );
         // The thread syncs and becomes free again.
         let free = (0..500).any(|_| {
             std::thread::sleep(Duration::from_millis(10));
