@@ -9,6 +9,10 @@
 //! caller goes away mid-stream, the finishing work still runs (spawned from `Drop`), marked
 //! incomplete. A bounded copy of the bytes is kept for the finishing work (JSON responses of the
 //! Partner API are small; beyond the bound, the copy is dropped and only the count kept).
+//!
+//! [`ObservedBody::prefetch`] reads ahead before the response head is returned: a body that ends
+//! within its limit is finished before the caller gets any of it, and then goes out with its
+//! head in one write; a longer one continues as above from where the read-ahead stopped.
 
 use std::any::Any;
 use std::collections::VecDeque;
@@ -25,7 +29,8 @@ type Inner = http_body_util::combinators::BoxBody<Bytes, BoxError>;
 /// What the finishing work learns about the body.
 #[derive(Debug)]
 pub struct Finished {
-    /// Body bytes passed to the caller (or read from the upstream, when incomplete).
+    /// Body bytes read from the upstream (all of them go to the caller unless the finishing work
+    /// fails or the caller goes away).
     pub bytes: u64,
     /// The whole body, when it fit in the copy bound.
     pub copy: Option<Bytes>,
