@@ -1005,8 +1005,14 @@ impl Writer {
         Ok(())
     }
 
+    /// Syncs the current file now. A sync still under way on the sync thread counts as not yet
+    /// done (rotation and shutdown must not go on before the data is on disk).
     fn sync(&mut self) -> Result<(), AuditError> {
-        if !self.dirty {
+        let in_background = self
+            .syncer
+            .as_ref()
+            .is_some_and(|s| s.busy.load(Ordering::Acquire));
+        if !self.dirty && !in_background {
             return Ok(());
         }
         let Some(file) = self.file.as_ref() else {
