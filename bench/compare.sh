@@ -15,7 +15,7 @@
 # token), post (a 1.2 KB candidate, schema-validated by the gateway only).
 #
 # Run by hand, on an otherwise idle machine (the harness waits for idle and re-runs noisy cells);
-# about 60 minutes with 3 repetitions; --quick runs 1 repetition of 3 s cells. Loopback only. Results land in the
+# 40 to 60 minutes with 3 repetitions; --quick runs 1 repetition of 3 s cells. Loopback only. Results land in the
 # harness's results/<stamp>/summary.md ($BENCH_STATE/results/<stamp>/ when the harness folder is
 # read-only; BENCH_STATE defaults to target/bench-state).
 set -euo pipefail
