@@ -995,6 +995,129 @@ async fn redis_concurrency_lease_comes_back_when_the_admission_drops() {
     assert!(q.admit("t", "op").await.is_ok());
 }
 
+/// Records what clients send a Redis server (`MONITOR`), apart from what scripts run.
+struct ClientCommands {
+    lines: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl ClientCommands {
+    async fn watch(url: &str) -> ClientCommands {
+        use futures_util::StreamExt;
+        let monitor = redis::Client::open(url)
+            .unwrap()
+            .get_async_monitor()
+            .await
+            .unwrap();
+        let lines = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        tokio::spawn(async move {
+            let mut stream = monitor.into_on_message::<String>();
+            while let Some(line) = stream.next().await {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        ClientCommands { lines }
+    }
+
+    /// Sends a marker through `c` and waits (bounded) until it has been seen: everything sent
+    /// before it has been recorded.
+    async fn settle(&self, c: &mut redis::aio::MultiplexedConnection) {
+        let marker = format!("settle-{:08x}", rand::random::<u32>());
+        let _: String = redis::cmd("ECHO")
+            .arg(&marker)
+            .query_async(c)
+            .await
+            .unwrap();
+        for _ in 0..200 {
+            if self
+                .lines
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|l| l.contains(&marker))
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("MONITOR never showed the marker");
+    }
+
+    /// Commands named `command` that a client sent (not run by a script).
+    fn sent(&self, command: &str) -> usize {
+        let quoted = format!("\"{}\"", command.to_ascii_lowercase());
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| !l.contains(" lua]"))
+            .filter(|l| {
+                l.split_once("] ")
+                    .is_some_and(|(_, cmd)| cmd.to_ascii_lowercase().starts_with(&quoted))
+            })
+            .count()
+    }
+}
+
+// One thread: the admissions and the background flush never run at the same moment, so the
+// count of calls depends only on the linger, not on scheduling.
+#[tokio::test]
+async fn redis_lease_given_back_rides_on_the_next_admission_one_call_per_request() {
+    // a server of its own: its command counts are this test's alone
+    let server = RedisServer::start();
+    let url = server.url();
+    let p = prefix("lease-ride");
+    let t = TeamLimits {
+        concurrency: Some(1),
+        daily: None,
+        ..TeamLimits::default()
+    };
+    let q = redis_quotas(redis_settings(
+        &url,
+        &p,
+        vec![("t", t)],
+        OnBackendError::Deny,
+        Duration::from_secs(2),
+    ))
+    .await;
+    let mut c = redis_conn(&url).await;
+    let sent = ClientCommands::watch(&url).await;
+    const N: usize = 200;
+    for i in 0..N {
+        // concurrency 1: admitted only when the previous lease is gone, at the first try
+        let a = q.admit("t", "op").await;
+        assert!(a.is_ok(), "admission {i} refused: {a:?}");
+        drop(a);
+    }
+    sent.settle(&mut c).await;
+    let admissions = sent.sent("evalsha") + sent.sent("eval");
+    let releases_alone = sent.sent("zrem");
+    // (plus one EVAL when the first EVALSHA finds the script not loaded yet)
+    assert!(
+        (N..=N + 1).contains(&admissions),
+        "{admissions} script calls for {N} admissions"
+    );
+    assert!(
+        releases_alone * 4 < N,
+        "{releases_alone} lease releases of their own for {N} requests"
+    );
+    // the last lease, which no admission came to carry, is removed after the linger
+    let leases = format!("{p}:team:t:inflight");
+    let mut left = 1;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        left = redis::cmd("ZCARD")
+            .arg(&leases)
+            .query_async::<u64>(&mut c)
+            .await
+            .unwrap();
+        if left == 0 {
+            break;
+        }
+    }
+    assert_eq!(left, 0, "the last lease was never given back");
+}
+
 #[tokio::test]
 async fn redis_lease_never_released_comes_back_after_its_ttl() {
     let r = test_redis();

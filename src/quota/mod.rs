@@ -65,6 +65,7 @@ mod gcra;
 mod memory;
 mod plan;
 mod redis_store;
+mod releases;
 mod resolve;
 mod snapshot;
 mod upstream;

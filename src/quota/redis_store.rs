@@ -18,6 +18,14 @@
 //!   Redis ran it: the admission does nothing when it runs later; expires after [`VOID_TTL`]
 //! - `{prefix}:upstream:window` (a list of slot start times), `{prefix}:upstream:blocked`: the shared upstream budget
 //!
+//! # Leases given back
+//!
+//! A lease given back is not a call of its own: it waits in [`PendingReleases`] and the next
+//! admission's script removes it before deciding (so this replica's own next decision always sees
+//! it). When no admission comes within [`RELEASE_LINGER`], a background flush removes what is
+//! waiting with one `ZREM` per team in one pipelined round trip. Other replicas see a lease given
+//! back at most that much later. Under load this makes one round trip per request.
+//!
 //! # Admissions the gateway gave up on
 //!
 //! An admission that misses its deadline (a paused or slow Redis) has already been sent, and
@@ -37,6 +45,7 @@ use redis::{Client, RedisError, Script};
 
 use super::memory::{Status, TeamSlot, lock};
 use super::plan::{OpPlan, TeamPlan};
+use super::releases::{PendingReleases, RELEASE_LINGER, RELEASES_PER_CALL};
 
 const ADMIT_LUA: &str = include_str!("lua/admit.lua");
 const REFUND_LUA: &str = include_str!("lua/refund.lua");
@@ -152,6 +161,13 @@ impl Health {
     }
 }
 
+impl Drop for RedisStore {
+    /// Lets the flush task see that the store is gone (what is still waiting expires in Redis).
+    fn drop(&mut self) {
+        self.releases.wake();
+    }
+}
+
 pub(crate) struct RedisStore {
     url: String,
     ca_pem: Option<Vec<u8>>,
@@ -169,6 +185,7 @@ pub(crate) struct RedisStore {
     /// Redis server time minus local clock time (µs), from the last reply; lets `snapshot`
     /// estimate what is left now from the arrival times it last saw.
     pub clock_offset_us: AtomicI64,
+    releases: Arc<PendingReleases>,
 }
 
 impl RedisStore {
@@ -202,6 +219,7 @@ impl RedisStore {
             upstream_window_key: format!("{prefix}:upstream:window"),
             upstream_block_key: format!("{prefix}:upstream:blocked"),
             clock_offset_us: AtomicI64::new(0),
+            releases: Arc::new(PendingReleases::default()),
         }
     }
 
@@ -242,6 +260,7 @@ impl RedisStore {
                 let manager = ConnectionManager::new_lazy_with_config(client, config)
                     .map_err(|e| e.to_string())?;
                 spawn_probe(Arc::downgrade(self), self.probe_interval);
+                spawn_release_flush(Arc::downgrade(self), Arc::clone(&self.releases));
                 Ok(manager)
             })
             .clone()
@@ -303,7 +322,19 @@ impl RedisStore {
             .arg(daily)
             .arg(team_daily)
             .arg(ms(ADMISSION_RECORD_TTL));
-        let v: Vec<i64> = self.bounded(inv.invoke_async(&mut conn)).await?;
+        // Leases given back meanwhile ride along, removed before the decision. When the call
+        // fails they wait again (removing one twice is harmless).
+        let carried = self.releases.take(RELEASES_PER_CALL);
+        for (key, lease) in &carried {
+            inv.key(key).arg(lease);
+        }
+        let v: Vec<i64> = match self.bounded(inv.invoke_async(&mut conn)).await {
+            Ok(v) => v,
+            Err(e) => {
+                self.releases.put_back(carried);
+                return Err(e);
+            }
+        };
         let at = |i: usize| v.get(i).copied().unwrap_or(0);
         let u = |i: usize| u64::try_from(at(i)).unwrap_or(0);
         if v.len() < 10 {
@@ -429,13 +460,42 @@ impl RedisStore {
         }
     }
 
-    /// Gives a lease back without waiting (from `Drop`). Without a runtime, or when the call
-    /// fails, the lease simply expires after its TTL.
-    pub fn release(self: &Arc<Self>, key: String, id: String) {
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            let store = Arc::clone(self);
-            handle.spawn(async move { store.release_now(&key, &id).await });
+    /// Gives a lease back without waiting (from `Drop`): the next admission carries it, or the
+    /// flush after [`RELEASE_LINGER`]. When that fails, the lease expires after its TTL.
+    pub fn release(&self, key: String, id: String) {
+        self.releases.push(key, id, Instant::now());
+    }
+
+    /// Removes the leases that have waited their linger, one `ZREM` per lease key, all in one
+    /// round trip. False when that failed (they wait again for an admission to carry them).
+    async fn flush_releases(self: &Arc<Self>) -> bool {
+        let mut batch = self.releases.take_older(Instant::now() - RELEASE_LINGER);
+        if batch.is_empty() {
+            return true;
         }
+        let Ok(mut conn) = self.connection() else {
+            self.releases.put_back(batch);
+            return false;
+        };
+        batch.sort_unstable();
+        let mut pipe = redis::pipe();
+        for group in batch.chunk_by(|a, b| a.0 == b.0) {
+            let cmd = pipe.cmd("ZREM").arg(&group[0].0);
+            for (_, id) in group {
+                cmd.arg(id);
+            }
+            cmd.ignore();
+        }
+        let call = async move { pipe.query_async::<()>(&mut conn).await };
+        if !matches!(tokio::time::timeout(self.timeout, call).await, Ok(Ok(()))) {
+            tracing::debug!(
+                leases = batch.len(),
+                "quota: lease release failed; the next admission carries it again (else it expires)"
+            );
+            self.releases.put_back(batch);
+            return false;
+        }
+        true
     }
 
     /// PING under the deadline. A quick failure is usually a dropped connection, which the
@@ -464,6 +524,32 @@ impl RedisStore {
         let offset = i64::try_from(offset).unwrap_or(0);
         self.clock_offset_us.store(offset, Ordering::Relaxed);
     }
+}
+
+/// Removes leases given back that no admission carried within [`RELEASE_LINGER`], while the
+/// store is alive.
+fn spawn_release_flush(store: Weak<RedisStore>, releases: Arc<PendingReleases>) {
+    let Ok(handle) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    handle.spawn(async move {
+        loop {
+            releases.woken().await;
+            // Until nothing waits: each lease gets its linger, then goes (unless an admission
+            // took it meanwhile).
+            while let Some(oldest) = releases.oldest() {
+                if !releases.overfull() {
+                    tokio::time::sleep_until((oldest + RELEASE_LINGER).into()).await;
+                }
+                let Some(store) = store.upgrade() else {
+                    return;
+                };
+                if !store.flush_releases().await {
+                    break;
+                }
+            }
+        }
+    });
 }
 
 /// Pings Redis every `interval` while the store is alive, so readiness and the circuit breaker

@@ -13,6 +13,8 @@
 -- ARGV[6] operation interval (us, 0 = none)        ARGV[7] operation burst
 -- ARGV[8] operation daily quota (-1 = none)         ARGV[9] team daily quota (-1 = none)
 -- ARGV[10] lifetime of the admission's record (ms)
+-- KEYS[8..] and ARGV[11..], in pairs: concurrency leases this replica has given back since its
+-- last call (lease key, lease id), removed before anything else
 -- Returns {status, retry_us, team_tat, op_tat, daily_used, in_use, until_midnight_us, now, day,
 --          team_daily_used}
 -- with status 0 admitted, 1 rate, 2 daily, 3 concurrency, 4 void (the gateway gave up on this
@@ -26,6 +28,10 @@ if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local DAY = 86400000000
+
+for i = 8, #KEYS do
+  redis.call('ZREM', KEYS[i], ARGV[i + 3])
+end
 
 if redis.call('EXISTS', KEYS[7]) == 1 then
   return {4, 0, 0, 0, 0, 0, 0, now, 0, 0}
