@@ -1119,6 +1119,48 @@ async fn redis_lease_given_back_rides_on_the_next_admission_one_call_per_request
 }
 
 #[tokio::test]
+async fn redis_leases_waiting_to_ride_are_removed_at_once_by_the_shutdown_flush() {
+    let r = test_redis();
+    let p = prefix("lease-flush");
+    let t = TeamLimits {
+        concurrency: Some(5),
+        daily: None,
+        ..TeamLimits::default()
+    };
+    let q = redis_quotas(redis_settings(
+        &r.url,
+        &p,
+        vec![("t", t)],
+        OnBackendError::Deny,
+        Duration::from_secs(2),
+    ))
+    .await;
+    let held: Vec<_> = futures_util::future::join_all((0..3).map(|_| q.admit("t", "op")))
+        .await
+        .into_iter()
+        .map(|a| a.unwrap())
+        .collect();
+    let mut c = redis_conn(&r.url).await;
+    let leases = format!("{p}:team:t:inflight");
+    let zcard = |c: &mut redis::aio::MultiplexedConnection| {
+        let mut c = c.clone();
+        let key = leases.clone();
+        async move {
+            redis::cmd("ZCARD")
+                .arg(&key)
+                .query_async::<u64>(&mut c)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(zcard(&mut c).await, 3);
+    drop(held);
+    // given back, waiting for an admission to carry them; the flush does not wait for one
+    q.flush_releases().await;
+    assert_eq!(zcard(&mut c).await, 0);
+}
+
+#[tokio::test]
 async fn redis_lease_never_released_comes_back_after_its_ttl() {
     let r = test_redis();
     let t = TeamLimits {

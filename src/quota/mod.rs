@@ -776,6 +776,15 @@ impl Quotas {
         }
     }
 
+    /// With Redis, removes the concurrency leases given back and still waiting for an admission
+    /// to carry them (see "Leases given back" in `redis_store`), within the backend deadline; for
+    /// shutdown, so that no lease of this replica outlives it until its TTL.
+    pub async fn flush_releases(&self) {
+        if let Some(store) = &self.inner.redis {
+            store.flush_all_releases().await;
+        }
+    }
+
     /// Reasons the quota backend is not usable, for `/readyz` (empty when it is).
     pub fn not_ready(&self) -> Vec<String> {
         self.inner

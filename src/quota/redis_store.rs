@@ -469,7 +469,18 @@ impl RedisStore {
     /// Removes the leases that have waited their linger, one `ZREM` per lease key, all in one
     /// round trip. False when that failed (they wait again for an admission to carry them).
     async fn flush_releases(self: &Arc<Self>) -> bool {
-        let mut batch = self.releases.take_older(Instant::now() - RELEASE_LINGER);
+        let batch = self.releases.take_older(Instant::now() - RELEASE_LINGER);
+        self.remove_leases(batch).await
+    }
+
+    /// Removes every lease given back and still waiting, now (at shutdown: nothing may be left
+    /// for Redis to hold until the leases expire).
+    pub async fn flush_all_releases(self: &Arc<Self>) {
+        let batch = self.releases.take(usize::MAX);
+        self.remove_leases(batch).await;
+    }
+
+    async fn remove_leases(self: &Arc<Self>, mut batch: Vec<(String, String)>) -> bool {
         if batch.is_empty() {
             return true;
         }

@@ -66,6 +66,7 @@ impl Running {
         }
         // Records of responses that just finished may still be on their way to the writer.
         tokio::task::yield_now().await;
+        self.gateway.policy().quotas.flush_releases().await;
         self.gateway.runtime.audit.shutdown().await;
     }
 
