@@ -12,6 +12,8 @@ WORKDIR /src
 # manifests with stub sources (a main, a lib and one stub per [[bench]] that Cargo.toml declares,
 # since cargo refuses a manifest whose targets have no file).
 COPY Cargo.toml Cargo.lock ./
+# hyper with the gateway's patch (vendor/hyper/PATCHED.md), which Cargo.toml's [patch] points at
+COPY vendor ./vendor
 RUN mkdir -p src benches \
  && echo 'fn main() {}' > src/main.rs \
  && : > src/lib.rs \
