@@ -161,13 +161,6 @@ impl Health {
     }
 }
 
-impl Drop for RedisStore {
-    /// Lets the flush task see that the store is gone (what is still waiting expires in Redis).
-    fn drop(&mut self) {
-        self.releases.wake();
-    }
-}
-
 pub(crate) struct RedisStore {
     url: String,
     ca_pem: Option<Vec<u8>>,
@@ -534,6 +527,13 @@ impl RedisStore {
         let offset = i128::from(server_now_us) - i128::from(local_now_us);
         let offset = i64::try_from(offset).unwrap_or(0);
         self.clock_offset_us.store(offset, Ordering::Relaxed);
+    }
+}
+
+impl Drop for RedisStore {
+    /// Lets the flush task see that the store is gone (what is still waiting expires in Redis).
+    fn drop(&mut self) {
+        self.releases.wake();
     }
 }
 
