@@ -482,22 +482,24 @@ async fn healthcheck_with_an_unreadable_config_exits_1_naming_the_file() {
     );
 }
 
-/// Private resident memory (USS) of a process, KiB.
-fn uss_kib(pid: u32) -> u64 {
+/// Resident anonymous memory (the heap, stacks) of a process, KiB. Not USS: the binary's own
+/// pages count in USS only while no other process maps the same file, so another test's
+/// gateway exiting would move it by megabytes.
+fn anon_kib(pid: u32) -> u64 {
     let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap();
     text.lines()
-        .filter(|l| l.starts_with("Private_Clean:") || l.starts_with("Private_Dirty:"))
+        .filter(|l| l.starts_with("Anonymous:"))
         .map(|l| l.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap())
         .sum()
 }
 
-/// The USS of a process once it has stopped moving (two readings 200 ms apart within 64 KiB of
+/// The anonymous memory of a process once it has stopped moving (two readings 200 ms apart within 64 KiB of
 /// each other; the audit writer and the log may still be catching up on the last requests).
-async fn settled_uss_kib(pid: u32) -> u64 {
-    let mut last = uss_kib(pid);
+async fn settled_anon_kib(pid: u32) -> u64 {
+    let mut last = anon_kib(pid);
     for _ in 0..50 {
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let now = uss_kib(pid);
+        let now = anon_kib(pid);
         if now.abs_diff(last) <= 64 {
             return now;
         }
@@ -574,10 +576,10 @@ async fn idle_keep_alive_connections_hold_no_read_or_head_buffer() {
     }
     assert!(ready, "{}", served.log_text());
     let _warm = idle_connections(&served.addr, 100).await;
-    let before = settled_uss_kib(pid).await;
+    let before = settled_anon_kib(pid).await;
     const N: u64 = 500;
     let _held = idle_connections(&served.addr, N as usize).await;
-    let per_conn = (settled_uss_kib(pid).await.saturating_sub(before)) as f64 / N as f64;
+    let per_conn = (settled_anon_kib(pid).await.saturating_sub(before)) as f64 / N as f64;
     // hyper as published keeps an 8 KiB read buffer and an 8 KiB head buffer per connection
     // (about 19 KiB per idle connection in all, measured here); patched, about 7
     assert!(
