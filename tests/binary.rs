@@ -32,20 +32,7 @@ async fn serve_on_sigterm_finishes_the_in_flight_request_and_exits_0() {
     let mut served = support::spawn_serve(&dir.path().join("gateway.toml"));
     let (addr, admin) = (served.addr.clone(), served.admin.clone());
     let client = TestClient::new();
-    for _ in 0..200 {
-        let r = client
-            .send(
-                Method::GET,
-                &format!("http://{admin}/readyz"),
-                &[],
-                Bytes::new(),
-            )
-            .await;
-        if r.status == StatusCode::OK {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    served.wait_ready().await;
 
     let token = sandbox.mint_token(
         serde_json::json!({"sub": "svc-sourcing-bot", "aud": support::AUDIENCE}),
@@ -559,22 +546,7 @@ async fn idle_keep_alive_connections_hold_no_read_or_head_buffer() {
     let pid = served.child.id();
     // ready first (keys fetched, upstream token taken: what that allocates is not per
     // connection), then warmed up
-    let client = TestClient::new();
-    let readyz = format!("http://{}/readyz", served.admin);
-    let mut ready = false;
-    for _ in 0..400 {
-        if client
-            .send(Method::GET, &readyz, &[], Bytes::new())
-            .await
-            .status
-            == StatusCode::OK
-        {
-            ready = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    assert!(ready, "{}", served.log_text());
+    served.wait_ready().await;
     let _warm = idle_connections(&served.addr, 100).await;
     let before = settled_anon_kib(pid).await;
     const N: u64 = 500;

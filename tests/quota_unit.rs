@@ -147,6 +147,23 @@ async fn redis_quotas(settings: QuotaSettings) -> Quotas {
     .await
 }
 
+/// Redis quotas for one team `t` limited only to `cap` requests at once (keys under `prefix`).
+async fn redis_concurrency_quotas(url: &str, prefix: &str, cap: u32) -> Quotas {
+    let t = TeamLimits {
+        concurrency: Some(cap),
+        daily: None,
+        ..TeamLimits::default()
+    };
+    redis_quotas(redis_settings(
+        url,
+        prefix,
+        vec![("t", t)],
+        OnBackendError::Deny,
+        Duration::from_secs(2),
+    ))
+    .await
+}
+
 async fn redis_conn(url: &str) -> redis::aio::MultiplexedConnection {
     redis::Client::open(url)
         .unwrap()
@@ -961,19 +978,7 @@ async fn redis_daily_quota_refuses_until_the_next_utc_midnight() {
 #[tokio::test]
 async fn redis_concurrency_lease_comes_back_when_the_admission_drops() {
     let r = test_redis();
-    let t = TeamLimits {
-        concurrency: Some(1),
-        daily: None,
-        ..TeamLimits::default()
-    };
-    let q = redis_quotas(redis_settings(
-        &r.url,
-        &prefix("lease-drop"),
-        vec![("t", t)],
-        OnBackendError::Deny,
-        Duration::from_secs(2),
-    ))
-    .await;
+    let q = redis_concurrency_quotas(&r.url, &prefix("lease-drop"), 1).await;
     let a = q.admit("t", "op").await.unwrap();
     assert!(matches!(
         q.admit("t", "op").await,
@@ -1067,19 +1072,7 @@ async fn redis_lease_given_back_rides_on_the_next_admission_one_call_per_request
     let server = RedisServer::start();
     let url = server.url();
     let p = prefix("lease-ride");
-    let t = TeamLimits {
-        concurrency: Some(1),
-        daily: None,
-        ..TeamLimits::default()
-    };
-    let q = redis_quotas(redis_settings(
-        &url,
-        &p,
-        vec![("t", t)],
-        OnBackendError::Deny,
-        Duration::from_secs(2),
-    ))
-    .await;
+    let q = redis_concurrency_quotas(&url, &p, 1).await;
     let mut c = redis_conn(&url).await;
     let sent = ClientCommands::watch(&url).await;
     const N: usize = 200;
@@ -1122,19 +1115,7 @@ async fn redis_lease_given_back_rides_on_the_next_admission_one_call_per_request
 async fn redis_leases_waiting_to_ride_are_removed_at_once_by_the_shutdown_flush() {
     let r = test_redis();
     let p = prefix("lease-flush");
-    let t = TeamLimits {
-        concurrency: Some(5),
-        daily: None,
-        ..TeamLimits::default()
-    };
-    let q = redis_quotas(redis_settings(
-        &r.url,
-        &p,
-        vec![("t", t)],
-        OnBackendError::Deny,
-        Duration::from_secs(2),
-    ))
-    .await;
+    let q = redis_concurrency_quotas(&r.url, &p, 5).await;
     let held: Vec<_> = futures_util::future::join_all((0..3).map(|_| q.admit("t", "op")))
         .await
         .into_iter()

@@ -580,6 +580,25 @@ impl ServeProcess {
         self.log.lock().expect("lock").join("\n")
     }
 
+    /// Waits (at most 10 s) until the admin listener's `/readyz` answers 200: keys fetched,
+    /// upstream token taken. Panics with the log when it never does.
+    pub async fn wait_ready(&self) {
+        let client = TestClient::new();
+        let url = format!("http://{}/readyz", self.admin);
+        for _ in 0..400 {
+            if client
+                .send(Method::GET, &url, &[], Bytes::new())
+                .await
+                .status
+                == StatusCode::OK
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("the gateway never got ready:\n{}", self.log_text());
+    }
+
     /// Whether a log line containing `needle` shows up within 5 s (info lines reach standard
     /// error up to 100 ms after they are logged).
     pub async fn logs_soon(&self, needle: &str) -> bool {
