@@ -38,9 +38,10 @@ pub(super) async fn respond_error(
 /// its last bytes are released. An answer of up to [`RESPONSE_READ_AHEAD`] bytes is read and
 /// recorded before its head is returned. An empty answer (204, 304, `Content-Length: 0`, a
 /// HEAD) is one a server may send without ever polling its body, so its record is written
-/// before the head is returned. With `on_error = "reject"`, a record that could not be written means the caller
-/// never sees a complete success: an empty answer becomes 503 `audit_unavailable`, a body ends
-/// with an error (the connection or stream is reset before the last bytes).
+/// before the head is returned. With `on_error = "reject"`, a record that could not be written
+/// means the caller never sees a complete success: an empty answer becomes 503
+/// `audit_unavailable`, a body ends with an error (the connection or stream is reset before the
+/// last bytes).
 pub(super) async fn respond_forwarded(
     gw: Arc<Gateway>,
     policy: Arc<Policy>,

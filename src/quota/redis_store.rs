@@ -494,7 +494,7 @@ impl RedisStore {
         if !matches!(tokio::time::timeout(self.timeout, call).await, Ok(Ok(()))) {
             tracing::debug!(
                 leases = batch.len(),
-                "quota: lease release failed; the next admission carries it again (else it expires)"
+                "quota: lease release failed; retried with the next admission or release (else it expires)"
             );
             self.releases.put_back(batch);
             return false;

@@ -30,7 +30,7 @@ struct Waiting {
 #[derive(Default)]
 pub(crate) struct PendingReleases {
     queue: Mutex<VecDeque<Waiting>>,
-    /// Wakes the flush: a first lease is waiting, or many are.
+    /// Wakes the flush: a lease is waiting.
     wake: Notify,
 }
 
@@ -46,11 +46,11 @@ impl PendingReleases {
             id,
             since: now,
         });
-        let n = q.len();
         drop(q);
-        if n == 1 || n == FLUSH_AT {
-            self.wake.notify_one();
-        }
+        // Every time, not only for a first lease: after a failed flush the queue is not empty,
+        // and the flush waits for a wake to try again. A wake that finds the flush busy is kept
+        // as one permit.
+        self.wake.notify_one();
     }
 
     /// Up to `max` waiting leases, oldest first: an admission carries them.
@@ -83,7 +83,7 @@ impl PendingReleases {
     }
 
     /// Leases a failed call may not have removed: they wait again (first in line), within the
-    /// bound. Wakes nobody: the next admission carries them.
+    /// bound, for the next admission or the flush after the next lease given back.
     pub fn put_back(&self, leases: Vec<(String, String)>) {
         let mut q = lock(&self.queue);
         let room = MAX_PENDING.saturating_sub(q.len());
@@ -143,6 +143,24 @@ mod tests {
         }
         assert!(p.overfull());
         assert_eq!(p.take_older(t - Duration::from_secs(1)).len(), FLUSH_AT);
+    }
+
+    #[tokio::test]
+    async fn a_lease_given_back_after_a_failed_flush_wakes_the_flush_again() {
+        let p = PendingReleases::default();
+        let t = Instant::now();
+        p.push("k".into(), "a".into(), t);
+        p.woken().await;
+        // the flush took it and failed: it waits again, and the flush waits for a wake
+        let taken = p.take_older(t);
+        p.put_back(taken);
+        p.push("k".into(), "b".into(), t);
+        let woken = tokio::time::timeout(Duration::from_secs(5), p.woken()).await;
+        assert!(
+            woken.is_ok(),
+            "the flush was not woken: the leases would wait for an admission"
+        );
+        assert_eq!(ids(&p.take_older(Instant::now())), ["a", "b"]);
     }
 
     #[test]
