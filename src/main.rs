@@ -1,6 +1,8 @@
 use clap::Parser;
 
-/// mimalloc, chosen by measurement (README, "Performance").
+/// mimalloc, chosen by measurement (README, "Performance"); the `system-allocator` feature leaves
+/// the system's for heap profilers.
+#[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

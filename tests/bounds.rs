@@ -121,6 +121,40 @@ async fn half_http2_preface_is_closed_by_the_first_request_deadline_while_others
 }
 
 #[tokio::test]
+async fn request_sent_one_byte_first_is_served_as_http1_and_a_lone_byte_is_closed_by_the_deadline()
+{
+    // The listener tells HTTP/1.1 from HTTP/2 by the first bytes; `P` alone could start either
+    // (`PATCH`, or the HTTP/2 preface `PRI`), so it waits for more.
+    let (h, _stub) = bounded("header_read_timeout = \"300ms\"").await;
+    let mut lone = TcpStream::connect(h.gateway.addr).await.unwrap();
+    lone.write_all(b"P").await.unwrap();
+    let mut split = TcpStream::connect(h.gateway.addr).await.unwrap();
+    split.write_all(b"P").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    split
+        .write_all(b"ATCH /v1/partner/jobs HTTP/1.1\r\nhost: gateway\r\ncontent-length: 0\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(GENEROUS, split.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "closed before answering");
+        head.extend_from_slice(&buf[..n]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    // no token: refused by the first step, in HTTP/1.1
+    assert!(head.starts_with("HTTP/1.1 401"), "{head}");
+    assert!(
+        closed_by_server(&mut lone, GENEROUS).await,
+        "a connection that sent one byte was left open"
+    );
+}
+
+#[tokio::test]
 async fn quiet_connection_after_tls_handshake_is_closed_by_the_first_request_deadline() {
     let stub = Stub::start().await;
     let dir = tempfile::tempdir().unwrap();

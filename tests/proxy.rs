@@ -373,7 +373,7 @@ async fn through_the_sandbox_oauth_and_basic_credentials_both_work_end_to_end() 
 }
 
 #[tokio::test]
-async fn tls_listener_serves_http2_and_http1_with_a_generated_certificate() {
+async fn tls_listener_serves_http2_and_http1_by_alpn_and_http1_without_it() {
     let stub = Stub::start().await;
     let dir = tempfile::tempdir().unwrap();
     let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
@@ -431,7 +431,32 @@ async fn tls_listener_serves_http2_and_http1_with_a_generated_certificate() {
             }
         );
     }
-    assert_eq!(stub.seen().len(), 2);
+    // A client that offers no ALPN at all speaks HTTP/1.1.
+    let tcp = tokio::net::TcpStream::connect(h.gateway.addr)
+        .await
+        .unwrap();
+    let stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
+        .connect(
+            rustls_pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    assert_eq!(stream.get_ref().1.alpn_protocol(), None);
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get("/v1/partner/jobs")
+        .header("host", "localhost")
+        .header("authorization", format!("Bearer {token}"))
+        .body(http_body_util::Full::new(Bytes::new()))
+        .unwrap();
+    let r = support::collect(send.send_request(req).await.unwrap()).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.version, http::Version::HTTP_11);
+    assert_eq!(stub.seen().len(), 3);
 }
 
 #[tokio::test]

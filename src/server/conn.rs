@@ -7,10 +7,12 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures_util::task::AtomicWaker;
 use hyper::body::{Body, Frame, SizeHint};
-use hyper_util::server::graceful::GracefulConnection;
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 use tokio::time::Instant;
+
+use super::protocol::Served;
 
 /// What one connection has done so far.
 #[derive(Debug)]
@@ -27,8 +29,9 @@ struct Activity {
 #[derive(Debug)]
 pub(super) struct ConnState {
     activity: Mutex<Activity>,
-    /// Woken when a request starts or the last one in flight ends: the driver's deadline moves.
-    changed: Notify,
+    /// The driver, woken when a request starts or the last one in flight ends (its deadline
+    /// moves). HTTP/2 responses end in tasks of their own, so the wake crosses tasks.
+    changed: AtomicWaker,
 }
 
 impl ConnState {
@@ -39,7 +42,7 @@ impl ConnState {
                 in_flight: 0,
                 idle_since: Instant::now(),
             }),
-            changed: Notify::new(),
+            changed: AtomicWaker::new(),
         })
     }
 
@@ -49,7 +52,7 @@ impl ConnState {
         a.started = true;
         a.in_flight += 1;
         drop(a);
-        self.changed.notify_one();
+        self.changed.wake();
         RequestGuard(self.clone())
     }
 
@@ -91,7 +94,7 @@ impl Drop for RequestGuard {
         if a.in_flight == 0 {
             a.idle_since = Instant::now();
             drop(a);
-            self.0.changed.notify_one();
+            self.0.changed.wake();
         }
     }
 }
@@ -144,44 +147,76 @@ pub(super) struct Timeouts {
 /// Runs a connection until it ends, its first request is late (dropped: nothing was asked, so
 /// nothing is owed), it has been idle too long, or the listener stops (both: graceful shutdown,
 /// so HTTP/1 closes between requests and HTTP/2 gets a GOAWAY).
-pub(super) async fn drive<C: GracefulConnection>(
-    conn: C,
+///
+/// Memory per idle connection (README, "Performance"): this future lives in every open
+/// connection's task, so it is one poll function over one timer, not a `select!` loop (whose
+/// futures, two timers, a notification and the stop signal made anew each turn, took about
+/// 2 KiB), and it takes the connection boxed ([`super::protocol::serve`]; an `async fn` keeps an
+/// argument passed by value twice: where it was passed and where it is pinned).
+pub(super) async fn drive(
+    mut conn: Pin<Box<dyn Served>>,
     state: Arc<ConnState>,
     first_request_by: Instant,
     timeouts: Timeouts,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut conn = std::pin::pin!(conn);
-    let mut shutting = false;
-    // After an idle graceful shutdown, the longest the peer may take to let go.
-    let mut close_by: Option<Instant> = None;
-    loop {
-        let next = state.next(first_request_by, timeouts.idle);
-        let (wake, expiry) = match next {
-            Next::At(at, e) => (Some(at), Some(e)),
-            Next::WaitIdle => (None, None),
-        };
-        tokio::select! {
-            _ = conn.as_mut() => return,
-            _ = tokio::time::sleep_until(wake.unwrap_or_else(Instant::now)), if wake.is_some() && !shutting => {
-                match expiry {
-                    Some(Expiry::NoRequest) => return,
-                    Some(Expiry::Idle) => {
-                        conn.as_mut().graceful_shutdown();
-                        shutting = true;
-                        close_by = Some(Instant::now() + timeouts.first_request);
-                    }
-                    None => {}
+    let mut stopped = std::pin::pin!(stop.wait_for(|&s| s));
+    let mut timer = std::pin::pin!(tokio::time::sleep_until(first_request_by));
+    let mut armed = first_request_by;
+    let mut phase = Phase::Serving;
+    std::future::poll_fn(|cx| {
+        loop {
+            if conn.as_mut().poll_served(cx).is_ready() {
+                return Poll::Ready(());
+            }
+            match phase {
+                // The timer is set to the longest the peer may take to let go.
+                Phase::ClosingIdle => return timer.as_mut().poll(cx),
+                // The listener's shutdown grace bounds it.
+                Phase::Stopping => return Poll::Pending,
+                Phase::Serving => {}
+            }
+            if stopped.as_mut().poll(cx).is_ready() {
+                conn.as_mut().graceful_shutdown();
+                phase = Phase::Stopping;
+                continue;
+            }
+            // Registered before the state is read, so a change after the read wakes this task.
+            state.changed.register(cx.waker());
+            let Next::At(at, expiry) = state.next(first_request_by, timeouts.idle) else {
+                return Poll::Pending;
+            };
+            if at != armed {
+                timer.as_mut().reset(at);
+                armed = at;
+            }
+            if timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            match expiry {
+                Expiry::NoRequest => return Poll::Ready(()),
+                Expiry::Idle => {
+                    conn.as_mut().graceful_shutdown();
+                    timer
+                        .as_mut()
+                        .reset(Instant::now() + timeouts.first_request);
+                    phase = Phase::ClosingIdle;
                 }
             }
-            _ = state.changed.notified(), if !shutting => {}
-            _ = stop.wait_for(|&s| s), if !shutting => {
-                conn.as_mut().graceful_shutdown();
-                shutting = true;
-            }
-            _ = tokio::time::sleep_until(close_by.unwrap_or_else(Instant::now)), if close_by.is_some() => return,
         }
-    }
+    })
+    .await
+}
+
+/// Where [`drive`] is in a connection's life.
+#[derive(Clone, Copy)]
+enum Phase {
+    Serving,
+    /// Graceful shutdown sent after the idle timeout; dropped if still open when the timer
+    /// (reset to the first-request timeout) fires.
+    ClosingIdle,
+    /// Graceful shutdown sent because the listener stops.
+    Stopping,
 }
 
 /// Accept errors (out of file descriptors and the like): an exponential pause before the next

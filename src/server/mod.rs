@@ -2,6 +2,7 @@
 //! graceful shutdown.
 
 mod conn;
+mod protocol;
 mod tls;
 
 use std::future::Future;
@@ -10,8 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto::Builder;
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::{JoinHandle, JoinSet};
@@ -166,7 +166,10 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         stop_rx.clone(),
         move |mut req: http::Request<hyper::body::Incoming>, peer| {
             req.extensions_mut().insert(PeerAddr(peer));
-            tower::ServiceExt::oneshot(service.clone(), req)
+            // Called without `poll_ready`: the guarded pipeline is always ready, and its boxed
+            // future is all each connection keeps for a request in flight (no `Oneshot` holding
+            // the request beside it).
+            tower::Service::call(&mut service.clone(), req)
         },
     ));
     let gw = gateway.clone();
@@ -262,20 +265,10 @@ async fn serve<F, Fut, B>(
     B: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let mut builder = Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(bounds.timeouts.first_request)
-        .max_buf_size(bounds.max_header_bytes.max(8192))
-        .max_headers(100);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(bounds.max_header_bytes as u32)
-        .max_concurrent_streams(256)
-        .keep_alive_interval(Some(Duration::from_secs(30)));
-    let builder = Arc::new(builder);
+    let builders = Arc::new(protocol::Builders::new(
+        bounds.timeouts.first_request,
+        bounds.max_header_bytes,
+    ));
     let slots = Arc::new(Semaphore::new(bounds.max_connections));
     let mut connections = JoinSet::new();
     let mut errors = conn::AcceptErrors::new();
@@ -319,23 +312,25 @@ async fn serve<F, Fut, B>(
         let handler = handler.clone();
         let service_state = state.clone();
         let service = service_fn(move |req| {
-            let h = handler.clone();
             let guard = service_state.request_started();
+            let responding = handler(req, peer);
             async move {
-                let Ok(resp) = h(req, peer).await;
+                let Ok(resp) = responding.await;
                 Ok::<_, std::convert::Infallible>(resp.map(|b| conn::GuardedBody::new(b, guard)))
             }
         });
-        let builder = builder.clone();
+        let builders = builders.clone();
         let stop = stop.clone();
         let timeouts = bounds.timeouts;
         match &tls {
             None => {
                 connections.spawn(async move {
                     let _slot = slot;
-                    let conn = builder
-                        .serve_connection(TokioIo::new(stream), service)
-                        .into_owned();
+                    // Nothing was asked before the deadline, or the peer left: nothing is owed.
+                    let Some(version) = protocol::sniff(&stream, first_request_by).await else {
+                        return;
+                    };
+                    let conn = protocol::serve(&builders, version, TokioIo::new(stream), service);
                     conn::drive(conn, state, first_request_by, timeouts, stop).await;
                 });
             }
@@ -346,14 +341,18 @@ async fn serve<F, Fut, B>(
                 connections.spawn(async move {
                     let _slot = slot;
                     // The handshake counts against the deadline for the first request head.
-                    let Ok(Ok(tls_stream)) =
-                        tokio::time::timeout_at(first_request_by, acceptor.accept(stream)).await
-                    else {
-                        return;
+                    // The stream goes into the boxed connection in an inner scope, so this task
+                    // keeps no place for it while the connection runs.
+                    let conn = {
+                        let Ok(Ok(tls_stream)) =
+                            tokio::time::timeout_at(first_request_by, acceptor.accept(stream))
+                                .await
+                        else {
+                            return;
+                        };
+                        let version = protocol::from_alpn(tls_stream.get_ref().1.alpn_protocol());
+                        protocol::serve(&builders, version, TokioIo::new(tls_stream), service)
                     };
-                    let conn = builder
-                        .serve_connection(TokioIo::new(tls_stream), service)
-                        .into_owned();
                     conn::drive(conn, state, first_request_by, timeouts, stop).await;
                 });
             }

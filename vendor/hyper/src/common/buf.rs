@@ -14,6 +14,14 @@ impl<T: Buf> BufList<T> {
         }
     }
 
+    /// greenhouse-gateway patch: gives the queue's storage back when it holds nothing.
+    #[inline]
+    pub(crate) fn release(&mut self) {
+        if self.bufs.is_empty() && self.bufs.capacity() > 0 {
+            self.bufs = VecDeque::new();
+        }
+    }
+
     #[inline]
     pub(crate) fn push(&mut self, buf: T) {
         debug_assert!(buf.has_remaining());

@@ -221,7 +221,20 @@ where
                     self.partial_len = None;
                 }
             }
-            if ready!(self.poll_read_from_io(cx)).map_err(crate::Error::new_io)? == 0 {
+            let read = match self.poll_read_from_io(cx) {
+                Poll::Ready(r) => r,
+                Poll::Pending => {
+                    // greenhouse-gateway patch: nothing buffered and nothing to read, so the
+                    // connection waits for its next message: the header map kept from the
+                    // last one (capacity for its headers, often more than a KiB) is given back
+                    // too; the next parse allocates one of the size it needs.
+                    if self.read_buf.is_empty() {
+                        *parse_ctx.cached_headers = None;
+                    }
+                    return Poll::Pending;
+                }
+            };
+            if read.map_err(crate::Error::new_io)? == 0 {
                 trace!("parse eof");
                 return Poll::Ready(Err(crate::Error::new_incomplete()));
             }
@@ -554,12 +567,14 @@ impl<B: Buf> WriteBuf<B> {
     }
 
     /// greenhouse-gateway patch: everything buffered has been written; the buffer for heads
-    /// is given back rather than kept for the connection's life (the next head allocates one
-    /// of its own size).
+    /// and the queue's storage are given back rather than kept for the connection's life (the
+    /// next response allocates them again).
     fn release_headers(&mut self) {
         if self.headers.remaining() == 0 && self.headers.bytes.capacity() > 0 {
             self.headers = Cursor::new(Vec::new());
         }
+        // and the queue of body buffers, empty once everything is written
+        self.queue.release();
     }
 
     fn set_strategy(&mut self, strategy: WriteStrategy) {
