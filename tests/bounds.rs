@@ -224,6 +224,34 @@ async fn idle_http1_keep_alive_connection_is_closed_after_the_idle_timeout() {
 }
 
 #[tokio::test]
+async fn kept_alive_http1_connection_outlives_the_head_deadline_while_quiet_but_not_a_started_head()
+{
+    // Quiet between requests is the idle timeout's to bound (30 s here), not the head
+    // deadline's (200 ms): hyper as published closed it after the head deadline.
+    let (h, _stub) = bounded("header_read_timeout = \"200ms\"\nidle_timeout = \"30s\"").await;
+    let mut s = TcpStream::connect(h.gateway.addr).await.unwrap();
+    let token = h.sourcing_token();
+    s.write_all(get_jobs(&token).as_bytes()).await.unwrap();
+    let answer = read_response(&mut s).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    s.write_all(get_jobs(&token).as_bytes()).await.unwrap();
+    let answer = read_response(&mut s).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 200"),
+        "a kept-alive connection quiet for 1 s (head deadline 200 ms) was not served: {answer:?}"
+    );
+    // A head that has started must still arrive within the deadline.
+    s.write_all(b"GET /v1/partner/jobs HTTP/1.1\r\n")
+        .await
+        .unwrap();
+    assert!(
+        closed_by_server(&mut s, GENEROUS).await,
+        "a connection that started a head and went quiet was left open"
+    );
+}
+
+#[tokio::test]
 async fn idle_http2_connection_is_closed_after_the_idle_timeout() {
     let (h, _stub) = bounded("header_read_timeout = \"30s\"\nidle_timeout = \"300ms\"").await;
     let tcp = TcpStream::connect(h.gateway.addr).await.unwrap();

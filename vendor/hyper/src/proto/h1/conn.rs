@@ -220,25 +220,6 @@ where
         debug_assert!(self.can_read_head());
         trace!("Conn::read_head");
 
-        #[cfg(feature = "server")]
-        if !self.state.h1_header_read_timeout_running {
-            if let Some(h1_header_read_timeout) = self.state.h1_header_read_timeout {
-                let deadline = self.state.timer.now() + h1_header_read_timeout;
-                self.state.h1_header_read_timeout_running = true;
-                match &mut self.state.h1_header_read_timeout_fut {
-                    Some(h1_header_read_timeout_fut) => {
-                        trace!("resetting h1 header read timeout timer");
-                        self.state.timer.reset(h1_header_read_timeout_fut, deadline);
-                    }
-                    None => {
-                        trace!("setting h1 header read timeout timer");
-                        self.state.h1_header_read_timeout_fut =
-                            Some(self.state.timer.sleep_until(deadline));
-                    }
-                }
-            }
-        }
-
         let msg = match self.io.parse::<T>(
             cx,
             ParseContext {
@@ -258,6 +239,28 @@ where
             Poll::Ready(Ok(msg)) => msg,
             Poll::Ready(Err(e)) => return self.on_read_head_error(e),
             Poll::Pending => {
+                // greenhouse-gateway patch: the header read timer starts once part of a head
+                // has arrived, not while the connection waits for one (between keep-alive
+                // requests, which the server's idle timeout bounds instead): a kept-alive
+                // connection was closed after `header_read_timeout` of quiet.
+                #[cfg(feature = "server")]
+                if !self.state.h1_header_read_timeout_running && !self.io.read_buf().is_empty() {
+                    if let Some(h1_header_read_timeout) = self.state.h1_header_read_timeout {
+                        let deadline = self.state.timer.now() + h1_header_read_timeout;
+                        self.state.h1_header_read_timeout_running = true;
+                        match &mut self.state.h1_header_read_timeout_fut {
+                            Some(h1_header_read_timeout_fut) => {
+                                trace!("resetting h1 header read timeout timer");
+                                self.state.timer.reset(h1_header_read_timeout_fut, deadline);
+                            }
+                            None => {
+                                trace!("setting h1 header read timeout timer");
+                                self.state.h1_header_read_timeout_fut =
+                                    Some(self.state.timer.sleep_until(deadline));
+                            }
+                        }
+                    }
+                }
                 #[cfg(feature = "server")]
                 if self.state.h1_header_read_timeout_running {
                     if let Some(h1_header_read_timeout_fut) =
