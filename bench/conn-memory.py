@@ -19,6 +19,7 @@ target/bench-state; see bench/README.md). Loopback only; every process it starts
 import argparse
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -74,13 +75,14 @@ async def measure(pid: int, n: int, token: str) -> tuple:
 
 
 async def settled(pid: int) -> int:
-    """Anonymous memory once it has not moved for 3 s (at most 40 s): after a burst, freed pages
-    go back to the system and the runtime's idle blocking threads exit (after 10 s) with their
-    stacks, either of which would otherwise land in one reading and not the other."""
+    """Anonymous memory after at least 12 s, once it has not moved for 3 s (at most 40 s): after
+    a burst, freed pages go back to the system and the runtime's idle blocking threads exit
+    (after 10 s) with their stacks, either of which would otherwise land in one reading and not
+    the other."""
     readings = []
     for _ in range(80):
         readings.append(anon_kib(pid))
-        if len(readings) >= 6 and len(set(readings[-6:])) == 1 and len(readings) >= 24:
+        if len(readings) >= 24 and len(set(readings[-6:])) == 1:
             break
         await asyncio.sleep(0.5)
     return readings[-1]
@@ -153,6 +155,7 @@ async def main() -> None:
         slot.wait()
         server.kill()
         server.wait()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 asyncio.run(main())

@@ -135,19 +135,9 @@ async fn request_sent_one_byte_first_is_served_as_http1_and_a_lone_byte_is_close
         .write_all(b"ATCH /v1/partner/jobs HTTP/1.1\r\nhost: gateway\r\ncontent-length: 0\r\n\r\n")
         .await
         .unwrap();
-    let mut head = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = tokio::time::timeout(GENEROUS, split.read(&mut buf))
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(n > 0, "closed before answering");
-        head.extend_from_slice(&buf[..n]);
-    }
-    let head = String::from_utf8_lossy(&head);
+    let answer = read_response(&mut split).await;
     // no token: refused by the first step, in HTTP/1.1
-    assert!(head.starts_with("HTTP/1.1 401"), "{head}");
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
     assert!(
         closed_by_server(&mut lone, GENEROUS).await,
         "a connection that sent one byte was left open"

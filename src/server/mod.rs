@@ -322,6 +322,9 @@ async fn serve<F, Fut, B>(
         let builders = builders.clone();
         let stop = stop.clone();
         let timeouts = bounds.timeouts;
+        // Two spawns, not one task with a `match` inside: a task is as large as its largest
+        // state, and the TLS handshake's (the whole rustls connection) would then be held by
+        // every plain connection too.
         match &tls {
             None => {
                 connections.spawn(async move {
