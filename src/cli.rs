@@ -357,29 +357,40 @@ pub fn check(path: &Path, strict: bool, format: CheckFormat) -> i32 {
     match format {
         CheckFormat::Json => {
             let report = check_report(path, &loaded, strict);
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&report).unwrap_or_else(|_| "{}".into())
-            );
+            let mut json = serde_json::to_string_pretty(&report).unwrap_or_else(|_| "{}".into());
+            json.push('\n');
+            emit(&json);
         }
         CheckFormat::Text => match &loaded {
-            Err(problems) => print_problems(problems, ""),
-            Ok(cfg) if !ok => print_problems(&cfg.warnings, " (warnings, refused by --strict)"),
-            Ok(cfg) => print!("{}", summary(cfg)),
+            Err(problems) => emit(&problems_text(problems, "")),
+            Ok(cfg) if !ok => emit(&problems_text(
+                &cfg.warnings,
+                " (warnings, refused by --strict)",
+            )),
+            Ok(cfg) => emit(&summary(cfg)),
         },
     }
     if ok { 0 } else { 1 }
 }
 
-fn print_problems(problems: &[config::Problem], why: &str) {
-    println!(
-        "{} problem{} found{why}:",
+/// Writes a command's report to standard output. A reader that went away (`| head`) ends it
+/// quietly: the exit code still says what was found.
+fn emit(text: &str) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+}
+
+fn problems_text(problems: &[config::Problem], why: &str) -> String {
+    let mut text = format!(
+        "{} problem{} found{why}:\n",
         problems.len(),
         if problems.len() == 1 { "" } else { "s" }
     );
     for p in problems {
-        println!("  {p}");
+        text.push_str(&format!("  {p}\n"));
     }
+    text
 }
 
 /// The document `check --format json` prints. Field names are part of the contract (README,
@@ -589,7 +600,7 @@ async fn check_explain(path: &Path, args: ExplainArgs) -> i32 {
         },
     )
     .await;
-    print!("{}", explained.render());
+    emit(&explained.render());
     if explained.code == "forwarded" { 0 } else { 3 }
 }
 

@@ -571,6 +571,25 @@ fn missing_spec_file_is_a_problem_on_the_spec_key() {
 }
 
 #[test]
+fn check_into_a_closed_pipe_exits_with_its_finding_not_a_panic() {
+    // `check ... | head -1`: the reader is gone before the report is written.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    for format in ["text", "json"] {
+        let out = Command::new(support::binary())
+            .args(["check", "--format", format, "--config"])
+            .arg(manifest_dir().join("tests/fixtures/broken/gateway.toml"))
+            .env_remove(FIXTURE_UNSET_VAR)
+            .stdout(writer.try_clone().unwrap())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{format}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{format}: {stderr}");
+    }
+}
+
+#[test]
 
 fn broken_spec_still_reports_the_other_files_problems() {
     let broken = TINY_SPEC.replace("schemas/Widgets'", "schemas/Nope'");
