@@ -480,36 +480,28 @@ impl Verifier {
             );
             return Err(RejectReason::TooLarge.into());
         }
+        // Without a cache (`verified_token_cache_bytes = 0`) no key is hashed at all.
+        let Some(cache) = self.inner.cache.as_ref() else {
+            return self.verify_uncached(token).await.map(|(v, _)| Arc::new(v));
+        };
         let key: CacheKey = Sha256::digest(token.as_bytes()).into();
-        let cache = self.inner.cache.as_ref();
-        if let Some(hit) = match cache {
-            Some(c) => c.get(&key).await,
-            None => None,
-        } {
+        if let Some(hit) = cache.get(&key).await {
             if now_secs() < hit.token.expires_at && hit.key_live.load(Ordering::Acquire) {
                 return Ok(hit.token.clone());
             }
-            if let Some(c) = cache {
-                c.invalidate(&key).await;
-            }
+            cache.invalidate(&key).await;
         }
-        match self.verify_uncached(token).await {
-            Ok((verified, key_live)) => {
-                let verified = Arc::new(verified);
-                if let Some(c) = cache
-                    && now_secs() < verified.expires_at
-                {
-                    let entry = Arc::new(Cached {
-                        token: verified.clone(),
-                        key_live,
-                        weight: cached_entry_weight(token.len()),
-                    });
-                    c.insert(key, entry).await;
-                }
-                Ok(verified)
-            }
-            Err(e) => Err(e),
+        let (verified, key_live) = self.verify_uncached(token).await?;
+        let verified = Arc::new(verified);
+        if now_secs() < verified.expires_at {
+            let entry = Arc::new(Cached {
+                token: verified.clone(),
+                key_live,
+                weight: cached_entry_weight(token.len()),
+            });
+            cache.insert(key, entry).await;
         }
+        Ok(verified)
     }
 
     async fn verify_uncached(
@@ -543,15 +535,14 @@ impl Verifier {
         else {
             return Err(RejectReason::Malformed.into());
         };
-        if ![h64, p64, s64].iter().all(|s| is_b64url(s)) {
-            return Err(RejectReason::Malformed.into());
-        }
-        let signature = URL_SAFE_NO_PAD
-            .decode(s64)
-            .map_err(|_| RejectReason::Malformed)?;
+        // Each part decoded once, here: the decoder refuses anything outside the base64url
+        // alphabet, padding and non-canonical trailing bits.
+        let header = decode_segment(h64)?;
+        let payload = decode_segment(p64)?;
+        let signature = decode_segment(s64)?;
 
         // 2. Header.
-        let header = decode_object(h64)?;
+        let header = parse_object(&header)?;
         let alg = match header.get("alg") {
             Some(Value::String(s)) => {
                 Algorithm::from_str(s).map_err(|_| RejectReason::Algorithm)?
@@ -574,7 +565,7 @@ impl Verifier {
         };
 
         // 3. Unverified payload: issuer and the cheap claim checks.
-        let claims = decode_object(p64)?;
+        let claims = parse_object(&payload)?;
         let iss = match claims.get("iss") {
             None => return Err(RejectReason::MissingClaim.into()),
             Some(Value::String(s)) => s.as_str(),
@@ -731,18 +722,24 @@ fn numeric_date(v: &Value, round_up: bool) -> Option<u64> {
     Some(whole as u64)
 }
 
-fn is_b64url(s: &str) -> bool {
-    !s.is_empty()
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+/// Decodes one non-empty base64url segment (no padding, canonical trailing bits).
+fn decode_segment(segment: &str) -> Result<Vec<u8>, RejectReason> {
+    if segment.is_empty() {
+        return Err(RejectReason::Malformed);
+    }
+    URL_SAFE_NO_PAD
+        .decode(segment)
+        .map_err(|_| RejectReason::Malformed)
 }
 
 /// Decodes one base64url segment holding a JSON object with no duplicate members.
 fn decode_object(segment: &str) -> Result<Map<String, Value>, RejectReason> {
-    let bytes = URL_SAFE_NO_PAD
-        .decode(segment)
-        .map_err(|_| RejectReason::Malformed)?;
-    serde_json::from_slice::<StrictObject>(&bytes)
+    parse_object(&decode_segment(segment)?)
+}
+
+/// A decoded segment's JSON object, with no duplicate members.
+fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>, RejectReason> {
+    serde_json::from_slice::<StrictObject>(bytes)
         .map(|o| o.0)
         .map_err(|_| RejectReason::Malformed)
 }
