@@ -21,6 +21,11 @@ const TEAM_POLICY: &str = "team";
 const TEAM_CONCURRENCY_POLICY: &str = "team-concurrency";
 /// The policy name of the team's daily quota (all operations together).
 const TEAM_DAILY_POLICY: &str = "team-daily";
+/// The three team-wide names as structured-field strings ([`sf_string`] of each; checked by a
+/// test), written into every response's `RateLimit` without quoting them again.
+const TEAM_POLICY_SF: &str = "\"team\"";
+const TEAM_CONCURRENCY_POLICY_SF: &str = "\"team-concurrency\"";
+const TEAM_DAILY_POLICY_SF: &str = "\"team-daily\"";
 /// Suffix of an operation's daily quota policy name.
 const DAILY_SUFFIX: &str = "-daily";
 const DAY_SECS: u64 = 86_400;
@@ -286,50 +291,53 @@ pub(crate) fn render(
     let Some(obs) = obs else {
         return headers;
     };
-    let mut items: Vec<String> = Vec::with_capacity(4);
+    // One header value written in place: `"name";r=N;t=S` items, comma-separated.
+    let mut value = String::with_capacity(96);
+    let mut item = |name: &str, remaining: u64, reset: Option<u64>| {
+        use std::fmt::Write as _;
+        if !value.is_empty() {
+            value.push_str(", ");
+        }
+        let _ = match reset {
+            Some(t) => write!(value, "{name};r={remaining};t={t}"),
+            None => write!(value, "{name};r={remaining}"),
+        };
+    };
     if let (Some(_), Some(t)) = (&plan.rate, obs.team) {
-        items.push(format!(
-            "{};r={};t={}",
-            sf_string(TEAM_POLICY),
-            t.remaining,
-            secs_ceil(t.next)
-        ));
+        item(
+            TEAM_POLICY_SF,
+            u64::from(t.remaining),
+            Some(secs_ceil(t.next)),
+        );
     }
     if let (Some(c), Some(in_use)) = (plan.concurrency, obs.in_use) {
-        items.push(format!(
-            "{};r={}",
-            sf_string(TEAM_CONCURRENCY_POLICY),
-            c.saturating_sub(in_use)
-        ));
+        item(
+            TEAM_CONCURRENCY_POLICY_SF,
+            u64::from(c.saturating_sub(in_use)),
+            None,
+        );
     }
     if let (Some(limit), Some(d)) = (plan.daily, obs.team_daily) {
-        items.push(format!(
-            "{};r={};t={}",
-            sf_string(TEAM_DAILY_POLICY),
+        item(
+            TEAM_DAILY_POLICY_SF,
             limit.saturating_sub(d.used),
-            secs_ceil(d.until_reset)
-        ));
+            Some(secs_ceil(d.until_reset)),
+        );
     }
     if let Some(op) = op {
         if let (Some(_), Some(o)) = (&op.rate, obs.op) {
-            items.push(format!(
-                "{};r={};t={}",
-                op.sf_name,
-                o.remaining,
-                secs_ceil(o.next)
-            ));
+            item(&op.sf_name, u64::from(o.remaining), Some(secs_ceil(o.next)));
         }
         if let (Some(limit), Some(d)) = (op.daily, obs.daily) {
-            items.push(format!(
-                "{};r={};t={}",
-                op.sf_daily_name,
+            item(
+                &op.sf_daily_name,
                 limit.saturating_sub(d.used),
-                secs_ceil(d.until_reset)
-            ));
+                Some(secs_ceil(d.until_reset)),
+            );
         }
     }
-    if !items.is_empty() {
-        headers.push(("RateLimit", items.join(", ")));
+    if !value.is_empty() {
+        headers.push(("RateLimit", value));
     }
     headers
 }
@@ -343,6 +351,16 @@ mod tests {
     fn sf_strings_escape_quotes_and_backslashes() {
         assert_eq!(sf_string("a\"b\\c"), "\"a\\\"b\\\\c\"");
         assert_eq!(sf_string("é"), "\"?\"");
+    }
+
+    #[test]
+    fn pre_quoted_team_policy_names_are_their_sf_strings() {
+        assert_eq!(TEAM_POLICY_SF, sf_string(TEAM_POLICY));
+        assert_eq!(
+            TEAM_CONCURRENCY_POLICY_SF,
+            sf_string(TEAM_CONCURRENCY_POLICY)
+        );
+        assert_eq!(TEAM_DAILY_POLICY_SF, sf_string(TEAM_DAILY_POLICY));
     }
 
     #[test]
