@@ -31,31 +31,15 @@ impl Glob {
     }
 
     /// Iterative wildcard match with single-star backtracking: linear in practice, never
-    /// exponential, whatever the pattern.
+    /// exponential, whatever the pattern. ASCII pattern and text (claims usually are) are
+    /// matched byte by byte without copying; anything else character by character.
     pub fn matches(&self, text: &str) -> bool {
+        if self.0.is_ascii() && text.is_ascii() {
+            return wildcard(self.0.as_bytes(), text.as_bytes(), b'*', b'?');
+        }
         let p: Vec<char> = self.0.chars().collect();
         let t: Vec<char> = text.chars().collect();
-        let (mut pi, mut ti) = (0usize, 0usize);
-        let mut star: Option<(usize, usize)> = None;
-        while ti < t.len() {
-            if pi < p.len() && (p[pi] == '?' || (p[pi] != '*' && p[pi] == t[ti])) {
-                pi += 1;
-                ti += 1;
-            } else if pi < p.len() && p[pi] == '*' {
-                star = Some((pi, ti));
-                pi += 1;
-            } else if let Some((sp, st)) = star {
-                pi = sp + 1;
-                ti = st + 1;
-                star = Some((sp, st + 1));
-            } else {
-                return false;
-            }
-        }
-        while pi < p.len() && p[pi] == '*' {
-            pi += 1;
-        }
-        pi == p.len()
+        wildcard(&p, &t, '*', '?')
     }
 
     /// Whether some string could match both globs (conservative: may say yes when the answer is
@@ -254,6 +238,31 @@ impl Teams {
     }
 }
 
+/// The glob match of [`Glob::matches`] over units of one kind (bytes or characters).
+fn wildcard<T: Copy + PartialEq>(p: &[T], t: &[T], star_: T, any: T) -> bool {
+    let (mut pi, mut ti) = (0usize, 0usize);
+    let mut star: Option<(usize, usize)> = None;
+    while ti < t.len() {
+        if pi < p.len() && (p[pi] == any || (p[pi] != star_ && p[pi] == t[ti])) {
+            pi += 1;
+            ti += 1;
+        } else if pi < p.len() && p[pi] == star_ {
+            star = Some((pi, ti));
+            pi += 1;
+        } else if let Some((sp, st)) = star {
+            pi = sp + 1;
+            ti = st + 1;
+            star = Some((sp, st + 1));
+        } else {
+            return false;
+        }
+    }
+    while pi < p.len() && p[pi] == star_ {
+        pi += 1;
+    }
+    pi == p.len()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -295,6 +304,10 @@ mod tests {
         assert!(!Glob::new("a?c").matches("ac"));
         assert!(Glob::new("*mid*").matches("xxmidyy"));
         assert!(!Glob::new("exact").matches("exactly"));
+        // Outside ASCII, `?` is one character, not one byte.
+        assert!(Glob::new("a?c").matches("aéc"));
+        assert!(!Glob::new("a??c").matches("aéc"));
+        assert!(Glob::new("é*").matches("éa"));
     }
 
     #[test]
