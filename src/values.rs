@@ -1,4 +1,4 @@
-//! Small value types parsed from strings: durations, rates, secrets.
+//! Small value types parsed from strings: durations, rates, secrets; and bytes written as hex.
 //!
 //! Below everything else in the crate: this module imports nothing from it, so configuration,
 //! quotas, the audit trail and the command line can all share these types without depending on
@@ -107,9 +107,27 @@ impl fmt::Display for Secret {
     }
 }
 
+/// `bytes` as lowercase hex. One table lookup per byte into a buffer sized up front (the `hex`
+/// crate's `encode` collects an iterator of `char`s, several times the instructions for the ids
+/// and digests every request writes).
+pub fn lower_hex(bytes: &[u8]) -> String {
+    let mut out = vec![0u8; bytes.len() * 2];
+    // The buffer is exactly twice the input: this cannot fail, and hex digits are ASCII.
+    let _ = hex::encode_to_slice(bytes, &mut out);
+    String::from_utf8(out).unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lower_hex_writes_every_byte_as_two_lowercase_digits() {
+        assert_eq!(lower_hex(&[]), "");
+        assert_eq!(lower_hex(&[0x00, 0x0f, 0xa0, 0xff]), "000fa0ff");
+        let all: Vec<u8> = (0..=255).collect();
+        assert_eq!(lower_hex(&all), hex::encode(&all));
+    }
 
     #[test]
     fn durations_with_each_unit_parse() {

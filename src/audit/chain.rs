@@ -43,14 +43,14 @@ impl ChainKey {
                 h.update(prev_hash.as_bytes());
                 h.update(b"\n");
                 h.update(canonical);
-                hex::encode(h.finalize())
+                crate::values::lower_hex(&h.finalize())
             }
             ChainKey::Keyed(mac) => {
                 let mut m = (**mac).clone();
                 m.update(prev_hash.as_bytes());
                 m.update(b"\n");
                 m.update(canonical);
-                hex::encode(m.finalize().into_bytes())
+                crate::values::lower_hex(&m.finalize().into_bytes())
             }
         }
     }

@@ -114,7 +114,7 @@ pub(super) fn check_body(
 ) -> Result<(), GatewayError> {
     ctx.record.request_bytes = body.len() as u64;
     if !body.is_empty() {
-        ctx.record.body_sha256 = Some(hex::encode(Sha256::digest(body)));
+        ctx.record.body_sha256 = Some(crate::values::lower_hex(&Sha256::digest(body)));
     }
     if body.is_empty() && route.op.request_body.is_none() {
         return Ok(());

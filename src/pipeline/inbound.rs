@@ -94,7 +94,11 @@ pub fn new_request_id() -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()
         .as_millis();
-    format!("{ms:012x}{:016x}", rand::random::<u64>())
+    // 12 hex digits of milliseconds (48 bits: until the year 10889), then 16 random ones.
+    let mut raw = [0u8; 14];
+    raw[..6].copy_from_slice(&(ms as u64).to_be_bytes()[2..]);
+    raw[6..].copy_from_slice(&rand::random::<u64>().to_be_bytes());
+    crate::values::lower_hex(&raw)
 }
 
 pub(super) fn check_target<B>(req: &Request<B>) -> Result<(), GatewayError> {

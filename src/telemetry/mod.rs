@@ -215,9 +215,10 @@ impl RequestTrace {
             }
         }
         if !trace.span.is_disabled() {
-            trace
-                .span
-                .record("trace_id", format!("{:032x}", trace.trace_id));
+            trace.span.record(
+                "trace_id",
+                crate::values::lower_hex(&trace.trace_id.to_be_bytes()),
+            );
         }
         if let Some(why) = malformed {
             // Inside the request's span (entered only now: its parent is set), with the reason
@@ -236,7 +237,7 @@ impl RequestTrace {
 
     /// The trace id, 32 lowercase hex digits.
     pub fn trace_id(&self) -> String {
-        format!("{:032x}", self.trace_id)
+        crate::values::lower_hex(&self.trace_id.to_be_bytes())
     }
 
     /// Whether the caller's `traceparent` was continued (false: the gateway started the trace).
@@ -252,14 +253,13 @@ impl RequestTrace {
             _ => (self.span_id, self.sampled),
         };
         let tp = w3c::format_traceparent(self.trace_id, span_id, sampled);
-        let tp = HeaderValue::from_str(&tp).unwrap_or(HeaderValue::from_static(
-            "00-00000000000000000000000000000000-0000000000000000-00",
-        ));
         (tp, self.tracestate.clone())
     }
 
-    /// Records the request's outcome on its span: the team and operation (when known), the
-    /// status and the code; a 5xx marks the span failed.
+    /// Records the request's outcome on its span while spans are exported: the team and
+    /// operation (when known), the status and the code; a 5xx marks the span failed. Without
+    /// export nothing is recorded: the only line logged in the span after this is the request's
+    /// own line, which carries them itself.
     pub fn finish(
         span: &Span,
         team: Option<&str>,
@@ -267,6 +267,9 @@ impl RequestTrace {
         status: u16,
         code: &str,
     ) {
+        if !otlp::exporting() {
+            return;
+        }
         if let Some(t) = team {
             span.record("team", t);
         }

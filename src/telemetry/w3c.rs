@@ -2,7 +2,7 @@
 //! headers, parsed strictly and written in version `00`. Pure functions over header values; what
 //! a request does with them is in [`super::RequestTrace`].
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderValue};
 
 /// `tracestate` the gateway passes on, at most (the length every participant must propagate).
 pub const MAX_TRACESTATE_LEN: usize = 512;
@@ -96,11 +96,17 @@ fn hex_lc(s: &[u8]) -> Option<u128> {
 
 /// `traceparent` as the gateway sends it: version `00`, only the sampled flag (the other bits
 /// are not defined by version 00 and are sent as zero).
-pub fn format_traceparent(trace_id: u128, span_id: u64, sampled: bool) -> String {
-    format!(
-        "00-{trace_id:032x}-{span_id:016x}-{:02x}",
-        u8::from(sampled)
-    )
+pub fn format_traceparent(trace_id: u128, span_id: u64, sampled: bool) -> HeaderValue {
+    let mut b = *b"00-00000000000000000000000000000000-0000000000000000-00";
+    // The slices are exactly twice the bytes encoded: these cannot fail.
+    let _ = hex::encode_to_slice(trace_id.to_be_bytes(), &mut b[3..35]);
+    let _ = hex::encode_to_slice(span_id.to_be_bytes(), &mut b[36..52]);
+    if sampled {
+        b[54] = b'1';
+    }
+    HeaderValue::from_bytes(&b).unwrap_or(HeaderValue::from_static(
+        "00-00000000000000000000000000000000-0000000000000000-00",
+    ))
 }
 
 /// The request's `tracestate`, to pass on: every header line, each member validated; `None`
