@@ -7,6 +7,7 @@ mod support;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::io::Read;
 use std::net::SocketAddr;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
@@ -234,6 +235,7 @@ async fn a_long_tracestate_is_passed_on_shortened_to_512_characters_of_whole_mem
 struct Post {
     path: String,
     content_type: Option<String>,
+    content_encoding: Option<String>,
     body: Bytes,
 }
 
@@ -271,10 +273,15 @@ impl Collector {
                                 .headers()
                                 .get("content-type")
                                 .map(|v| v.to_str().unwrap().to_string());
+                            let content_encoding = req
+                                .headers()
+                                .get("content-encoding")
+                                .map(|v| v.to_str().unwrap().to_string());
                             let body = req.into_body().collect().await.unwrap().to_bytes();
                             kept.lock().unwrap().push(Post {
                                 path,
                                 content_type,
+                                content_encoding,
                                 body,
                             });
                             let mut resp = Response::new(Full::new(Bytes::new()));
@@ -296,13 +303,34 @@ impl Collector {
         format!("http://{}", self.addr)
     }
 
+    /// The `content-encoding` of every POST received.
+    fn encodings(&self) -> Vec<Option<String>> {
+        self.posts
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|p| p.content_encoding.clone())
+            .collect()
+    }
+
     /// Every span received, decoded, with the resource attributes of its batch.
     fn spans(&self) -> Vec<(Span, HashMap<String, String>)> {
         let mut out = Vec::new();
         for post in self.posts.lock().unwrap().iter() {
             assert_eq!(post.path, "/v1/traces");
             assert_eq!(post.content_type.as_deref(), Some("application/x-protobuf"));
-            let req = ExportTraceServiceRequest::decode(post.body.clone()).expect("OTLP protobuf");
+            let body = match post.content_encoding.as_deref() {
+                None => post.body.clone(),
+                Some("gzip") => {
+                    let mut plain = Vec::new();
+                    flate2::read::GzDecoder::new(&post.body[..])
+                        .read_to_end(&mut plain)
+                        .expect("a gzip body");
+                    Bytes::from(plain)
+                }
+                Some(other) => panic!("unexpected content-encoding {other}"),
+            };
+            let req = ExportTraceServiceRequest::decode(body).expect("OTLP protobuf");
             for rs in req.resource_spans {
                 let resource: HashMap<String, String> = rs
                     .resource
@@ -592,6 +620,84 @@ async fn spans_of_a_request_reach_an_otlp_collector_in_the_callers_trace_without
             assert!(!text.contains("eyJ"), "a JWT in {:?}: {text}", span.name);
         }
     }
+}
+
+/// One request through a gateway exporting to a collector with `OTEL_EXPORTER_OTLP_COMPRESSION`
+/// set to `compression`; after a clean stop: the collector, the `code` of each `request` span
+/// received, and the gateway's log.
+async fn export_one_request_with_compression(
+    compression: &str,
+) -> (Collector, Vec<String>, String) {
+    let collector = Collector::start(true).await;
+    let sandbox = Sandbox::start_local(SandboxOptions::default())
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let setup = Setup {
+        extra: format!(
+            "[tracing]\notlp_endpoint = \"{}\"\nsample_ratio = 1.0\n",
+            collector.endpoint()
+        ),
+        ..Setup::default()
+    };
+    support::write_config(dir.path(), &sandbox, &setup);
+    let mut served = support::spawn_serve_with_env(
+        &dir.path().join("gateway.toml"),
+        &[
+            ("OTEL_EXPORTER_OTLP_COMPRESSION", compression),
+            ("OTEL_BSP_SCHEDULE_DELAY", "600000"),
+        ],
+    );
+    let client = TestClient::new();
+    wait_ready(&client, &served.admin).await;
+    let token = sandbox.mint_token(
+        json!({"sub": "svc-sourcing-bot", "aud": support::AUDIENCE}),
+        Duration::from_secs(600),
+    );
+    let r = client
+        .send(
+            Method::GET,
+            &format!("http://{}/v1/partner/jobs", served.addr),
+            &[("authorization", &format!("Bearer {token}"))],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(terminate(&mut served).await, Some(0));
+    let codes = collector
+        .spans()
+        .iter()
+        .filter(|(s, _)| s.name == "request")
+        .map(|(s, _)| attrs(s)["code"].clone())
+        .collect();
+    (collector, codes, served.log_text())
+}
+
+#[tokio::test]
+async fn otlp_compression_gzip_from_the_environment_sends_gzipped_batches_the_collector_decodes() {
+    let (collector, codes, log) = export_one_request_with_compression("gzip").await;
+    let encodings = collector.encodings();
+    assert!(!encodings.is_empty(), "{log}");
+    assert!(
+        encodings.iter().all(|e| e.as_deref() == Some("gzip")),
+        "{encodings:?}"
+    );
+    assert_eq!(codes, ["forwarded"]);
+}
+
+#[tokio::test]
+async fn otlp_compression_zstd_is_not_built_in_and_batches_go_uncompressed() {
+    let (collector, codes, log) = export_one_request_with_compression("zstd").await;
+    let encodings = collector.encodings();
+    assert!(!encodings.is_empty(), "{log}");
+    assert!(encodings.iter().all(Option::is_none), "{encodings:?}");
+    assert_eq!(codes, ["forwarded"]);
+    assert!(
+        log.lines().any(|l| l.contains("WARN")
+            && l.contains("OTEL_EXPORTER_OTLP_COMPRESSION")
+            && l.contains("uncompressed")),
+        "{log}"
+    );
 }
 
 #[tokio::test]

@@ -119,6 +119,25 @@ impl opentelemetry::trace::Tracer for Installed {
     }
 }
 
+/// The environment variables the exporter reads its compression from, the trace-specific first.
+const COMPRESSION_VARIABLES: [&str; 2] = [
+    "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION",
+    "OTEL_EXPORTER_OTLP_COMPRESSION",
+];
+
+/// Whether a compression variable's value is one the exporter applies: unset or empty, `gzip` or
+/// `none` (in any case). Any other value the exporter ignores without a word, `zstd` included
+/// (its feature is not built in); [`install`] warns instead.
+fn compression_is_supported(value: Option<&std::ffi::OsStr>) -> bool {
+    match value {
+        None => true,
+        Some(v) if v.is_empty() => true,
+        Some(v) => v
+            .to_str()
+            .is_some_and(|v| v.eq_ignore_ascii_case("gzip") || v.eq_ignore_ascii_case("none")),
+    }
+}
+
 /// Exporting spans; [`Exporting::shutdown`] flushes what is queued.
 #[must_use = "spans queued at exit are lost unless shutdown() is awaited"]
 pub struct Exporting {
@@ -178,6 +197,15 @@ pub fn install(settings: &OtlpSettings, extra_ca: Option<&Path>) -> Result<Expor
         sample_ratio = settings.sample_ratio,
         "exporting spans over OTLP/HTTP"
     );
+    for variable in COMPRESSION_VARIABLES {
+        if !compression_is_supported(std::env::var_os(variable).as_deref()) {
+            tracing::warn!(
+                variable,
+                "span batches are sent uncompressed: this variable is neither gzip nor none \
+                 (zstd is not built in)"
+            );
+        }
+    }
     Ok(Exporting {
         provider,
         flush_within: settings.export_timeout + Duration::from_secs(2),
@@ -239,5 +267,22 @@ impl opentelemetry_http::HttpClient for ExportClient {
         *response.status_mut() = status;
         *response.headers_mut() = headers;
         Ok(response)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compression_gzip_none_or_unset_is_applied_anything_else_is_warned_about() {
+        use std::ffi::OsStr;
+        assert!(compression_is_supported(None));
+        for ok in ["", "gzip", "GZIP", "none", "None"] {
+            assert!(compression_is_supported(Some(OsStr::new(ok))), "{ok:?}");
+        }
+        for not in ["zstd", "br", " gzip"] {
+            assert!(!compression_is_supported(Some(OsStr::new(not))), "{not:?}");
+        }
     }
 }
