@@ -93,7 +93,7 @@ pub struct AuditRecord {
 }
 
 /// The longest line the writer produces, `\n` included: the unit of the disk reserve. A record
-/// that would be longer is shrunk (see [`AuditRecord::shrink`]).
+/// that would be longer is shrunk (see `AuditRecord::shrink`).
 pub const MAX_RECORD_BYTES: usize = 16 * 1024;
 /// A free-form string of a shrunk record keeps at most this many bytes (then the marker).
 const SHRUNK_STRING_BYTES: usize = 64;

@@ -1,6 +1,6 @@
 //! Per-issuer JWKS key cache.
 //!
-//! Each configured issuer owns one [`IssuerKeys`]: the last good set of verification keys, fetched
+//! Each configured issuer owns one `IssuerKeys`: the last good set of verification keys, fetched
 //! from a URL (or re-read from a file) at start, refreshed in the background and, for an unknown
 //! `kid`, refetched on demand. Every fetch is single-flight: concurrent callers wait on the one
 //! fetch in progress instead of starting their own. A failed fetch (error, timeout, non-200,

@@ -1,4 +1,4 @@
-//! Configuration: the files as written ([`file`]), and the validated model ([`validate`]).
+//! Configuration: the files as written ([`file`](mod@file)), and the validated model ([`validate`]).
 //!
 //! Loading is two steps: read and parse every file (I/O, parse errors become problems), then
 //! validate the parsed mirrors with pure functions that report every problem at once, each with

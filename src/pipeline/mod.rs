@@ -1,4 +1,4 @@
-//! The decision path, in order, on one screen ([`decide_and_forward`]). Each step either lets
+//! The decision path, in order, on one screen (`decide_and_forward`). Each step either lets
 //! the request through or answers with a [`GatewayError`]; errors become responses only in
 //! [`GatewayError::to_response`]. Every request, whatever its outcome, ends in one audit record.
 //!
