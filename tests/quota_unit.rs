@@ -1427,13 +1427,26 @@ async fn during_outage(
         slowest < OUTAGE_TIMEOUT + SLACK,
         "a decision took {slowest:?}"
     );
+    // `/readyz` says why, in words an operator can act on, and never the server's URL.
+    let reasons = q.not_ready();
+    let [reason] = reasons.as_slice() else {
+        panic!("one reason: {reasons:?}");
+    };
+    let why = reason
+        .strip_prefix("quota: redis unreachable: ")
+        .unwrap_or_else(|| panic!("{reason}"));
+    assert!(!why.is_empty() && why != "unknown error", "{reason}");
     assert!(
-        q.not_ready()
-            .iter()
-            .any(|r| r.starts_with("quota: redis unreachable: ")),
-        "{:?}",
-        q.not_ready()
+        !reason.contains("redis://") && !reason.contains(&server.url()),
+        "{reason}"
     );
+    if matches!(outage, Outage::Paused) {
+        assert_eq!(
+            why,
+            format!("no answer within {} ms", OUTAGE_TIMEOUT.as_millis()),
+            "a paused server answers nothing"
+        );
+    }
     match on_error {
         OnBackendError::Deny => {
             for r in &results {

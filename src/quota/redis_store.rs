@@ -264,10 +264,12 @@ impl RedisStore {
         &self,
         call: impl Future<Output = Result<T, RedisError>>,
     ) -> Result<T, String> {
+        // The connection's own timeouts are the same deadline: one wording for both ("timed out"
+        // from the client would not say how long it waited).
         let result = match tokio::time::timeout(self.timeout, call).await {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err(format!("no answer within {} ms", self.timeout.as_millis())),
+            Ok(Err(e)) if !e.is_timeout() => Err(e.to_string()),
+            Ok(Err(_)) | Err(_) => Err(format!("no answer within {} ms", self.timeout.as_millis())),
         };
         match &result {
             Ok(_) => self.health.ok(),
