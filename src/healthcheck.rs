@@ -75,27 +75,13 @@ pub fn target_from_config(path: &Path) -> Result<Target, String> {
     Ok(Target { addr, token })
 }
 
-/// A secret table as `check` reads it: exactly one of `env`, `file` (relative to `base`; a
-/// trailing newline is not part of it) or `value`.
+/// A secret table as `check` reads it ([`crate::config::validate::resolve_secret`]).
 fn resolve_secret(v: toml::Value, base: &Path) -> Result<String, String> {
     let s: SecretFile = v
         .try_into()
         .map_err(|e: toml::de::Error| e.message().to_string())?;
-    let value = match (&s.env, &s.file, &s.value) {
-        (Some(name), None, None) => {
-            std::env::var(name).map_err(|_| format!("environment variable {name} is not set"))?
-        }
-        (None, Some(f), None) => std::fs::read_to_string(base.join(f))
-            .map_err(|e| format!("cannot read secret file {f}: {e}"))?
-            .trim_end_matches(['\r', '\n'])
-            .to_string(),
-        (None, None, Some(v)) => v.clone(),
-        _ => return Err("a secret needs exactly one of env, file or value".into()),
-    };
-    if value.is_empty() {
-        return Err("the secret is empty".into());
-    }
-    Ok(value)
+    crate::config::validate::resolve_secret(&s, base, &crate::config::validate::RealSecrets)
+        .map(|secret| secret.expose().to_string())
 }
 
 /// One `GET /healthz` on `addr`, within `timeout` (connect included). `Ok` only for a 200.
@@ -186,6 +172,44 @@ pub async fn run(
         Err(e) => {
             eprintln!("healthcheck failed: {e}");
             1
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target_of(config: &str) -> Result<Target, String> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let path = dir.path().join("gateway.toml");
+        std::fs::write(&path, config).map_err(|e| e.to_string())?;
+        target_from_config(&path)
+    }
+
+    #[test]
+    fn admin_token_follows_the_same_secret_rules_as_check_without_echoing_it() {
+        let ok = target_of("[admin]\naddr = \"0.0.0.0:9090\"\ntoken = { value = \"s3cret\" }\n");
+        let ok = ok.unwrap();
+        assert_eq!(ok.token.as_deref(), Some("s3cret"));
+        assert_eq!(ok.addr, "127.0.0.1:9090".parse().unwrap());
+        for (token, why) in [
+            (
+                "{ value = \"zq7\\u0007cd\" }",
+                "the secret contains control characters",
+            ),
+            ("{ value = \"\" }", "the secret is empty"),
+            (
+                "{ value = \"zq7\", env = \"X\" }",
+                "a secret needs exactly one of env, file or value",
+            ),
+        ] {
+            let config = format!("[admin]\naddr = \"127.0.0.1:9090\"\ntoken = {token}\n");
+            let Err(e) = target_of(&config) else {
+                panic!("{token} was accepted");
+            };
+            assert!(e.ends_with(&format!("admin.token: {why}")), "{e}");
+            assert!(!e.contains("zq7"), "{e}");
         }
     }
 }

@@ -482,43 +482,43 @@ impl Report<'_> {
         base: &Path,
         src: &dyn SecretSource,
     ) -> Option<Secret> {
-        let set = [s.env.is_some(), s.file.is_some(), s.value.is_some()]
-            .iter()
-            .filter(|x| **x)
-            .count();
-        if set != 1 {
-            self.add(key, "a secret needs exactly one of env, file or value");
-            return None;
-        }
-        let value = if let Some(name) = &s.env {
-            match src.env(name) {
-                Some(v) => v,
-                None => {
-                    self.add(key, format!("environment variable {name} is not set"));
-                    return None;
-                }
+        match resolve_secret(s, base, src) {
+            Ok(secret) => Some(secret),
+            Err(why) => {
+                self.add(key, why);
+                None
             }
-        } else if let Some(f) = &s.file {
-            match src.read(&base.join(f)) {
-                Ok(v) => v.trim_end_matches(['\r', '\n']).to_string(),
-                Err(e) => {
-                    self.add(key, format!("cannot read secret file {f}: {e}"));
-                    return None;
-                }
-            }
-        } else {
-            s.value.clone().unwrap_or_default()
-        };
-        if value.is_empty() {
-            self.add(key, "the secret is empty");
-            return None;
         }
-        if value.bytes().any(|b| b.is_ascii_control()) {
-            self.add(key, "the secret contains control characters");
-            return None;
-        }
-        Some(Secret::new(value))
     }
+}
+
+/// A secret as written: exactly one of `env`, `file` (relative to `base`; a trailing newline is
+/// not part of it) or `value`, not empty, without control characters. The one rule for every
+/// secret, also the admin token `healthcheck --config` sends; the error never holds the value.
+pub fn resolve_secret(
+    s: &SecretFile,
+    base: &Path,
+    src: &dyn SecretSource,
+) -> Result<Secret, String> {
+    let value = match (&s.env, &s.file, &s.value) {
+        (Some(name), None, None) => src
+            .env(name)
+            .ok_or_else(|| format!("environment variable {name} is not set"))?,
+        (None, Some(f), None) => src
+            .read(&base.join(f))
+            .map_err(|e| format!("cannot read secret file {f}: {e}"))?
+            .trim_end_matches(['\r', '\n'])
+            .to_string(),
+        (None, None, Some(v)) => v.clone(),
+        _ => return Err("a secret needs exactly one of env, file or value".into()),
+    };
+    if value.is_empty() {
+        return Err("the secret is empty".into());
+    }
+    if value.bytes().any(|b| b.is_ascii_control()) {
+        return Err("the secret contains control characters".into());
+    }
+    Ok(Secret::new(value))
 }
 
 /// Whether `http://` may be used for this URL: only for loopback hosts.
