@@ -866,7 +866,7 @@ pub fn validate(
     let quota_timeout = r.duration(
         "quota.timeout",
         q.timeout.as_deref(),
-        Duration::from_millis(250),
+        crate::quota::DEFAULT_REDIS_TIMEOUT,
     );
     if quota_timeout.is_zero() || quota_timeout > Duration::from_secs(5) {
         r.add("quota.timeout", "must be between 1ms and 5s");
@@ -932,7 +932,10 @@ pub fn validate(
                     }
                 }
             });
-            let key_prefix = q.key_prefix.clone().unwrap_or_else(|| "ghgw".to_string());
+            let key_prefix = q
+                .key_prefix
+                .clone()
+                .unwrap_or_else(|| crate::quota::DEFAULT_KEY_PREFIX.to_string());
             if key_prefix.is_empty()
                 || !key_prefix
                     .bytes()
