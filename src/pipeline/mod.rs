@@ -79,8 +79,6 @@ pub struct RequestId(pub String);
 #[derive(Default)]
 struct Context {
     record: AuditRecord,
-    /// The caller's address (written into the record only when the record is written).
-    client_ip: Option<IpAddr>,
     ratelimit: Vec<(&'static str, String)>,
     validation: Vec<Value>,
     /// Room for the record in the audit reserve, taken before forwarding.
@@ -140,7 +138,8 @@ where
         Some(t) => t.clone(),
         None => RequestTrace::start(tracing::Span::current(), req.headers()),
     });
-    ctx.client_ip = Some(client_addr(&policy, peer.ip(), req.headers()));
+    // Formatted once: the audit record and `X-Forwarded-For` carry the same text.
+    ctx.record.client_addr = Some(client_addr(&policy, peer.ip(), req.headers()).to_string());
     // The route is looked up once, here, so that even a request refused before routing (an
     // invalid token, say) is recorded by its route and the ids it names, never by raw URL.
     let routed = policy.route(req.method(), req.uri().path()).cloned();
@@ -191,7 +190,7 @@ pub async fn respond_panicked(
     let mut ctx = Context::default();
     ctx.record.request_id = request_id;
     ctx.record.method = method.to_string();
-    ctx.client_ip = peer.map(|p| p.ip());
+    ctx.record.client_addr = peer.map(|p| p.ip().to_string());
     let routed = policy.route(method, uri.path()).ok().cloned();
     note_target(&policy, &mut ctx, uri, routed.as_ref());
     if let Some(r) = &routed {

@@ -183,7 +183,6 @@ pub(super) async fn finish_record(
     started: Instant,
 ) -> Result<(), AuditError> {
     ctx.record.duration_ms = started.elapsed().as_secs_f64() * 1000.0;
-    ctx.record.client_addr = ctx.client_ip.map(|ip| ip.to_string());
     if !ctx.validation.is_empty() {
         ctx.record.validation = Some(Value::Array(std::mem::take(&mut ctx.validation)));
     }

@@ -62,6 +62,7 @@ impl Upstream<'_> {
                 RequestTrace::start(tracing::Span::none(), &http::HeaderMap::new()).outgoing(&call)
             }
         };
+        let peer_text;
         let headers = proxy::upstream_headers(
             &self.parts.headers,
             Outbound {
@@ -69,7 +70,13 @@ impl Upstream<'_> {
                 authorization,
                 on_behalf_of: self.on_behalf_of,
                 request_id: self.request_id,
-                client_ip: ctx.client_ip.unwrap_or(self.peer.ip()),
+                client_addr: match ctx.record.client_addr.as_deref() {
+                    Some(addr) => addr,
+                    None => {
+                        peer_text = self.peer.ip().to_string();
+                        &peer_text
+                    }
+                },
                 traceparent,
                 tracestate,
             },

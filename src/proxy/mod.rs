@@ -5,7 +5,6 @@ pub mod deadline;
 pub mod encoding;
 pub mod target;
 
-use std::net::IpAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -92,7 +91,8 @@ pub struct Outbound<'a> {
     pub authorization: HeaderValue,
     pub on_behalf_of: &'a str,
     pub request_id: &'a str,
-    pub client_ip: IpAddr,
+    /// The caller's address as the audit record has it (`X-Forwarded-For`).
+    pub client_addr: &'a str,
     /// W3C `traceparent` naming the gateway's span as the parent.
     pub traceparent: HeaderValue,
     /// The caller's `tracestate`, validated and bounded.
@@ -116,8 +116,7 @@ pub fn upstream_headers(inbound: &HeaderMap, out: Outbound<'_>) -> Result<Header
     h.insert(HeaderName::from_static("on-behalf-of"), obo);
     let rid = HeaderValue::from_str(out.request_id).map_err(|_| GatewayError::Internal)?;
     h.insert(HeaderName::from_static("x-request-id"), rid);
-    let xff =
-        HeaderValue::from_str(&out.client_ip.to_string()).map_err(|_| GatewayError::Internal)?;
+    let xff = HeaderValue::from_str(out.client_addr).map_err(|_| GatewayError::Internal)?;
     h.insert(HeaderName::from_static("x-forwarded-for"), xff);
     h.insert(HeaderName::from_static("traceparent"), out.traceparent);
     if let Some(ts) = out.tracestate {
@@ -234,7 +233,7 @@ mod tests {
             authorization: HeaderValue::from_static("Bearer upstream"),
             on_behalf_of: "integration@example.com",
             request_id: "rid-1",
-            client_ip: "10.1.2.3".parse().unwrap_or(IpAddr::from([0, 0, 0, 0])),
+            client_addr: "10.1.2.3",
             traceparent: HeaderValue::from_static(
                 "00-4bf92f3577b34da6a3ce929d0e0e4736-b7ad6b7169203331-01",
             ),
