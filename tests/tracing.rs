@@ -622,11 +622,11 @@ async fn spans_of_a_request_reach_an_otlp_collector_in_the_callers_trace_without
     }
 }
 
-/// One request through a gateway exporting to a collector with `OTEL_EXPORTER_OTLP_COMPRESSION`
-/// set to `compression`; after a clean stop: the collector, the `code` of each `request` span
+/// One request through a gateway exporting to a collector with the compression variables of
+/// `compression` set; after a clean stop: the collector, the `code` of each `request` span
 /// received, and the gateway's log.
 async fn export_one_request_with_compression(
-    compression: &str,
+    compression: &[(&str, &str)],
 ) -> (Collector, Vec<String>, String) {
     let collector = Collector::start(true).await;
     let sandbox = Sandbox::start_local(SandboxOptions::default())
@@ -641,13 +641,9 @@ async fn export_one_request_with_compression(
         ..Setup::default()
     };
     support::write_config(dir.path(), &sandbox, &setup);
-    let mut served = support::spawn_serve_with_env(
-        &dir.path().join("gateway.toml"),
-        &[
-            ("OTEL_EXPORTER_OTLP_COMPRESSION", compression),
-            ("OTEL_BSP_SCHEDULE_DELAY", "600000"),
-        ],
-    );
+    let mut env = vec![("OTEL_BSP_SCHEDULE_DELAY", "600000")];
+    env.extend_from_slice(compression);
+    let mut served = support::spawn_serve_with_env(&dir.path().join("gateway.toml"), &env);
     let client = TestClient::new();
     wait_ready(&client, &served.admin).await;
     let token = sandbox.mint_token(
@@ -675,7 +671,8 @@ async fn export_one_request_with_compression(
 
 #[tokio::test]
 async fn otlp_compression_gzip_from_the_environment_sends_gzipped_batches_the_collector_decodes() {
-    let (collector, codes, log) = export_one_request_with_compression("gzip").await;
+    let (collector, codes, log) =
+        export_one_request_with_compression(&[("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip")]).await;
     let encodings = collector.encodings();
     assert!(!encodings.is_empty(), "{log}");
     assert!(
@@ -685,17 +682,47 @@ async fn otlp_compression_gzip_from_the_environment_sends_gzipped_batches_the_co
     assert_eq!(codes, ["forwarded"]);
 }
 
+/// Whether the log warns that `variable` is ignored.
+fn warns_ignored(log: &str, variable: &str) -> bool {
+    log.lines().any(|l| {
+        l.contains("WARN") && l.contains(&format!("\"{variable}\"")) && l.contains("is ignored")
+    })
+}
+
 #[tokio::test]
 async fn otlp_compression_zstd_is_not_built_in_and_batches_go_uncompressed() {
-    let (collector, codes, log) = export_one_request_with_compression("zstd").await;
+    let (collector, codes, log) =
+        export_one_request_with_compression(&[("OTEL_EXPORTER_OTLP_COMPRESSION", "zstd")]).await;
     let encodings = collector.encodings();
     assert!(!encodings.is_empty(), "{log}");
     assert!(encodings.iter().all(Option::is_none), "{encodings:?}");
     assert_eq!(codes, ["forwarded"]);
     assert!(
-        log.lines().any(|l| l.contains("WARN")
-            && l.contains("OTEL_EXPORTER_OTLP_COMPRESSION")
-            && l.contains("uncompressed")),
+        warns_ignored(&log, "OTEL_EXPORTER_OTLP_COMPRESSION"),
+        "{log}"
+    );
+}
+
+#[tokio::test]
+async fn otlp_traces_compression_zstd_is_ignored_and_the_general_variables_gzip_applies() {
+    let (collector, codes, log) = export_one_request_with_compression(&[
+        ("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "zstd"),
+        ("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip"),
+    ])
+    .await;
+    let encodings = collector.encodings();
+    assert!(!encodings.is_empty(), "{log}");
+    assert!(
+        encodings.iter().all(|e| e.as_deref() == Some("gzip")),
+        "{encodings:?}"
+    );
+    assert_eq!(codes, ["forwarded"]);
+    assert!(
+        warns_ignored(&log, "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION"),
+        "{log}"
+    );
+    assert!(
+        !warns_ignored(&log, "OTEL_EXPORTER_OTLP_COMPRESSION"),
         "{log}"
     );
 }

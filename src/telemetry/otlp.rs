@@ -126,8 +126,8 @@ const COMPRESSION_VARIABLES: [&str; 2] = [
 ];
 
 /// Whether a compression variable's value is one the exporter applies: unset or empty, `gzip` or
-/// `none` (in any case). Any other value the exporter ignores without a word, `zstd` included
-/// (its feature is not built in); [`install`] warns instead.
+/// `none` (in any case). The exporter skips any other value without a word (`zstd` included: its
+/// feature is not built in) and reads the next variable; [`install`] warns instead.
 fn compression_is_supported(value: Option<&std::ffi::OsStr>) -> bool {
     match value {
         None => true,
@@ -201,8 +201,8 @@ pub fn install(settings: &OtlpSettings, extra_ca: Option<&Path>) -> Result<Expor
         if !compression_is_supported(std::env::var_os(variable).as_deref()) {
             tracing::warn!(
                 variable,
-                "span batches are sent uncompressed: this variable is neither gzip nor none \
-                 (zstd is not built in)"
+                "this compression variable is ignored: its value is neither gzip nor none (zstd \
+                 is not built in); span batches go as the other one says, else uncompressed"
             );
         }
     }
