@@ -374,21 +374,28 @@ pub fn check(path: &Path, strict: bool, format: CheckFormat) -> i32 {
 }
 
 /// Writes a command's report to standard output. A reader that went away (`| head`) ends it
-/// quietly: the exit code still says what was found.
+/// quietly; any other failure (a full disk) is said on stderr. Either way the exit code still
+/// says what was found.
 fn emit(text: &str) {
     use std::io::Write as _;
     let mut out = std::io::stdout().lock();
-    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            eprintln!("the report could not be written to standard output: {e}");
+        }
+        _ => {}
+    }
 }
 
 fn problems_text(problems: &[config::Problem], why: &str) -> String {
+    use std::fmt::Write as _;
     let mut text = format!(
         "{} problem{} found{why}:\n",
         problems.len(),
         if problems.len() == 1 { "" } else { "s" }
     );
     for p in problems {
-        text.push_str(&format!("  {p}\n"));
+        let _ = writeln!(text, "  {p}");
     }
     text
 }

@@ -586,6 +586,31 @@ fn check_into_a_closed_pipe_exits_with_its_finding_not_a_panic() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{format}: {stderr}");
         assert!(!stderr.contains("panicked"), "{format}: {stderr}");
+        assert!(
+            !stderr.contains("could not be written"),
+            "{format}: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn check_onto_a_full_disk_says_so_on_stderr_and_keeps_its_exit_code() {
+    // /dev/full refuses every write with ENOSPC: unlike a closed pipe, the report is lost.
+    for format in ["text", "json"] {
+        let out = Command::new(support::binary())
+            .args(["check", "--format", format, "--config"])
+            .arg(manifest_dir().join("tests/fixtures/broken/gateway.toml"))
+            .env_remove(FIXTURE_UNSET_VAR)
+            .stdout(std::fs::File::create("/dev/full").unwrap())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{format}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{format}: {stderr}");
+        assert!(
+            stderr.contains("the report could not be written to standard output"),
+            "{format}: {stderr}"
+        );
     }
 }
 
