@@ -15,17 +15,14 @@ pub(crate) const NANOS: Duration = Duration::from_nanos(1);
 /// Redis script unit: microseconds.
 pub(crate) const MICROS: Duration = Duration::from_micros(1);
 
-/// The policy name of the team-wide rate in the rate-limit headers.
-const TEAM_POLICY: &str = "team";
+// The team-wide policy names in the rate-limit headers, written as the structured-field strings
+// the headers carry (each is its `sf_string`, checked by a test), so no response quotes them.
+/// The policy name of the team-wide rate.
+const TEAM_POLICY: &str = "\"team\"";
 /// The policy name of the team's concurrency cap.
-const TEAM_CONCURRENCY_POLICY: &str = "team-concurrency";
+const TEAM_CONCURRENCY_POLICY: &str = "\"team-concurrency\"";
 /// The policy name of the team's daily quota (all operations together).
-const TEAM_DAILY_POLICY: &str = "team-daily";
-/// The three team-wide names as structured-field strings ([`sf_string`] of each; checked by a
-/// test), written into every response's `RateLimit` without quoting them again.
-const TEAM_POLICY_SF: &str = "\"team\"";
-const TEAM_CONCURRENCY_POLICY_SF: &str = "\"team-concurrency\"";
-const TEAM_DAILY_POLICY_SF: &str = "\"team-daily\"";
+const TEAM_DAILY_POLICY: &str = "\"team-daily\"";
 /// Suffix of an operation's daily quota policy name.
 const DAILY_SUFFIX: &str = "-daily";
 const DAY_SECS: u64 = 86_400;
@@ -87,19 +84,15 @@ impl TeamPlan {
         let team_key = format!("{prefix}:team:{}", key_part(name));
         let mut team_items = Vec::new();
         if let Some(r) = &rate {
-            team_items.push(rate_policy_item(&sf_string(TEAM_POLICY), r));
+            team_items.push(rate_policy_item(TEAM_POLICY, r));
         }
         if let Some(c) = concurrency {
             team_items.push(format!(
-                "{};q={c};qu=\"concurrent-requests\"",
-                sf_string(TEAM_CONCURRENCY_POLICY)
+                "{TEAM_CONCURRENCY_POLICY};q={c};qu=\"concurrent-requests\""
             ));
         }
         if let Some(d) = daily {
-            team_items.push(format!(
-                "{};q={d};w={DAY_SECS}",
-                sf_string(TEAM_DAILY_POLICY)
-            ));
+            team_items.push(format!("{TEAM_DAILY_POLICY};q={d};w={DAY_SECS}"));
         }
         let mut ops = Vec::new();
         let mut op_index = HashMap::new();
@@ -304,22 +297,18 @@ pub(crate) fn render(
         };
     };
     if let (Some(_), Some(t)) = (&plan.rate, obs.team) {
-        item(
-            TEAM_POLICY_SF,
-            u64::from(t.remaining),
-            Some(secs_ceil(t.next)),
-        );
+        item(TEAM_POLICY, u64::from(t.remaining), Some(secs_ceil(t.next)));
     }
     if let (Some(c), Some(in_use)) = (plan.concurrency, obs.in_use) {
         item(
-            TEAM_CONCURRENCY_POLICY_SF,
+            TEAM_CONCURRENCY_POLICY,
             u64::from(c.saturating_sub(in_use)),
             None,
         );
     }
     if let (Some(limit), Some(d)) = (plan.daily, obs.team_daily) {
         item(
-            TEAM_DAILY_POLICY_SF,
+            TEAM_DAILY_POLICY,
             limit.saturating_sub(d.used),
             Some(secs_ceil(d.until_reset)),
         );
@@ -355,12 +344,13 @@ mod tests {
 
     #[test]
     fn pre_quoted_team_policy_names_are_their_sf_strings() {
-        assert_eq!(TEAM_POLICY_SF, sf_string(TEAM_POLICY));
-        assert_eq!(
-            TEAM_CONCURRENCY_POLICY_SF,
-            sf_string(TEAM_CONCURRENCY_POLICY)
-        );
-        assert_eq!(TEAM_DAILY_POLICY_SF, sf_string(TEAM_DAILY_POLICY));
+        for (quoted, name) in [
+            (TEAM_POLICY, "team"),
+            (TEAM_CONCURRENCY_POLICY, "team-concurrency"),
+            (TEAM_DAILY_POLICY, "team-daily"),
+        ] {
+            assert_eq!(quoted, sf_string(name));
+        }
     }
 
     #[test]
