@@ -117,24 +117,125 @@ async fn serve_on_sigterm_finishes_the_in_flight_request_and_exits_0() {
 }
 
 /// The binary with `args`, its standard output delivered line by line.
-fn spawn_reading_stdout(
-    args: &[String],
-) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
-    use std::io::{BufRead, BufReader};
-    let mut child = Command::new(support::binary())
-        .args(args)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let out = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
+/// A child process of the gateway binary whose standard output arrives line by line and whose
+/// standard error is kept (to say why it did not start).
+struct Spawned {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Spawned {
+    fn start(args: &[String]) -> Spawned {
+        use std::io::{BufRead, BufReader, Read};
+        let mut child = Command::new(support::binary())
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        // Drained all along (so the child never blocks on a full pipe), kept to the last 16 KiB.
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let mut err = child.stderr.take().unwrap();
+        let kept = stderr.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = err.read(&mut buf) {
+                let mut s = kept.lock().unwrap();
+                s.push_str(&String::from_utf8_lossy(&buf[..n]));
+                if s.len() > 16 * 1024 {
+                    let cut = s.len() - 16 * 1024;
+                    let cut = (cut..s.len()).find(|&i| s.is_char_boundary(i)).unwrap_or(0);
+                    s.drain(..cut);
+                }
+            }
+        });
+        Spawned {
+            child,
+            lines,
+            stderr,
         }
-    });
-    (child, rx)
+    }
+
+    /// The lines printed until one satisfies `ready` (included), or why that did not happen
+    /// within 30 s: the exit status and standard error when the process ended.
+    fn wait_for(&mut self, ready: impl Fn(&str) -> bool) -> Result<Vec<String>, String> {
+        let mut seen = Vec::new();
+        loop {
+            match self.lines.recv_timeout(Duration::from_secs(30)) {
+                Ok(line) => {
+                    let done = ready(&line);
+                    seen.push(line);
+                    if done {
+                        return Ok(seen);
+                    }
+                }
+                Err(e) => {
+                    // Standard output closed (the process ended) or 30 s passed.
+                    let status = match e {
+                        std::sync::mpsc::RecvTimeoutError::Timeout => None,
+                        std::sync::mpsc::RecvTimeoutError::Disconnected => self.child.wait().ok(),
+                    };
+                    std::thread::sleep(Duration::from_millis(100));
+                    let stderr = self.stderr.lock().unwrap().clone();
+                    return Err(format!("status {status:?}; stderr:\n{stderr}"));
+                }
+            }
+        }
+    }
+
+    fn stop(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts the binary with the arguments `setup` prepares (with what it prepared them in) until
+/// it prints a line `ready` accepts. Test ports come from binding port 0 and letting go, so
+/// another test's socket may take one in between: a start that failed because an address was in
+/// use is set up and tried again (three times at most); any other failure panics with the
+/// process's standard error.
+fn start_retrying<T>(
+    setup: impl Fn() -> (T, Vec<String>),
+    ready: impl Fn(&str) -> bool,
+) -> (T, Spawned, Vec<String>) {
+    let mut last = String::new();
+    for _ in 0..3 {
+        let (prepared, args) = setup();
+        let mut spawned = Spawned::start(&args);
+        match spawned.wait_for(&ready) {
+            Ok(seen) => return (prepared, spawned, seen),
+            Err(why) => {
+                spawned.stop();
+                assert!(
+                    why.contains("Address already in use"),
+                    "{args:?} did not start: {why}"
+                );
+                last = why;
+            }
+        }
+    }
+    panic!("no free ports in three tries: {last}");
+}
+
+/// `dev` in a copy of the playground, once it printed its instructions.
+fn dev_in_playground() -> (tempfile::TempDir, [u16; 3], Spawned, Vec<String>) {
+    let ((dir, ports), spawned, lines) = start_retrying(
+        || {
+            let (dir, ports) = playground_copy();
+            let config = dir.path().join("gateway.toml").display().to_string();
+            ((dir, ports), vec!["dev".into(), "--config".into(), config])
+        },
+        |line| line.starts_with("Ctrl-C"),
+    );
+    (dir, ports, spawned, lines)
 }
 
 /// Polls `/admin/teams` until the policy generation reaches `want` (or 5 s pass); the last seen.
@@ -193,18 +294,12 @@ fn playground_copy() -> (tempfile::TempDir, [u16; 3]) {
 /// next request is judged by the new limit while what was counted stays counted.
 #[tokio::test]
 async fn dev_applies_an_edited_quota_on_sighup_keeping_what_was_counted() {
-    let (dir, ports) = playground_copy();
-    let config = dir.path().join("gateway.toml").display().to_string();
-    let (mut child, rx) = spawn_reading_stdout(&["dev".into(), "--config".into(), config]);
-    let mut token = None;
-    while let Ok(line) = rx.recv_timeout(Duration::from_secs(30)) {
-        if let Some(rest) = line.strip_prefix("export AGENCY_TOKEN='") {
-            token = rest.strip_suffix('\'').map(str::to_string);
-        }
-        if line.starts_with("Ctrl-C") {
-            break;
-        }
-    }
+    let (dir, ports, child, lines) = dev_in_playground();
+    let token = lines.iter().find_map(|line| {
+        line.strip_prefix("export AGENCY_TOKEN='")
+            .and_then(|rest| rest.strip_suffix('\''))
+            .map(str::to_string)
+    });
     let token = token.expect("dev printed the agency token");
     let client = TestClient::new();
     let create = |n: u32| {
@@ -241,7 +336,7 @@ async fn dev_applies_an_edited_quota_on_sighup_keeping_what_was_counted() {
         .unwrap();
     assert!(check.status.success());
     let hup = Command::new("kill")
-        .args(["-HUP", &child.id().to_string()])
+        .args(["-HUP", &child.child.id().to_string()])
         .status()
         .unwrap();
     assert!(hup.success());
@@ -256,51 +351,33 @@ async fn dev_applies_an_edited_quota_on_sighup_keeping_what_was_counted() {
     let fourth = create(3).await;
     assert_eq!(fourth.status, StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(fourth.code(), "daily_quota_exhausted");
-    let _ = child.kill();
-    let _ = child.wait();
+    child.stop();
 }
 
 #[tokio::test]
 async fn dev_and_sandbox_survive_sighup() {
-    let (dir, ports) = playground_copy();
-    let sandbox_port = support::redis::free_port();
-    let mut children = Vec::new();
-    for args in [
-        vec![
-            "dev".to_string(),
-            "--config".to_string(),
-            dir.path().join("gateway.toml").display().to_string(),
-        ],
-        vec![
-            "sandbox".to_string(),
-            "--listen".to_string(),
-            format!("127.0.0.1:{sandbox_port}"),
-        ],
-    ] {
-        // Both print their addresses once they serve.
-        let (child, rx) = spawn_reading_stdout(&args);
-        let ready = loop {
-            match rx.recv_timeout(Duration::from_secs(30)) {
-                Ok(line) if line.contains("export ") || line.contains("sandbox listening") => {
-                    break true;
-                }
-                Ok(_) => continue,
-                Err(_) => break false,
-            }
-        };
-        assert!(ready, "{args:?} did not start");
-        children.push((args[0].clone(), child, rx));
-    }
-    for (name, child, _) in &mut children {
+    let (_dir, ports, dev, _) = dev_in_playground();
+    let ((), sandbox, _) = start_retrying(
+        || {
+            let listen = format!("127.0.0.1:{}", support::redis::free_port());
+            ((), vec!["sandbox".into(), "--listen".into(), listen])
+        },
+        |line| line.contains("sandbox listening"),
+    );
+    let mut children = vec![("dev", dev), ("sandbox", sandbox)];
+    for (name, spawned) in &mut children {
         for _ in 0..2 {
             let hup = Command::new("kill")
-                .args(["-HUP", &child.id().to_string()])
+                .args(["-HUP", &spawned.child.id().to_string()])
                 .status()
                 .unwrap();
             assert!(hup.success());
             tokio::time::sleep(Duration::from_millis(150)).await;
         }
-        assert!(child.try_wait().unwrap().is_none(), "SIGHUP ended `{name}`");
+        assert!(
+            spawned.child.try_wait().unwrap().is_none(),
+            "SIGHUP ended `{name}`"
+        );
     }
     // The playground still answers after the signals.
     let r = TestClient::new()
@@ -312,9 +389,8 @@ async fn dev_and_sandbox_survive_sighup() {
         )
         .await;
     assert_eq!(r.status, StatusCode::OK);
-    for (_, mut child, _) in children {
-        let _ = child.kill();
-        let _ = child.wait();
+    for (_, spawned) in children {
+        spawned.stop();
     }
 }
 
