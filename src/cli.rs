@@ -193,7 +193,9 @@ pub fn init_tracing(json: bool) {
         registry.with(fmt.with_filter(filter)).init();
     } else {
         // Colours only on a terminal: a log collector would keep the escape codes.
-        let fmt = fmt.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+        let fmt = fmt
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .fmt_fields(crate::telemetry::text_fields::PlainFields::new());
         registry.with(fmt.with_filter(filter)).init();
     }
 }

@@ -15,6 +15,7 @@
 
 pub mod log_writer;
 pub mod otlp;
+pub mod text_fields;
 pub mod w3c;
 
 use http::{HeaderMap, HeaderValue, Method};
