@@ -195,7 +195,8 @@ pub fn init_tracing(json: bool) {
         // Colours only on a terminal: a log collector would keep the escape codes.
         let fmt = fmt
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .fmt_fields(crate::telemetry::text_fields::PlainFields::new());
+            .event_format(crate::telemetry::text_line::PlainEvent::new())
+            .fmt_fields(crate::telemetry::text_line::PlainFields::new());
         registry.with(fmt.with_filter(filter)).init();
     }
 }

@@ -15,7 +15,7 @@
 
 pub mod log_writer;
 pub mod otlp;
-pub mod text_fields;
+pub mod text_line;
 pub mod w3c;
 
 use http::{HeaderMap, HeaderValue, Method};

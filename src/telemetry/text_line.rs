@@ -1,19 +1,105 @@
-//! The fields of a text log line (and of the spans it names), written without going through
-//! `nu-ansi-term` when the line has no colours.
+//! A text log line written without going through `nu-ansi-term` when it has no colours.
 //!
-//! `tracing-subscriber`'s `DefaultFields` paints every field name and `=` with an ANSI style even
-//! when colours are off (the style is then empty, but each paint is a trip through `fmt`): about
-//! 10 000 instructions of the request line's 20 000 (`bench/instructions.sh`). [`PlainFields`]
-//! writes exactly the same bytes directly; with colours on, or for an error value, it hands the
-//! field to `DefaultFields`' own visitor. `plain_fields_write_what_default_fields_write` holds it
-//! to that, byte for byte.
+//! `tracing-subscriber`'s full format paints every field name, `=`, span name, brace, colon and
+//! target with an ANSI style even when colours are off (the style is then empty, but each paint
+//! is a trip through `fmt`): about 10 000 of the request line's 20 000 instructions
+//! (`bench/instructions.sh`). [`PlainEvent`] and [`PlainFields`] write exactly the same bytes
+//! directly; with colours on (a terminal), or for an error value, they hand over to
+//! `tracing-subscriber`'s own formatters. The tests below hold them to that, byte for byte.
 
 use std::fmt::{self, Write as _};
 
 use tracing::field::{Field, Visit};
+use tracing::{Event, Level, Subscriber};
+use tracing_log::NormalizeEvent as _;
 use tracing_subscriber::field::{RecordFields, VisitOutput};
-use tracing_subscriber::fmt::FormatFields;
-use tracing_subscriber::fmt::format::{DefaultFields, DefaultVisitor, Writer};
+use tracing_subscriber::fmt::format::{DefaultFields, DefaultVisitor, Format, Full, Writer};
+use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields};
+use tracing_subscriber::registry::LookupSpan;
+
+/// Formats an event as `tracing-subscriber`'s default (full) format does, with its timer `T`
+/// (the system clock, RFC 3339 in UTC, by default); see the module documentation.
+#[derive(Debug)]
+pub struct PlainEvent<T = SystemTime> {
+    timer: T,
+    coloured: Format<Full, T>,
+}
+
+impl PlainEvent {
+    pub fn new() -> PlainEvent {
+        PlainEvent::with_timer(SystemTime)
+    }
+}
+
+impl Default for PlainEvent {
+    fn default() -> Self {
+        PlainEvent::new()
+    }
+}
+
+impl<T: FormatTime + Clone> PlainEvent<T> {
+    pub fn with_timer(timer: T) -> PlainEvent<T> {
+        PlainEvent {
+            coloured: tracing_subscriber::fmt::format().with_timer(timer.clone()),
+            timer,
+        }
+    }
+}
+
+impl<S, N, T> FormatEvent<S, N> for PlainEvent<T>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+    T: FormatTime,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        if writer.has_ansi_escapes() {
+            return self.coloured.format_event(ctx, writer, event);
+        }
+        // A `log` record's own target and level, as the default format shows them.
+        let normalized = event.normalized_metadata();
+        let meta = normalized.as_ref().unwrap_or_else(|| event.metadata());
+        if self.timer.format_time(&mut writer).is_err() {
+            writer.write_str("<unknown time>")?;
+        }
+        writer.write_str(match *meta.level() {
+            Level::TRACE => " TRACE ",
+            Level::DEBUG => " DEBUG ",
+            Level::INFO => "  INFO ",
+            Level::WARN => "  WARN ",
+            Level::ERROR => " ERROR ",
+        })?;
+        if let Some(scope) = ctx.event_scope() {
+            let mut seen = false;
+            for span in scope.from_root() {
+                writer.write_str(span.metadata().name())?;
+                seen = true;
+                let ext = span.extensions();
+                if let Some(fields) = ext.get::<FormattedFields<N>>()
+                    && !fields.is_empty()
+                {
+                    writer.write_char('{')?;
+                    writer.write_str(fields)?;
+                    writer.write_char('}')?;
+                }
+                writer.write_char(':')?;
+            }
+            if seen {
+                writer.write_char(' ')?;
+            }
+        }
+        writer.write_str(meta.target())?;
+        writer.write_str(": ")?;
+        ctx.format_fields(writer.by_ref(), event)?;
+        writer.write_char('\n')
+    }
+}
 
 /// Formats fields as `DefaultFields` does; see the module documentation.
 #[derive(Debug, Default)]
@@ -278,36 +364,94 @@ mod tests {
         tracing::info!(only = 1u64);
         tracing::debug!(text = "bare {message} word");
         tracing::info!(message = "a plain str message \x08 bs", then = "x");
+        drop(_i);
+        drop(_o);
+        // Outside any span, and a `log` record (its own target and level, `log.*` fields left out).
+        tracing::trace!(target: "elsewhere", n = 1u64, "no span");
+        let _ = tracing_log::LogTracer::init();
+        tracing_log::log::warn!(target: "rustls::conn", "a log record with {} args", 2);
     }
 
-    fn capture(ansi: bool, plain: bool) -> String {
+    /// A clock that always says the same (so two formatters' lines can be compared).
+    #[derive(Clone)]
+    struct Fixed;
+    impl FormatTime for Fixed {
+        fn format_time(&self, w: &mut Writer<'_>) -> fmt::Result {
+            w.write_str("2026-12-07T14:30:00.000123Z")
+        }
+    }
+
+    /// A clock that cannot tell the time.
+    #[derive(Clone)]
+    struct Broken;
+    impl FormatTime for Broken {
+        fn format_time(&self, _: &mut Writer<'_>) -> fmt::Result {
+            Err(fmt::Error)
+        }
+    }
+
+    /// What `emit` logs, through ours (`plain`) or `tracing-subscriber`'s formatters.
+    fn capture_with<T: FormatTime + Clone + Send + Sync + 'static>(
+        timer: T,
+        ansi: bool,
+        plain: bool,
+    ) -> String {
         let buf = Buf::default();
         let layer = tracing_subscriber::fmt::layer()
             .with_writer(buf.clone())
-            .with_ansi(ansi)
-            .without_time();
+            .with_ansi(ansi);
         if plain {
-            let subscriber =
-                tracing_subscriber::registry().with(layer.fmt_fields(PlainFields::new()));
-            tracing::subscriber::with_default(subscriber, emit);
+            let layer = layer
+                .event_format(PlainEvent::with_timer(timer))
+                .fmt_fields(PlainFields::new());
+            tracing::subscriber::with_default(tracing_subscriber::registry().with(layer), emit);
         } else {
-            let subscriber = tracing_subscriber::registry().with(layer);
-            tracing::subscriber::with_default(subscriber, emit);
+            let layer = layer.with_timer(timer);
+            tracing::subscriber::with_default(tracing_subscriber::registry().with(layer), emit);
         }
         String::from_utf8(buf.0.lock().unwrap().clone()).unwrap()
     }
 
+    fn capture(ansi: bool, plain: bool) -> String {
+        capture_with(Fixed, ansi, plain)
+    }
+
     #[test]
-    fn plain_fields_write_what_default_fields_write() {
+    fn plain_lines_are_what_the_default_format_writes() {
         let default = capture(false, false);
         // The events above all made it (so a match is not two empty logs).
-        assert_eq!(default.lines().count(), 7, "{default}");
+        assert_eq!(default.lines().count(), 9, "{default}");
         assert!(default.contains("request finished"), "{default}");
+        assert!(
+            default.contains("WARN rustls::conn: a log record"),
+            "{default}"
+        );
         assert_eq!(capture(false, true), default);
     }
 
     #[test]
-    fn plain_fields_with_colours_are_default_fields() {
+    fn a_clock_that_fails_is_written_as_default_writes_it() {
+        let default = capture_with(Broken, false, false);
+        assert!(default.starts_with("<unknown time>  INFO "), "{default}");
+        assert_eq!(capture_with(Broken, false, true), default);
+    }
+
+    #[test]
+    fn the_real_clock_writes_rfc_3339_then_the_line() {
+        let plain = capture_with(SystemTime, false, true);
+        let first = plain.lines().next().unwrap();
+        // 2026-12-07T14:30:00.123456Z  INFO request{...
+        let (time, rest) = first.split_once(' ').unwrap();
+        assert_eq!(time.len(), 27, "{first}");
+        assert!(
+            time.ends_with('Z') && time.as_bytes()[10] == b'T',
+            "{first}"
+        );
+        assert!(rest.starts_with(" INFO request{request_id=0a1b"), "{first}");
+    }
+
+    #[test]
+    fn with_colours_the_default_format_writes_them() {
         let default = capture(true, false);
         assert!(default.contains('\x1b'), "{default}");
         assert_eq!(capture(true, true), default);
