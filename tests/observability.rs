@@ -791,11 +791,20 @@ async fn json_log_selected_by_the_environment_has_one_line_per_request_carrying_
             .code(),
         "upstream_timeout"
     );
+    // An answer too large to be read ahead: its record and line are written when the
+    // connection has sent the last of it, outside the request's future, still in its span.
+    let large = format!("[{}]", vec!["{\"id\":1}"; 12_000].join(","));
+    assert!(large.len() > 64 * 1024);
+    stub.set_reply(200, &large, Duration::ZERO);
+    let streamed = send("obs-streamed-5", "/v1/partner/jobs", Some(bearer.clone())).await;
+    assert_eq!(streamed.status, StatusCode::OK);
+    assert_eq!(streamed.body.len(), large.len());
     let ids = [
         "obs-forwarded-1",
         "obs-refused-2",
         "obs-invalid-3",
         "obs-timeout-4",
+        "obs-streamed-5",
     ];
     let mut lines = Vec::new();
     for _ in 0..200 {

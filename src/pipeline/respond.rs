@@ -127,10 +127,18 @@ pub(super) async fn respond_forwarded(
     Response::from_parts(head, body.boxed_unsync())
 }
 
-/// `on_finish`, run in the span current now (the request's).
+/// `on_finish`, run in the span current now (the request's). Where it already runs in that span
+/// (a small answer, read ahead within the request's future) it is not instrumented again: each
+/// poll and the drop of an instrumented future enter and leave the span.
 fn in_current_span(on_finish: OnFinish) -> OnFinish {
     let span = tracing::Span::current();
-    Box::new(move |f: Finished| Box::pin(tracing::Instrument::instrument(on_finish(f), span)))
+    Box::new(move |f: Finished| {
+        if tracing::Span::current() == span {
+            on_finish(f)
+        } else {
+            Box::pin(tracing::Instrument::instrument(on_finish(f), span))
+        }
+    })
 }
 
 /// An empty forwarded answer: its (empty) body is read and its record written first, then the
