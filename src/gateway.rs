@@ -19,7 +19,7 @@ use crate::auth::upstream::{Credential, UpstreamCredentials};
 use crate::config::Config;
 use crate::error::GatewayError;
 use crate::http_client::HttpClient;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, OpSeries, TeamOpSeries, TeamSeries};
 use crate::policy::Team;
 use crate::quota::{Quotas, TeamQuota};
 use crate::spec::{Operation, RouteMatch};
@@ -64,6 +64,8 @@ pub struct Route {
     pub validators: Arc<OpValidators>,
     /// Whether its success answers are candidates (ids are taken from them for the audit).
     pub returns_candidates: bool,
+    /// Its upstream metric series, found once.
+    pub series: OpSeries,
 }
 
 /// A team with its credential and quota resolved.
@@ -73,11 +75,20 @@ pub struct TeamPolicy {
     pub quota: TeamQuota,
     /// By route index: whether the team may call it.
     allowed: Vec<bool>,
+    /// By route index: the team's metric series for it, found once.
+    series: Vec<Arc<TeamOpSeries>>,
+    /// The team's in-flight gauge, found once.
+    pub team_series: TeamSeries,
 }
 
 impl TeamPolicy {
     pub fn may_call(&self, route: &Route) -> bool {
         self.allowed.get(route.index).copied().unwrap_or(false)
+    }
+
+    /// The team's metric series for `route`.
+    pub fn series(&self, route: &Route) -> Option<Arc<TeamOpSeries>> {
+        self.series.get(route.index).cloned()
     }
 }
 
@@ -109,6 +120,7 @@ impl Policy {
                     returns_candidates: returns_candidates(op),
                     op: op.clone(),
                     validators: v,
+                    series: OpSeries::default(),
                 })
             })
             .collect();
@@ -128,6 +140,8 @@ impl Policy {
                 team: team.clone(),
                 credential,
                 allowed,
+                series: op_ids.iter().map(|_| Arc::default()).collect(),
+                team_series: TeamSeries::default(),
             });
         }
         if !problems.is_empty() {

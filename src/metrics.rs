@@ -9,7 +9,7 @@
 mod format;
 pub mod process;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 pub use format::Format;
 
@@ -252,6 +252,36 @@ impl Metrics {
 
     /// Records one answered request. `team` and `operation` are config names or `none`.
     pub fn request(&self, team: &str, operation: &str, code: &str, seconds: f64) {
+        self.requests_series(team, operation, code).inc();
+        self.duration_series(team, operation).observe(seconds);
+    }
+
+    /// [`Metrics::request`] for a request whose team and operation are known, through their
+    /// [`TeamOpSeries`]: a forwarded request's counter and every request's duration are then
+    /// updated without building or hashing a label set.
+    pub fn team_op_request(
+        &self,
+        series: &TeamOpSeries,
+        team: &str,
+        operation: &str,
+        code: &str,
+        seconds: f64,
+    ) {
+        if code == FORWARDED {
+            series
+                .forwarded
+                .get_or_init(|| self.requests_series(team, operation, code))
+                .inc();
+        } else {
+            self.requests_series(team, operation, code).inc();
+        }
+        series
+            .duration
+            .get_or_init(|| self.duration_series(team, operation))
+            .observe(seconds);
+    }
+
+    fn requests_series(&self, team: &str, operation: &str, code: &str) -> Counter {
         self.0
             .requests
             .get_or_create(&RequestLabels {
@@ -259,39 +289,53 @@ impl Metrics {
                 operation: operation.into(),
                 code: code.into(),
             })
-            .inc();
+            .clone()
+    }
+
+    fn duration_series(&self, team: &str, operation: &str) -> Histogram {
         self.0
             .duration
             .get_or_create(&TeamOpLabels {
                 team: team.into(),
                 operation: operation.into(),
             })
-            .observe(seconds);
+            .clone()
     }
 
-    pub fn upstream(&self, operation: &str, seconds: f64) {
-        self.0
-            .upstream_duration
-            .get_or_create(&OpLabels {
-                operation: operation.into(),
+    /// Time Greenhouse took to answer one call of `operation` (its [`OpSeries`]).
+    pub fn upstream(&self, series: &OpSeries, operation: &str, seconds: f64) {
+        series
+            .duration
+            .get_or_init(|| {
+                self.0
+                    .upstream_duration
+                    .get_or_create(&OpLabels {
+                        operation: operation.into(),
+                    })
+                    .clone()
             })
             .observe(seconds);
     }
 
     /// One answer from Greenhouse (every answer counts, a 401 replayed with a fresh token too).
-    pub fn upstream_response(&self, operation: &str, status: http::StatusCode) {
+    pub fn upstream_response(&self, series: &OpSeries, operation: &str, status: http::StatusCode) {
+        const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
         let class = match status.as_u16() {
-            100..=199 => "1xx",
-            200..=299 => "2xx",
-            300..=399 => "3xx",
-            400..=499 => "4xx",
-            _ => "5xx",
+            100..=199 => 0,
+            200..=299 => 1,
+            300..=399 => 2,
+            400..=499 => 3,
+            _ => 4,
         };
-        self.0
-            .upstream_responses
-            .get_or_create(&UpstreamResponseLabels {
-                operation: operation.into(),
-                status_class: class.into(),
+        series.responses[class]
+            .get_or_init(|| {
+                self.0
+                    .upstream_responses
+                    .get_or_create(&UpstreamResponseLabels {
+                        operation: operation.into(),
+                        status_class: CLASSES[class].into(),
+                    })
+                    .clone()
             })
             .inc();
     }
@@ -364,11 +408,16 @@ impl Metrics {
     }
 
     /// One more request of `team` in flight until the returned guard is dropped.
-    pub fn inflight(&self, team: &str) -> InflightGuard {
-        let g = self
-            .0
+    /// One more request of `team` admitted, until the guard is dropped (its [`TeamSeries`]).
+    pub fn inflight(&self, series: &TeamSeries, team: &str) -> InflightGuard {
+        let g = series
             .inflight
-            .get_or_create(&TeamLabels { team: team.into() })
+            .get_or_init(|| {
+                self.0
+                    .inflight
+                    .get_or_create(&TeamLabels { team: team.into() })
+                    .clone()
+            })
             .clone();
         g.inc();
         InflightGuard(g)
@@ -488,6 +537,32 @@ fn register_process(r: &mut Registry, p: &process::ProcessStats) {
     }
 }
 
+/// The code of a request the gateway forwarded (and of its record and log line).
+pub const FORWARDED: &str = "forwarded";
+
+/// The series one team's requests to one operation update, each found in its family (a label
+/// set built and hashed) the first time it is needed and then used directly. Kept by the policy
+/// per team and operation, so a reload starts afresh; the series live on in the families.
+#[derive(Debug, Default)]
+pub struct TeamOpSeries {
+    forwarded: OnceLock<Counter>,
+    duration: OnceLock<Histogram>,
+}
+
+/// An operation's upstream series (see [`TeamOpSeries`]).
+#[derive(Debug, Default)]
+pub struct OpSeries {
+    duration: OnceLock<Histogram>,
+    /// By status class, 1xx to 5xx.
+    responses: [OnceLock<Counter>; 5],
+}
+
+/// A team's in-flight gauge (see [`TeamOpSeries`]).
+#[derive(Debug, Default)]
+pub struct TeamSeries {
+    inflight: OnceLock<Gauge>,
+}
+
 /// Decrements `gateway_inflight_requests` when dropped.
 pub struct InflightGuard(Gauge);
 
@@ -522,7 +597,11 @@ mod tests {
     #[test]
     fn exposition_holds_sampled_and_process_series_in_either_format() {
         let m = Metrics::new();
-        m.upstream_response("listPartnerJobs", http::StatusCode::NOT_FOUND);
+        m.upstream_response(
+            &OpSeries::default(),
+            "listPartnerJobs",
+            http::StatusCode::NOT_FOUND,
+        );
         m.jwks_fetch("https://idp.example", "success");
         let sampled = Sampled {
             audit_queue_depth: 3,
@@ -556,5 +635,87 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("gateway_audit_queue_depth 3\n"), "{text}");
+    }
+
+    fn line_of<'a>(text: &'a str, prefix: &str) -> Vec<&'a str> {
+        text.lines().filter(|l| l.starts_with(prefix)).collect()
+    }
+
+    #[test]
+    fn series_found_once_count_as_the_families_do_and_appear_only_when_used() {
+        let m = Metrics::new();
+        let series = TeamOpSeries::default();
+        // A refusal first: its code's series and the duration, not the forwarded one.
+        m.team_op_request(
+            &series,
+            "sourcing",
+            "listPartnerJobs",
+            "quota_exceeded",
+            0.01,
+        );
+        let text = m.render();
+        assert!(
+            line_of(&text, "gateway_requests_total{").len() == 1
+                && text.contains("code=\"quota_exceeded\"} 1"),
+            "{text}"
+        );
+        for _ in 0..3 {
+            m.team_op_request(&series, "sourcing", "listPartnerJobs", FORWARDED, 0.01);
+        }
+        // A reload's fresh handles, and the by-name path, count in the same series.
+        let after_reload = TeamOpSeries::default();
+        m.team_op_request(
+            &after_reload,
+            "sourcing",
+            "listPartnerJobs",
+            FORWARDED,
+            0.01,
+        );
+        m.request("sourcing", "listPartnerJobs", FORWARDED, 0.01);
+        let text = m.render();
+        assert!(
+            text.contains("gateway_requests_total{team=\"sourcing\",operation=\"listPartnerJobs\",code=\"forwarded\"} 5"),
+            "{text}"
+        );
+        assert!(
+            text.contains("gateway_request_duration_seconds_count{team=\"sourcing\",operation=\"listPartnerJobs\"} 6"),
+            "{text}"
+        );
+
+        let op = OpSeries::default();
+        m.upstream(&op, "listPartnerJobs", 0.02);
+        m.upstream(&OpSeries::default(), "listPartnerJobs", 0.02);
+        for status in [200, 201, 404, 503, 200] {
+            let status = http::StatusCode::from_u16(status).unwrap();
+            m.upstream_response(&op, "listPartnerJobs", status);
+        }
+        let text = m.render();
+        assert!(
+            text.contains(
+                "gateway_upstream_duration_seconds_count{operation=\"listPartnerJobs\"} 2"
+            ),
+            "{text}"
+        );
+        let responses = line_of(&text, "gateway_upstream_responses_total{");
+        assert_eq!(responses.len(), 3, "no 1xx or 3xx series: {text}");
+        for (class, n) in [("2xx", 3), ("4xx", 1), ("5xx", 1)] {
+            let want = format!(
+                "gateway_upstream_responses_total{{operation=\"listPartnerJobs\",status_class=\"{class}\"}} {n}"
+            );
+            assert!(responses.contains(&want.as_str()), "{want} in {text}");
+        }
+
+        let team = TeamSeries::default();
+        let a = m.inflight(&team, "sourcing");
+        let b = m.inflight(&TeamSeries::default(), "sourcing");
+        assert!(
+            m.render()
+                .contains("gateway_inflight_requests{team=\"sourcing\"} 2")
+        );
+        drop((a, b));
+        assert!(
+            m.render()
+                .contains("gateway_inflight_requests{team=\"sourcing\"} 0")
+        );
     }
 }

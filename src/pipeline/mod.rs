@@ -34,6 +34,7 @@ use crate::auth::jwt::{AuthError, VerifiedToken};
 use crate::auth::upstream::{ceil_secs, retry_after};
 use crate::error::{FieldProblem, GatewayError};
 use crate::gateway::{Gateway, Policy, Route, TeamPolicy};
+use crate::metrics::TeamOpSeries;
 use crate::policy::{ValidationMode, decide_on_behalf_of};
 use crate::proxy::body::{Finished, ObservedBody, OnFinish};
 use crate::proxy::deadline::ResponseDeadline;
@@ -88,6 +89,8 @@ struct Context {
     /// Why the gateway answered itself, for the request's log line: the problem's detail (never
     /// a submitted value).
     detail: Option<String>,
+    /// The metric series of the request's team and operation, once both are known.
+    series: Option<Arc<TeamOpSeries>>,
 }
 
 impl Context {
@@ -239,6 +242,7 @@ where
         });
     };
     ctx.record.team = Some(team.team.name.clone());
+    ctx.series = team.series(&route);
     ctx.record.credential = Some(team.credential.name().to_string());
     if !team.may_call(&route) {
         return Err(GatewayError::OperationNotAllowed {
@@ -273,7 +277,10 @@ where
 
     // 6. The team's quotas: all checks at once; a refusal spends nothing.
     let admission = admit(gw, policy, team, &route, ctx).await?;
-    let inflight = gw.runtime.metrics.inflight(&team.team.name);
+    let inflight = gw
+        .runtime
+        .metrics
+        .inflight(&team.team_series, &team.team.name);
 
     // 7. Query and body against the spec.
     let query = check_query(gw, team, &route, parts.uri.query(), ctx)?;

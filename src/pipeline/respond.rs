@@ -198,7 +198,7 @@ pub(super) async fn finish_record(
         .record
         .code
         .clone()
-        .unwrap_or_else(|| "forwarded".to_string());
+        .unwrap_or_else(|| crate::metrics::FORWARDED.to_string());
     let span = ctx
         .trace
         .take()
@@ -211,12 +211,16 @@ pub(super) async fn finish_record(
         &code,
     );
     let rt = &gw.runtime;
-    rt.metrics.request(
-        ctx.team(),
-        ctx.operation(),
-        &code,
-        started.elapsed().as_secs_f64(),
-    );
+    let seconds = started.elapsed().as_secs_f64();
+    match &ctx.series {
+        Some(series) => {
+            rt.metrics
+                .team_op_request(series, ctx.team(), ctx.operation(), &code, seconds)
+        }
+        None => rt
+            .metrics
+            .request(ctx.team(), ctx.operation(), &code, seconds),
+    }
     let line = AccessLine::of(&ctx, code);
     let written = match ctx.reservation.take() {
         Some(room) => rt.audit.write_reserved(ctx.record, room).await,
