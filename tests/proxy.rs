@@ -249,6 +249,91 @@ async fn slow_request_head_is_cut_off_by_the_header_read_timeout() {
     assert!(!out.contains("200 OK"));
 }
 
+/// One keep-alive connection whose requests arrive as a client's writes fall: a head cut in the
+/// middle of a header and a body cut in two (each piece a read of its own), two requests in one
+/// write, and one after the connection sat idle (its read buffer given back). Each is answered
+/// once, in order, and the body reaches Greenhouse byte for byte.
+#[tokio::test]
+async fn requests_in_pieces_pipelined_or_after_a_pause_are_each_answered_in_order() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = Harness::start().await;
+    let sourcing = h.sourcing_token();
+    let agency = h.token("svc-agency-connector", json!({}));
+    let body = json!({"external_id": "ext-pieces", "first_name": "Ada", "last_name": "Example"})
+        .to_string();
+    let post = format!(
+        "POST /v1/partner/candidates HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {agency}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let get = |id: &str| {
+        format!(
+            "GET /v1/partner/jobs HTTP/1.1\r\nHost: x\r\nX-Request-Id: {id}\r\nAuthorization: Bearer {sourcing}\r\n\r\n"
+        )
+    };
+    let mut s = tokio::net::TcpStream::connect(h.gateway.addr)
+        .await
+        .unwrap();
+    s.set_nodelay(true).unwrap();
+    let head_end = post.find("\r\n\r\n").unwrap() + 4;
+    let cut_head = post.find("Content-Type").unwrap() + 7;
+    let cut_body = head_end + body.len() / 2;
+    for piece in [
+        &post[..cut_head],
+        &post[cut_head..head_end],
+        &post[head_end..cut_body],
+        &post[cut_body..],
+    ] {
+        s.write_all(piece.as_bytes()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    s.write_all(format!("{}{}", get("piece-2"), get("piece-3")).as_bytes())
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    let count = |out: &[u8]| out.windows(9).filter(|w| w == b"HTTP/1.1 ").count();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while count(&out) < 3 {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => out.extend_from_slice(&buf[..n]),
+            other => panic!(
+                "connection ended early ({other:?}): {}",
+                String::from_utf8_lossy(&out)
+            ),
+        }
+    }
+    // Idle long enough for every read to have found nothing; then one more request.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    s.write_all(get("piece-4").as_bytes()).await.unwrap();
+    while count(&out) < 4 {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => out.extend_from_slice(&buf[..n]),
+            other => panic!(
+                "connection ended early ({other:?}): {}",
+                String::from_utf8_lossy(&out)
+            ),
+        }
+    }
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let statuses: Vec<&str> = text
+        .match_indices("HTTP/1.1 ")
+        .map(|(i, _)| &text[i + 9..i + 12])
+        .collect();
+    assert_eq!(statuses, ["201", "200", "200", "200"], "{text}");
+    let ids: Vec<&str> = text
+        .match_indices("x-request-id: piece-")
+        .map(|(i, _)| &text[i + 14..i + 21])
+        .collect();
+    assert_eq!(ids, ["piece-2", "piece-3", "piece-4"], "{text}");
+    let created = h
+        .sandbox
+        .received()
+        .into_iter()
+        .find(|r| r.method == "POST")
+        .expect("the create reached the sandbox");
+    assert_eq!(&created.body[..], body.as_bytes());
+}
+
 #[tokio::test]
 async fn upstream_down_is_502_upstream_error() {
     // A port freed on 127.0.0.2: every other server in the tests binds 127.0.0.1, so nothing

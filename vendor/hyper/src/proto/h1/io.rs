@@ -14,6 +14,9 @@ use crate::common::buf::BufList;
 /// The initial buffer size allocated before trying to read from IO.
 pub(crate) const INIT_BUFFER_SIZE: usize = 8192;
 
+/// greenhouse-gateway patch: the most read at once into the stack when nothing is buffered.
+const STACK_READ: usize = INIT_BUFFER_SIZE;
+
 /// The minimum value that can be set to max buffer size.
 pub(crate) const MINIMUM_MAX_BUFFER_SIZE: usize = INIT_BUFFER_SIZE;
 
@@ -251,6 +254,14 @@ where
                 .max()
                 .saturating_sub(self.read_buf.len()),
         );
+        // greenhouse-gateway patch: with nothing buffered, read into the stack first, so that a
+        // read finding nothing (the wait after each message, usually) or the end of the stream
+        // allocates nothing, and what did arrive is kept in a buffer of its own size (or in
+        // the room left after the last message) instead of a new one of `next` bytes.
+        // A strategy grown past that (a large body) reads into the buffer as before.
+        if self.read_buf.is_empty() && next <= STACK_READ {
+            return self.poll_read_via_stack(cx, next);
+        }
         if self.read_buf_remaining_mut() < next {
             self.read_buf.reserve(next);
         }
@@ -276,9 +287,45 @@ where
                 self.read_blocked = true;
                 // greenhouse-gateway patch: nothing buffered and nothing to read, so the
                 // connection is waiting (between requests, usually): give the buffer back
-                // instead of holding INIT_BUFFER_SIZE per idle connection; the next read
-                // reserves a new one.
+                // instead of holding it per idle connection; the next read takes a new one.
                 if self.read_buf.is_empty() && self.read_buf.capacity() > 0 {
+                    self.read_buf = BytesMut::new();
+                }
+                Poll::Pending
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+        }
+    }
+
+    /// greenhouse-gateway patch: [`Self::poll_read_from_io`] with nothing buffered, reading at
+    /// most `next` (and at most [`STACK_READ`]) bytes into a buffer on the stack.
+    fn poll_read_via_stack(&mut self, cx: &mut Context<'_>, next: usize) -> Poll<io::Result<usize>> {
+        let mut stack = [std::mem::MaybeUninit::<u8>::uninit(); STACK_READ];
+        let len = cmp::min(next, STACK_READ);
+        let mut buf = ReadBuf::uninit(&mut stack[..len]);
+        match Pin::new(&mut self.io).poll_read(cx, buf.unfilled()) {
+            Poll::Ready(Ok(())) => {
+                let filled = buf.filled();
+                let n = filled.len();
+                trace!("received {} bytes", n);
+                if self.read_buf_remaining_mut() >= n {
+                    self.read_buf.extend_from_slice(filled);
+                } else if n < len {
+                    // All there was to read: a buffer of its size.
+                    self.read_buf = BytesMut::from(filled);
+                } else {
+                    // More may follow: room for the next read too, as before.
+                    self.read_buf.reserve(next);
+                    self.read_buf.extend_from_slice(filled);
+                }
+                self.read_buf_strategy.record(n);
+                Poll::Ready(Ok(n))
+            }
+            Poll::Pending => {
+                self.read_blocked = true;
+                // Nothing buffered and nothing to read: the connection is waiting (between
+                // messages, usually); give back any buffer kept from the last one.
+                if self.read_buf.capacity() > 0 {
                     self.read_buf = BytesMut::new();
                 }
                 Poll::Pending
