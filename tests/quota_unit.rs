@@ -75,7 +75,7 @@ fn at(clock_start: Duration, settings: QuotaSettings) -> (Quotas, Arc<ManualCloc
     (Quotas::with_clock(settings, clock.clone()), clock)
 }
 
-fn header<'a>(headers: &'a [(&'static str, String)], name: &str) -> &'a str {
+fn header<'a>(headers: &'a [(http::HeaderName, String)], name: &str) -> &'a str {
     headers
         .iter()
         .find(|(n, _)| *n == name)

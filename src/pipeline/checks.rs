@@ -27,8 +27,9 @@ pub(super) async fn admit(
     };
     drop(span);
     match decided {
-        Ok(a) => {
-            ctx.ratelimit = a.headers.clone();
+        Ok(mut a) => {
+            // Taken, not copied: nothing reads them from the admission after this.
+            ctx.ratelimit = std::mem::take(&mut a.headers);
             ctx.record.quota = Some(json!({"decision": "admitted", "source": a.source()}));
             // Counted per event: copying the limiter's running total into the counter raced
             // between concurrent requests and could count twice.

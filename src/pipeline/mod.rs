@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
-use http::header::{self, HeaderName, HeaderValue};
+use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -39,7 +39,7 @@ use crate::policy::{ValidationMode, decide_on_behalf_of};
 use crate::proxy::body::{Finished, ObservedBody, OnFinish};
 use crate::proxy::deadline::ResponseDeadline;
 use crate::proxy::{self, Outbound, encoding, target};
-use crate::quota::{NoSlot, Refusal};
+use crate::quota::{NoSlot, RateLimitHeaders, Refusal};
 use crate::telemetry::RequestTrace;
 use crate::validate::BodyError;
 
@@ -80,7 +80,7 @@ pub struct RequestId(pub String);
 #[derive(Default)]
 struct Context {
     record: AuditRecord,
-    ratelimit: Vec<(&'static str, String)>,
+    ratelimit: RateLimitHeaders,
     validation: Vec<Value>,
     /// Room for the record in the audit reserve, taken before forwarding.
     reservation: Option<AuditReservation>,

@@ -320,11 +320,8 @@ pub(super) fn set_headers(h: &mut http::HeaderMap, ctx: &Context) {
         h.insert("x-request-id", v);
     }
     for (name, value) in &ctx.ratelimit {
-        if let (Ok(n), Ok(v)) = (
-            HeaderName::from_bytes(name.as_bytes()),
-            HeaderValue::from_str(value),
-        ) {
-            h.insert(n, v);
+        if let Ok(v) = HeaderValue::from_str(value) {
+            h.insert(name.clone(), v);
         }
     }
 }

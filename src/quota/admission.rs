@@ -6,6 +6,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use super::RateLimitHeaders;
 use super::memory::TeamSlot;
 use super::redis_store::RedisStore;
 
@@ -57,7 +58,7 @@ impl Lease {
 /// keeps the lease from being dropped early.
 pub struct Admission {
     /// `RateLimit-Policy` and `RateLimit` for the response (empty when the team has no limits).
-    pub headers: Vec<(&'static str, String)>,
+    pub headers: RateLimitHeaders,
     pub(super) source: Source,
     pub(super) lease: Option<Lease>,
 }

@@ -72,6 +72,9 @@ mod upstream;
 
 pub use resolve::TeamQuota;
 
+/// `RateLimit-Policy` and `RateLimit` for a response (empty when the team has no limits).
+pub type RateLimitHeaders = Vec<(http::HeaderName, String)>;
+
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -379,20 +382,20 @@ pub enum Refusal {
     #[error("rate limited; retry after {retry_after:?}")]
     RateLimited {
         retry_after: Duration,
-        headers: Vec<(&'static str, String)>,
+        headers: RateLimitHeaders,
     },
     /// The operation's daily quota: 429 `daily_quota_exhausted`; `retry_after` runs to the next
     /// 00:00 UTC.
     #[error("daily quota exhausted; retry after {retry_after:?}")]
     DailyQuotaExhausted {
         retry_after: Duration,
-        headers: Vec<(&'static str, String)>,
+        headers: RateLimitHeaders,
     },
     /// The team's cap on requests in flight: 429 `concurrency_limited`; `retry_after` is 1 s.
     #[error("too many requests in flight; retry after {retry_after:?}")]
     ConcurrencyLimited {
         retry_after: Duration,
-        headers: Vec<(&'static str, String)>,
+        headers: RateLimitHeaders,
     },
     /// Redis did not answer in time and `on_backend_error = "deny"`: 503
     /// `quota_backend_unavailable` (never 429: it is not the caller's fault).
@@ -433,7 +436,7 @@ impl Refusal {
 
     /// `RateLimit-Policy` and `RateLimit` for the refusal (not `Retry-After`). Empty for
     /// `BackendUnavailable`: no live state is known then.
-    pub fn headers(&self) -> Vec<(&'static str, String)> {
+    pub fn headers(&self) -> RateLimitHeaders {
         match self {
             Refusal::RateLimited { headers, .. }
             | Refusal::DailyQuotaExhausted { headers, .. }
@@ -491,7 +494,7 @@ fn rate_obs(g: &Gcra, tat: u64, now: u64, unit: Duration) -> RateObs {
     }
 }
 
-fn refusal(status: Status, retry_after: Duration, headers: Vec<(&'static str, String)>) -> Refusal {
+fn refusal(status: Status, retry_after: Duration, headers: RateLimitHeaders) -> Refusal {
     match status {
         Status::Daily => Refusal::DailyQuotaExhausted {
             retry_after,

@@ -6,8 +6,10 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::time::Duration;
 
+use http::HeaderName;
+
 use super::gcra::Gcra;
-use super::{Limit, OpLimits, TeamLimits};
+use super::{Limit, OpLimits, RateLimitHeaders, TeamLimits};
 use crate::values::Rate;
 
 /// Memory backend unit: nanoseconds.
@@ -25,6 +27,9 @@ const TEAM_CONCURRENCY_POLICY: &str = "\"team-concurrency\"";
 const TEAM_DAILY_POLICY: &str = "\"team-daily\"";
 /// Suffix of an operation's daily quota policy name.
 const DAILY_SUFFIX: &str = "-daily";
+/// The rate-limit headers' names (draft-ietf-httpapi-ratelimit-headers), made once.
+const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 const DAY_SECS: u64 = 86_400;
 
 /// A rate limit in both units.
@@ -276,11 +281,11 @@ pub(crate) fn render(
     plan: &TeamPlan,
     op: Option<&OpPlan>,
     obs: Option<&Observation>,
-) -> Vec<(&'static str, String)> {
+) -> RateLimitHeaders {
     let Some(policy) = plan.policy_for(op) else {
         return Vec::new();
     };
-    let mut headers = vec![("RateLimit-Policy", policy.to_string())];
+    let mut headers = vec![(RATELIMIT_POLICY, policy.to_string())];
     let Some(obs) = obs else {
         return headers;
     };
@@ -326,7 +331,7 @@ pub(crate) fn render(
         }
     }
     if !value.is_empty() {
-        headers.push(("RateLimit", value));
+        headers.push((RATELIMIT, value));
     }
     headers
 }
