@@ -75,11 +75,11 @@ fn at(clock_start: Duration, settings: QuotaSettings) -> (Quotas, Arc<ManualCloc
     (Quotas::with_clock(settings, clock.clone()), clock)
 }
 
-fn header<'a>(headers: &'a [(http::HeaderName, String)], name: &str) -> &'a str {
+fn header<'a>(headers: &'a [(http::HeaderName, http::HeaderValue)], name: &str) -> &'a str {
     headers
         .iter()
         .find(|(n, _)| *n == name)
-        .map(|(_, v)| v.as_str())
+        .map(|(_, v)| v.to_str().expect("visible ASCII"))
         .unwrap_or_else(|| panic!("no {name} header in {headers:?}"))
 }
 

@@ -320,9 +320,7 @@ pub(super) fn set_headers(h: &mut http::HeaderMap, ctx: &Context) {
         h.insert("x-request-id", v);
     }
     for (name, value) in &ctx.ratelimit {
-        if let Ok(v) = HeaderValue::from_str(value) {
-            h.insert(name.clone(), v);
-        }
+        h.insert(name.clone(), value.clone());
     }
 }
 

@@ -48,7 +48,7 @@ const CALLER_ONLY: [&str; 10] = [
 /// `Connection`), not one the caller may never pass on, no `X-Forwarded-*` of its own, and no
 /// underscore: `On_Behalf_Of` is `On-Behalf-Of` to every framework that folds `_` into `-`, so
 /// such headers never reach Greenhouse (nginx and Envoy drop them the same way).
-fn caller_may_forward(name: &HeaderName, listed: &[HeaderName]) -> bool {
+fn caller_may_forward(name: &HeaderName, listed: &[&str]) -> bool {
     let n = name.as_str();
     !(is_hop_by_hop(name, listed)
         || CALLER_ONLY.contains(&n)
@@ -58,18 +58,21 @@ fn caller_may_forward(name: &HeaderName, listed: &[HeaderName]) -> bool {
 
 /// Whether a header is hop-by-hop for this message: one of [`HOP_BY_HOP`] or named in its
 /// `Connection` header (`listed`, from [`connection_listed`]).
-fn is_hop_by_hop(name: &HeaderName, listed: &[HeaderName]) -> bool {
-    HOP_BY_HOP.contains(&name.as_str()) || listed.contains(name)
+fn is_hop_by_hop(name: &HeaderName, listed: &[&str]) -> bool {
+    HOP_BY_HOP.contains(&name.as_str())
+        || listed.iter().any(|t| t.eq_ignore_ascii_case(name.as_str()))
 }
 
-/// Names listed in `Connection` (they are hop-by-hop for this message).
-fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
+/// Names listed in `Connection` (they are hop-by-hop for this message), as sent: compared
+/// without regard to case, never parsed into names (which would allocate for each).
+fn connection_listed(headers: &HeaderMap) -> Vec<&str> {
     headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
         .collect()
 }
 
@@ -209,8 +212,11 @@ mod tests {
             ("x-forwarded-for", "6.6.6.6"),
             ("x-forwarded-host", "evil"),
             ("forwarded", "for=6.6.6.6"),
-            ("connection", "keep-alive, x-secret-hop"),
+            // Listed names in any case, with empty list elements and in two fields.
+            ("connection", "keep-alive, X-Secret-Hop,,"),
+            ("connection", " x-other-HOP "),
             ("x-secret-hop", "1"),
+            ("x-other-hop", "2"),
             ("keep-alive", "timeout=5"),
             ("te", "trailers"),
             ("upgrade", "h2c"),

@@ -73,7 +73,7 @@ mod upstream;
 pub use resolve::TeamQuota;
 
 /// `RateLimit-Policy` and `RateLimit` for a response (empty when the team has no limits).
-pub type RateLimitHeaders = Vec<(http::HeaderName, String)>;
+pub type RateLimitHeaders = Vec<(http::HeaderName, http::HeaderValue)>;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use http::HeaderName;
+use http::{HeaderName, HeaderValue};
 
 use super::gcra::Gcra;
 use super::{Limit, OpLimits, RateLimitHeaders, TeamLimits};
@@ -61,7 +61,7 @@ pub(crate) struct TeamPlan {
     pub ops: Vec<OpPlan>,
     pub op_index: HashMap<String, usize>,
     /// `RateLimit-Policy` for a request whose operation has no limits of its own.
-    pub policy: Option<String>,
+    pub policy: Option<HeaderValue>,
     pub rate_key: String,
     pub inflight_key: String,
     pub daily_key: String,
@@ -74,7 +74,7 @@ pub(crate) struct OpPlan {
     pub rate: Option<RatePlan>,
     pub daily: Option<u64>,
     /// `RateLimit-Policy` for a request to this operation: the team's policies and its own.
-    pub policy: Option<String>,
+    pub policy: Option<HeaderValue>,
     pub sf_name: String,
     pub sf_daily_name: String,
     pub rate_key: String,
@@ -143,10 +143,10 @@ impl TeamPlan {
             || op.is_some_and(|o| o.rate.is_some() || o.daily.is_some())
     }
 
-    pub fn policy_for<'a>(&'a self, op: Option<&'a OpPlan>) -> Option<&'a str> {
+    pub fn policy_for<'a>(&'a self, op: Option<&'a OpPlan>) -> Option<&'a HeaderValue> {
         match op {
-            Some(o) => o.policy.as_deref(),
-            None => self.policy.as_deref(),
+            Some(o) => o.policy.as_ref(),
+            None => self.policy.as_ref(),
         }
     }
 }
@@ -178,11 +178,13 @@ impl OpPlan {
     }
 }
 
-fn join(items: &[String]) -> Option<String> {
+/// The `RateLimit-Policy` value of these items, made once (every item is printable ASCII:
+/// structured-field strings and numbers).
+fn join(items: &[String]) -> Option<HeaderValue> {
     if items.is_empty() {
         None
     } else {
-        Some(items.join(", "))
+        HeaderValue::from_str(&items.join(", ")).ok()
     }
 }
 
@@ -285,7 +287,7 @@ pub(crate) fn render(
     let Some(policy) = plan.policy_for(op) else {
         return Vec::new();
     };
-    let mut headers = vec![(RATELIMIT_POLICY, policy.to_string())];
+    let mut headers = vec![(RATELIMIT_POLICY, policy.clone())];
     let Some(obs) = obs else {
         return headers;
     };
@@ -330,7 +332,9 @@ pub(crate) fn render(
             );
         }
     }
-    if !value.is_empty() {
+    if !value.is_empty()
+        && let Ok(value) = HeaderValue::from_maybe_shared(bytes::Bytes::from(value))
+    {
         headers.push((RATELIMIT, value));
     }
     headers
