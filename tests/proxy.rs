@@ -249,13 +249,34 @@ async fn slow_request_head_is_cut_off_by_the_header_read_timeout() {
     assert!(!out.contains("200 OK"));
 }
 
+/// Reads from `s` into `out` until it holds `n` response status lines (or panics, at
+/// `deadline` or when the connection ends first).
+async fn read_answers(
+    s: &mut tokio::net::TcpStream,
+    out: &mut Vec<u8>,
+    n: usize,
+    deadline: tokio::time::Instant,
+) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 16 * 1024];
+    while out.windows(9).filter(|w| w == b"HTTP/1.1 ").count() < n {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Ok(Ok(k)) if k > 0 => out.extend_from_slice(&buf[..k]),
+            other => panic!(
+                "connection ended early ({other:?}): {}",
+                String::from_utf8_lossy(out)
+            ),
+        }
+    }
+}
+
 /// One keep-alive connection whose requests arrive as a client's writes fall: a head cut in the
 /// middle of a header and a body cut in two (each piece a read of its own), two requests in one
 /// write, and one after the connection sat idle (its read buffer given back). Each is answered
 /// once, in order, and the body reaches Greenhouse byte for byte.
 #[tokio::test]
 async fn requests_in_pieces_pipelined_or_after_a_pause_are_each_answered_in_order() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let h = Harness::start().await;
     let sourcing = h.sourcing_token();
     let agency = h.token("svc-agency-connector", json!({}));
@@ -289,31 +310,13 @@ async fn requests_in_pieces_pipelined_or_after_a_pause_are_each_answered_in_orde
     s.write_all(format!("{}{}", get("piece-2"), get("piece-3")).as_bytes())
         .await
         .unwrap();
-    let mut out = Vec::new();
-    let mut buf = [0u8; 16 * 1024];
-    let count = |out: &[u8]| out.windows(9).filter(|w| w == b"HTTP/1.1 ").count();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while count(&out) < 3 {
-        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
-            Ok(Ok(n)) if n > 0 => out.extend_from_slice(&buf[..n]),
-            other => panic!(
-                "connection ended early ({other:?}): {}",
-                String::from_utf8_lossy(&out)
-            ),
-        }
-    }
+    let mut out = Vec::new();
+    read_answers(&mut s, &mut out, 3, deadline).await;
     // Idle long enough for every read to have found nothing; then one more request.
     tokio::time::sleep(Duration::from_millis(200)).await;
     s.write_all(get("piece-4").as_bytes()).await.unwrap();
-    while count(&out) < 4 {
-        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
-            Ok(Ok(n)) if n > 0 => out.extend_from_slice(&buf[..n]),
-            other => panic!(
-                "connection ended early ({other:?}): {}",
-                String::from_utf8_lossy(&out)
-            ),
-        }
-    }
+    read_answers(&mut s, &mut out, 4, deadline).await;
     let text = String::from_utf8_lossy(&out).into_owned();
     let statuses: Vec<&str> = text
         .match_indices("HTTP/1.1 ")
