@@ -407,8 +407,8 @@ impl Metrics {
             .inc();
     }
 
-    /// One more request of `team` in flight until the returned guard is dropped.
-    /// One more request of `team` admitted, until the guard is dropped (its [`TeamSeries`]).
+    /// One more request of `team` in flight until the returned guard is dropped (counted in
+    /// its [`TeamSeries`]).
     pub fn inflight(&self, series: &TeamSeries, team: &str) -> InflightGuard {
         let g = series
             .inflight

@@ -173,7 +173,7 @@ pub(super) async fn respond_empty(
             .to_response(&request_id)
             .map(|b| Full::new(b).map_err(|never| match never {}).boxed_unsync());
         if let Ok(v) = HeaderValue::from_str(&request_id) {
-            resp.headers_mut().insert("x-request-id", v);
+            resp.headers_mut().insert(X_REQUEST_ID, v);
         }
         return resp;
     }
@@ -314,10 +314,14 @@ fn log_detail(e: &GatewayError) -> Option<String> {
     }
 }
 
+/// Made once: inserting a header by a string names it anew (an allocation for a name
+/// `http` does not know).
+const X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+
 /// `X-Request-Id` and the team's rate-limit headers, on every response.
 pub(super) fn set_headers(h: &mut http::HeaderMap, ctx: &Context) {
     if let Ok(v) = HeaderValue::from_str(&ctx.record.request_id) {
-        h.insert("x-request-id", v);
+        h.insert(X_REQUEST_ID, v);
     }
     for (name, value) in &ctx.ratelimit {
         h.insert(name.clone(), value.clone());
