@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Instructions per request by where the code comes from, from a dump `bench/instructions.sh
---keep DIR` kept (DIR/callgrind.<n>.out), each function's own instructions (not its callees').
+--keep DIR` kept (DIR/callgrind.<n>.out), each function's own instructions (not its callees'),
+then the calls into the allocator per request.
 
     python3 bench/cg-breakdown.py DIR/callgrind.1.out REQUESTS
 
@@ -61,6 +62,38 @@ def main() -> None:
     for name, cost in sorted(sums.items(), key=lambda kv: -kv[1]):
         print(f"{cost / requests:12,.0f}  {100 * cost / total:5.1f} %  {name}")
     print(f"{other / requests:12,.0f}  {100 * other / total:5.1f} %  elsewhere")
+    allocs, reallocs = allocator_calls(path)
+    print(f"{allocs / requests:12,.1f} allocations per request (and {reallocs / requests:,.1f} reallocations)")
+
+
+# The allocator's entry points as the gateway's code reaches them: mimalloc's (the default build)
+# and libc's (`--features system-allocator`, and C code such as aws-lc in either build).
+ALLOCATE = {"mi_malloc_aligned", "mi_zalloc_aligned", "malloc", "calloc"}
+REALLOCATE = {"mi_realloc_aligned", "realloc"}
+
+
+def allocator_calls(path: str) -> tuple[int, int]:
+    """Calls into the allocator's entry points, from the dump's call records (`cfn=` then
+    `calls=`); names are compressed as `(id) name` the first time and `(id)` after."""
+    names: dict[str, str] = {}
+    allocs = reallocs = 0
+    callee = None
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            m = re.match(r"^c?fn=\((\d+)\)(?: (.*))?$", line.rstrip("\n"))
+            if m:
+                if m.group(2) is not None:
+                    names[m.group(1)] = m.group(2)
+                callee = names.get(m.group(1)) if line.startswith("cfn=") else None
+                continue
+            if line.startswith("calls=") and callee is not None:
+                n = int(line.split()[0].split("=")[1])
+                if callee in ALLOCATE:
+                    allocs += n
+                elif callee in REALLOCATE:
+                    reallocs += n
+                callee = None
+    return allocs, reallocs
 
 
 if __name__ == "__main__":
