@@ -611,7 +611,11 @@ async fn check_explain(path: &Path, args: ExplainArgs) -> i32 {
     )
     .await;
     emit(&explained.render());
-    if explained.code == "forwarded" { 0 } else { 3 }
+    if explained.code == crate::error::FORWARDED {
+        0
+    } else {
+        3
+    }
 }
 
 /// The table `check` prints for a clean configuration.

@@ -28,6 +28,10 @@ pub struct FieldProblem {
     pub message: String,
 }
 
+/// The code of a request the gateway forwarded (in its record, log line, metrics and `check
+/// --explain`); every other code is a [`GatewayError::code`].
+pub const FORWARDED: &str = "forwarded";
+
 /// Every outcome, other than success, that a client can see.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GatewayError {

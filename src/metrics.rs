@@ -267,7 +267,7 @@ impl Metrics {
         code: &str,
         seconds: f64,
     ) {
-        if code == FORWARDED {
+        if code == crate::error::FORWARDED {
             series
                 .forwarded
                 .get_or_init(|| self.requests_series(team, operation, code))
@@ -537,9 +537,6 @@ fn register_process(r: &mut Registry, p: &process::ProcessStats) {
     }
 }
 
-/// The code of a request the gateway forwarded (and of its record and log line).
-pub const FORWARDED: &str = "forwarded";
-
 /// The series one team's requests to one operation update, each found in its family (a label
 /// set built and hashed) the first time it is needed and then used directly. Kept by the policy
 /// per team and operation, so a reload starts afresh; the series live on in the families.
@@ -660,7 +657,13 @@ mod tests {
             "{text}"
         );
         for _ in 0..3 {
-            m.team_op_request(&series, "sourcing", "listPartnerJobs", FORWARDED, 0.01);
+            m.team_op_request(
+                &series,
+                "sourcing",
+                "listPartnerJobs",
+                crate::error::FORWARDED,
+                0.01,
+            );
         }
         // A reload's fresh handles, and the by-name path, count in the same series.
         let after_reload = TeamOpSeries::default();
@@ -668,10 +671,10 @@ mod tests {
             &after_reload,
             "sourcing",
             "listPartnerJobs",
-            FORWARDED,
+            crate::error::FORWARDED,
             0.01,
         );
-        m.request("sourcing", "listPartnerJobs", FORWARDED, 0.01);
+        m.request("sourcing", "listPartnerJobs", crate::error::FORWARDED, 0.01);
         let text = m.render();
         assert!(
             text.contains("gateway_requests_total{team=\"sourcing\",operation=\"listPartnerJobs\",code=\"forwarded\"} 5"),

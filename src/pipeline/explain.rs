@@ -70,7 +70,7 @@ pub async fn explain(policy: &Policy, req: Explain) -> Explanation {
     let mut ex = Explanation {
         steps: Vec::new(),
         status: 200,
-        code: "forwarded".into(),
+        code: crate::error::FORWARDED.into(),
         detail: None,
     };
     match decide(policy, req, &mut ex).await {

@@ -198,7 +198,7 @@ pub(super) async fn finish_record(
         .record
         .code
         .clone()
-        .unwrap_or_else(|| crate::metrics::FORWARDED.to_string());
+        .unwrap_or_else(|| crate::error::FORWARDED.to_string());
     let span = ctx
         .trace
         .take()

@@ -259,8 +259,8 @@ impl RequestTrace {
 
     /// Records the request's outcome on its span while spans are exported: the team and
     /// operation (when known), the status and the code; a 5xx marks the span failed. Without
-    /// export nothing is recorded: the only line logged in the span after this is the request's
-    /// own line, which carries them itself.
+    /// export nothing is recorded: what is logged in the span after this is the request's own
+    /// line, which carries them itself, or an audit write error naming the request id.
     pub fn finish(
         span: &Span,
         team: Option<&str>,
