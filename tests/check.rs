@@ -570,22 +570,29 @@ fn missing_spec_file_is_a_problem_on_the_spec_key() {
     assert_problem(&run, "gateway.toml", "spec", "absent.yml");
 }
 
+/// `check` of the broken fixture in `format` with standard output going to `stdout`: exits 1 (its
+/// finding) without a panic, whatever became of the report; its standard error.
+fn check_broken_fixture_into(format: &str, stdout: std::process::Stdio) -> String {
+    let out = Command::new(support::binary())
+        .args(["check", "--format", format, "--config"])
+        .arg(manifest_dir().join("tests/fixtures/broken/gateway.toml"))
+        .env_remove(FIXTURE_UNSET_VAR)
+        .stdout(stdout)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{format}: {stderr}");
+    assert!(!stderr.contains("panicked"), "{format}: {stderr}");
+    stderr
+}
+
 #[test]
 fn check_into_a_closed_pipe_exits_with_its_finding_not_a_panic() {
     // `check ... | head -1`: the reader is gone before the report is written.
     let (reader, writer) = std::io::pipe().unwrap();
     drop(reader);
     for format in ["text", "json"] {
-        let out = Command::new(support::binary())
-            .args(["check", "--format", format, "--config"])
-            .arg(manifest_dir().join("tests/fixtures/broken/gateway.toml"))
-            .env_remove(FIXTURE_UNSET_VAR)
-            .stdout(writer.try_clone().unwrap())
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{format}: {stderr}");
-        assert!(!stderr.contains("panicked"), "{format}: {stderr}");
+        let stderr = check_broken_fixture_into(format, writer.try_clone().unwrap().into());
         assert!(
             !stderr.contains("could not be written"),
             "{format}: {stderr}"
@@ -597,16 +604,8 @@ fn check_into_a_closed_pipe_exits_with_its_finding_not_a_panic() {
 fn check_onto_a_full_disk_says_so_on_stderr_and_keeps_its_exit_code() {
     // /dev/full refuses every write with ENOSPC: unlike a closed pipe, the report is lost.
     for format in ["text", "json"] {
-        let out = Command::new(support::binary())
-            .args(["check", "--format", format, "--config"])
-            .arg(manifest_dir().join("tests/fixtures/broken/gateway.toml"))
-            .env_remove(FIXTURE_UNSET_VAR)
-            .stdout(std::fs::File::create("/dev/full").unwrap())
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{format}: {stderr}");
-        assert!(!stderr.contains("panicked"), "{format}: {stderr}");
+        let full = std::fs::File::create("/dev/full").unwrap();
+        let stderr = check_broken_fixture_into(format, full.into());
         assert!(
             stderr.contains("the report could not be written to standard output"),
             "{format}: {stderr}"
@@ -615,7 +614,6 @@ fn check_onto_a_full_disk_says_so_on_stderr_and_keeps_its_exit_code() {
 }
 
 #[test]
-
 fn broken_spec_still_reports_the_other_files_problems() {
     let broken = TINY_SPEC.replace("schemas/Widgets'", "schemas/Nope'");
     let text = with_spec("dangling.yml").replace("[upstream]\n", "[upstream]\ntimeout = \"30\"\n");

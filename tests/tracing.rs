@@ -392,6 +392,29 @@ async fn wait_ready(client: &TestClient, admin: &str) {
     panic!("the gateway did not become ready");
 }
 
+/// The gateway's binary serving `setup` in front of `sandbox`, with the environment `env`, once
+/// ready: its folder (alive as long as the test needs the files), the process and a client.
+async fn serve_ready(
+    sandbox: &Sandbox,
+    setup: &Setup,
+    env: &[(&str, &str)],
+) -> (tempfile::TempDir, support::ServeProcess, TestClient) {
+    let dir = tempfile::tempdir().unwrap();
+    support::write_config(dir.path(), sandbox, setup);
+    let served = support::spawn_serve_with_env(&dir.path().join("gateway.toml"), env);
+    let client = TestClient::new();
+    wait_ready(&client, &served.admin).await;
+    (dir, served, client)
+}
+
+/// A token of the sourcing team's bot, valid for ten minutes.
+fn bot_token(sandbox: &Sandbox) -> String {
+    sandbox.mint_token(
+        json!({"sub": "svc-sourcing-bot", "aud": support::AUDIENCE}),
+        Duration::from_secs(600),
+    )
+}
+
 /// SIGTERM, then the exit status (the process must exit within 15 s).
 async fn terminate(served: &mut support::ServeProcess) -> Option<i32> {
     let killed = Command::new("kill")
@@ -425,7 +448,6 @@ async fn spans_of_a_request_reach_an_otlp_collector_in_the_callers_trace_without
     })
     .await
     .unwrap();
-    let dir = tempfile::tempdir().unwrap();
     let setup = Setup {
         extra: format!(
             "[tracing]\notlp_endpoint = \"{}\"\nservice_name = \"gateway-under-test\"\n",
@@ -433,11 +455,11 @@ async fn spans_of_a_request_reach_an_otlp_collector_in_the_callers_trace_without
         ),
         ..Setup::default()
     };
-    support::write_config(dir.path(), &sandbox, &setup);
     // Spans leave only when the batch is flushed at shutdown: the export proves the flush. A
     // log filtered down to warnings (but the lines the test waits for) exports all the same.
-    let mut served = support::spawn_serve_with_env(
-        &dir.path().join("gateway.toml"),
+    let (_dir, mut served, client) = serve_ready(
+        &sandbox,
+        &setup,
         &[
             (
                 "RUST_LOG",
@@ -445,9 +467,8 @@ async fn spans_of_a_request_reach_an_otlp_collector_in_the_callers_trace_without
             ),
             ("OTEL_BSP_SCHEDULE_DELAY", "600000"),
         ],
-    );
-    let client = TestClient::new();
-    wait_ready(&client, &served.admin).await;
+    )
+    .await;
 
     // A key the gateway has not seen (fetched within the request) and a revoked upstream token
     // (a fresh one fetched within the request, then one replay): every span kind in one trace.
@@ -632,7 +653,6 @@ async fn export_one_request_with_compression(
     let sandbox = Sandbox::start_local(SandboxOptions::default())
         .await
         .unwrap();
-    let dir = tempfile::tempdir().unwrap();
     let setup = Setup {
         extra: format!(
             "[tracing]\notlp_endpoint = \"{}\"\nsample_ratio = 1.0\n",
@@ -640,16 +660,10 @@ async fn export_one_request_with_compression(
         ),
         ..Setup::default()
     };
-    support::write_config(dir.path(), &sandbox, &setup);
     let mut env = vec![("OTEL_BSP_SCHEDULE_DELAY", "600000")];
     env.extend_from_slice(compression);
-    let mut served = support::spawn_serve_with_env(&dir.path().join("gateway.toml"), &env);
-    let client = TestClient::new();
-    wait_ready(&client, &served.admin).await;
-    let token = sandbox.mint_token(
-        json!({"sub": "svc-sourcing-bot", "aud": support::AUDIENCE}),
-        Duration::from_secs(600),
-    );
+    let (_dir, mut served, client) = serve_ready(&sandbox, &setup, &env).await;
+    let token = bot_token(&sandbox);
     let r = client
         .send(
             Method::GET,
@@ -734,7 +748,6 @@ async fn a_collector_that_never_answers_holds_up_no_request_and_dropped_spans_ar
     let sandbox = Sandbox::start_local(SandboxOptions::default())
         .await
         .unwrap();
-    let dir = tempfile::tempdir().unwrap();
     let setup = Setup {
         upstream: Some(stub.base_url()),
         extra: format!(
@@ -743,15 +756,8 @@ async fn a_collector_that_never_answers_holds_up_no_request_and_dropped_spans_ar
         ),
         ..Setup::default()
     };
-    support::write_config(dir.path(), &sandbox, &setup);
-    let mut served =
-        support::spawn_serve_with_env(&dir.path().join("gateway.toml"), &[("RUST_LOG", "info")]);
-    let client = TestClient::new();
-    wait_ready(&client, &served.admin).await;
-    let token = sandbox.mint_token(
-        json!({"sub": "svc-sourcing-bot", "aud": support::AUDIENCE}),
-        Duration::from_secs(600),
-    );
+    let (_dir, mut served, client) = serve_ready(&sandbox, &setup, &[("RUST_LOG", "info")]).await;
+    let token = bot_token(&sandbox);
     let auth = format!("Bearer {token}");
     for _ in 0..30 {
         let r = client
@@ -780,20 +786,12 @@ async fn a_malformed_traceparent_is_ignored_with_its_reason_logged_never_its_val
     let sandbox = Sandbox::start_local(SandboxOptions::default())
         .await
         .unwrap();
-    let dir = tempfile::tempdir().unwrap();
     let setup = Setup {
         upstream: Some(stub.base_url()),
         ..Setup::default()
     };
-    support::write_config(dir.path(), &sandbox, &setup);
-    let mut served =
-        support::spawn_serve_with_env(&dir.path().join("gateway.toml"), &[("RUST_LOG", "debug")]);
-    let client = TestClient::new();
-    wait_ready(&client, &served.admin).await;
-    let token = sandbox.mint_token(
-        json!({"sub": "svc-sourcing-bot", "aud": support::AUDIENCE}),
-        Duration::from_secs(600),
-    );
+    let (_dir, mut served, client) = serve_ready(&sandbox, &setup, &[("RUST_LOG", "debug")]).await;
+    let token = bot_token(&sandbox);
     let marker = "injected-into-logs";
     let bad = format!("00-{CALLER_TRACE}-{CALLER_PARENT}-01-{marker}");
     let r = client
