@@ -123,6 +123,8 @@ struct Spawned {
     child: std::process::Child,
     lines: std::sync::mpsc::Receiver<String>,
     stderr: std::sync::Arc<std::sync::Mutex<String>>,
+    /// The thread draining standard error: it ends when the process does.
+    stderr_reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Spawned {
@@ -145,7 +147,7 @@ impl Spawned {
         let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
         let mut err = child.stderr.take().unwrap();
         let kept = stderr.clone();
-        std::thread::spawn(move || {
+        let stderr_reader = std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
             while let Ok(n @ 1..) = err.read(&mut buf) {
                 let mut s = kept.lock().unwrap();
@@ -161,6 +163,7 @@ impl Spawned {
             child,
             lines,
             stderr,
+            stderr_reader: Some(stderr_reader),
         }
     }
 
@@ -178,12 +181,18 @@ impl Spawned {
                     }
                 }
                 Err(e) => {
-                    // Standard output closed (the process ended) or 30 s passed.
+                    // Standard output closed (the process ended: all its standard error is read
+                    // once the reader ends) or 30 s passed (what it said so far).
                     let status = match e {
                         std::sync::mpsc::RecvTimeoutError::Timeout => None,
-                        std::sync::mpsc::RecvTimeoutError::Disconnected => self.child.wait().ok(),
+                        std::sync::mpsc::RecvTimeoutError::Disconnected => {
+                            let status = self.child.wait().ok();
+                            if let Some(reader) = self.stderr_reader.take() {
+                                let _ = reader.join();
+                            }
+                            status
+                        }
                     };
-                    std::thread::sleep(Duration::from_millis(100));
                     let stderr = self.stderr.lock().unwrap().clone();
                     return Err(format!("status {status:?}; stderr:\n{stderr}"));
                 }
