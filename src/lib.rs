@@ -24,6 +24,7 @@ pub mod error;
 pub mod gateway;
 pub mod healthcheck;
 pub mod http_client;
+pub mod memory;
 pub mod metrics;
 pub mod pipeline;
 pub mod policy;

@@ -12,6 +12,10 @@ fn main() {
     // (2 MiB at a time) for no measured gain in speed (README, "Performance"). Best effort: a
     // kernel without the call simply keeps its default.
     let _ = rustix::thread::disable_transparent_huge_pages(true);
+    // Freed memory goes back to the system a tenth of a second after it was freed (see
+    // `greenhouse_gateway::memory`), before any other thread exists.
+    #[cfg(not(feature = "system-allocator"))]
+    greenhouse_gateway::memory::set_purge_delay();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -22,6 +26,9 @@ fn main() {
             std::process::exit(1);
         }
     };
+    // Memory freed by a burst of requests goes back to the system once the gateway is idle.
+    #[cfg(not(feature = "system-allocator"))]
+    runtime.spawn(greenhouse_gateway::memory::give_back_freed_memory());
     let code = runtime.block_on(async {
         let cli = greenhouse_gateway::cli::Cli::parse();
         greenhouse_gateway::cli::init_tracing(cli.log_json);
