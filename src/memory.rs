@@ -18,7 +18,8 @@ pub const PURGE_DELAY: Duration = Duration::from_millis(100);
 /// How often freed memory whose purge delay has passed is given back.
 pub const GIVE_BACK_EVERY: Duration = Duration::from_millis(250);
 
-/// `mi_option_purge_delay` in `mimalloc.h`'s `mi_option_t` (the Rust bindings name only some).
+/// `mi_option_purge_delay` in `mimalloc.h`'s `mi_option_t` (the Rust bindings name only some),
+/// 15 in both v2 and v3: mimalloc keeps the numbering, retired options stay as `deprecated_*`.
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
 /// Sets mimalloc's purge delay to [`PURGE_DELAY`], unless `MIMALLOC_PURGE_DELAY` is set in the
