@@ -120,7 +120,7 @@ impl Policy {
                     returns_candidates: returns_candidates(op),
                     op: op.clone(),
                     validators: v,
-                    series: OpSeries::default(),
+                    series: OpSeries::new(&op.id),
                 })
             })
             .collect();
@@ -140,8 +140,11 @@ impl Policy {
                 team: team.clone(),
                 credential,
                 allowed,
-                series: op_ids.iter().map(|_| Arc::default()).collect(),
-                team_series: TeamSeries::default(),
+                series: op_ids
+                    .iter()
+                    .map(|op| Arc::new(TeamOpSeries::new(&team.name, op)))
+                    .collect(),
+                team_series: TeamSeries::new(&team.name),
             });
         }
         if !problems.is_empty() {

@@ -259,14 +259,8 @@ impl Metrics {
     /// [`Metrics::request`] for a request whose team and operation are known, through their
     /// [`TeamOpSeries`]: a forwarded request's counter and every request's duration are then
     /// updated without building or hashing a label set.
-    pub fn team_op_request(
-        &self,
-        series: &TeamOpSeries,
-        team: &str,
-        operation: &str,
-        code: &str,
-        seconds: f64,
-    ) {
+    pub fn team_op_request(&self, series: &TeamOpSeries, code: &str, seconds: f64) {
+        let (team, operation) = (series.team.as_str(), series.operation.as_str());
         if code == crate::error::FORWARDED {
             series
                 .forwarded
@@ -303,14 +297,14 @@ impl Metrics {
     }
 
     /// Time Greenhouse took to answer one call of `operation` (its [`OpSeries`]).
-    pub fn upstream(&self, series: &OpSeries, operation: &str, seconds: f64) {
+    pub fn upstream(&self, series: &OpSeries, seconds: f64) {
         series
             .duration
             .get_or_init(|| {
                 self.0
                     .upstream_duration
                     .get_or_create(&OpLabels {
-                        operation: operation.into(),
+                        operation: series.operation.clone(),
                     })
                     .clone()
             })
@@ -318,7 +312,7 @@ impl Metrics {
     }
 
     /// One answer from Greenhouse (every answer counts, a 401 replayed with a fresh token too).
-    pub fn upstream_response(&self, series: &OpSeries, operation: &str, status: http::StatusCode) {
+    pub fn upstream_response(&self, series: &OpSeries, status: http::StatusCode) {
         const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
         let class = match status.as_u16() {
             100..=199 => 0,
@@ -332,7 +326,7 @@ impl Metrics {
                 self.0
                     .upstream_responses
                     .get_or_create(&UpstreamResponseLabels {
-                        operation: operation.into(),
+                        operation: series.operation.clone(),
                         status_class: CLASSES[class].into(),
                     })
                     .clone()
@@ -409,13 +403,15 @@ impl Metrics {
 
     /// One more request of `team` in flight until the returned guard is dropped (counted in
     /// its [`TeamSeries`]).
-    pub fn inflight(&self, series: &TeamSeries, team: &str) -> InflightGuard {
+    pub fn inflight(&self, series: &TeamSeries) -> InflightGuard {
         let g = series
             .inflight
             .get_or_init(|| {
                 self.0
                     .inflight
-                    .get_or_create(&TeamLabels { team: team.into() })
+                    .get_or_create(&TeamLabels {
+                        team: series.team.clone(),
+                    })
                     .clone()
             })
             .clone();
@@ -538,26 +534,61 @@ fn register_process(r: &mut Registry, p: &process::ProcessStats) {
 }
 
 /// The series one team's requests to one operation update, each found in its family (a label
-/// set built and hashed) the first time it is needed and then used directly. Kept by the policy
-/// per team and operation, so a reload starts afresh; the series live on in the families.
-#[derive(Debug, Default)]
+/// set built and hashed) the first time it is needed and then used directly. Made with the
+/// labels' values and kept by the policy per team and operation, so a reload starts afresh; the
+/// series live on in the families.
+#[derive(Debug)]
 pub struct TeamOpSeries {
+    team: String,
+    operation: String,
     forwarded: OnceLock<Counter>,
     duration: OnceLock<Histogram>,
 }
 
+impl TeamOpSeries {
+    pub fn new(team: &str, operation: &str) -> TeamOpSeries {
+        TeamOpSeries {
+            team: team.to_string(),
+            operation: operation.to_string(),
+            forwarded: OnceLock::new(),
+            duration: OnceLock::new(),
+        }
+    }
+}
+
 /// An operation's upstream series (see [`TeamOpSeries`]).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct OpSeries {
+    operation: String,
     duration: OnceLock<Histogram>,
     /// By status class, 1xx to 5xx.
     responses: [OnceLock<Counter>; 5],
 }
 
+impl OpSeries {
+    pub fn new(operation: &str) -> OpSeries {
+        OpSeries {
+            operation: operation.to_string(),
+            duration: OnceLock::new(),
+            responses: Default::default(),
+        }
+    }
+}
+
 /// A team's in-flight gauge (see [`TeamOpSeries`]).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct TeamSeries {
+    team: String,
     inflight: OnceLock<Gauge>,
+}
+
+impl TeamSeries {
+    pub fn new(team: &str) -> TeamSeries {
+        TeamSeries {
+            team: team.to_string(),
+            inflight: OnceLock::new(),
+        }
+    }
 }
 
 /// Decrements `gateway_inflight_requests` when dropped.
@@ -595,8 +626,7 @@ mod tests {
     fn exposition_holds_sampled_and_process_series_in_either_format() {
         let m = Metrics::new();
         m.upstream_response(
-            &OpSeries::default(),
-            "listPartnerJobs",
+            &OpSeries::new("listPartnerJobs"),
             http::StatusCode::NOT_FOUND,
         );
         m.jwks_fetch("https://idp.example", "success");
@@ -641,15 +671,9 @@ mod tests {
     #[test]
     fn series_found_once_count_as_the_families_do_and_appear_only_when_used() {
         let m = Metrics::new();
-        let series = TeamOpSeries::default();
+        let series = TeamOpSeries::new("sourcing", "listPartnerJobs");
         // A refusal first: its code's series and the duration, not the forwarded one.
-        m.team_op_request(
-            &series,
-            "sourcing",
-            "listPartnerJobs",
-            "quota_exceeded",
-            0.01,
-        );
+        m.team_op_request(&series, "quota_exceeded", 0.01);
         let text = m.render();
         assert!(
             line_of(&text, "gateway_requests_total{").len() == 1
@@ -657,23 +681,11 @@ mod tests {
             "{text}"
         );
         for _ in 0..3 {
-            m.team_op_request(
-                &series,
-                "sourcing",
-                "listPartnerJobs",
-                crate::error::FORWARDED,
-                0.01,
-            );
+            m.team_op_request(&series, crate::error::FORWARDED, 0.01);
         }
         // A reload's fresh handles, and the by-name path, count in the same series.
-        let after_reload = TeamOpSeries::default();
-        m.team_op_request(
-            &after_reload,
-            "sourcing",
-            "listPartnerJobs",
-            crate::error::FORWARDED,
-            0.01,
-        );
+        let after_reload = TeamOpSeries::new("sourcing", "listPartnerJobs");
+        m.team_op_request(&after_reload, crate::error::FORWARDED, 0.01);
         m.request("sourcing", "listPartnerJobs", crate::error::FORWARDED, 0.01);
         let text = m.render();
         assert!(
@@ -685,12 +697,12 @@ mod tests {
             "{text}"
         );
 
-        let op = OpSeries::default();
-        m.upstream(&op, "listPartnerJobs", 0.02);
-        m.upstream(&OpSeries::default(), "listPartnerJobs", 0.02);
+        let op = OpSeries::new("listPartnerJobs");
+        m.upstream(&op, 0.02);
+        m.upstream(&OpSeries::new("listPartnerJobs"), 0.02);
         for status in [200, 201, 404, 503, 200] {
             let status = http::StatusCode::from_u16(status).unwrap();
-            m.upstream_response(&op, "listPartnerJobs", status);
+            m.upstream_response(&op, status);
         }
         let text = m.render();
         assert!(
@@ -708,9 +720,9 @@ mod tests {
             assert!(responses.contains(&want.as_str()), "{want} in {text}");
         }
 
-        let team = TeamSeries::default();
-        let a = m.inflight(&team, "sourcing");
-        let b = m.inflight(&TeamSeries::default(), "sourcing");
+        let team = TeamSeries::new("sourcing");
+        let a = m.inflight(&team);
+        let b = m.inflight(&TeamSeries::new("sourcing"));
         assert!(
             m.render()
                 .contains("gateway_inflight_requests{team=\"sourcing\"} 2")

@@ -277,10 +277,7 @@ where
 
     // 6. The team's quotas: all checks at once; a refusal spends nothing.
     let admission = admit(gw, policy, team, &route, ctx).await?;
-    let inflight = gw
-        .runtime
-        .metrics
-        .inflight(&team.team_series, &team.team.name);
+    let inflight = gw.runtime.metrics.inflight(&team.team_series);
 
     // 7. Query and body against the spec.
     let query = check_query(gw, team, &route, parts.uri.query(), ctx)?;

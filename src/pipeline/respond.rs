@@ -213,10 +213,7 @@ pub(super) async fn finish_record(
     let rt = &gw.runtime;
     let seconds = started.elapsed().as_secs_f64();
     match &ctx.series {
-        Some(series) => {
-            rt.metrics
-                .team_op_request(series, ctx.team(), ctx.operation(), &code, seconds)
-        }
+        Some(series) => rt.metrics.team_op_request(series, &code, seconds),
         None => rt
             .metrics
             .request(ctx.team(), ctx.operation(), &code, seconds),

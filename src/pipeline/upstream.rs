@@ -109,14 +109,12 @@ impl Upstream<'_> {
         }
         drop(call);
         let took = sent.elapsed();
-        rt.metrics
-            .upstream(&route.series, &op.id, took.as_secs_f64());
+        rt.metrics.upstream(&route.series, took.as_secs_f64());
         ctx.record.upstream_duration_ms =
             Some(ctx.record.upstream_duration_ms.unwrap_or(0.0) + took.as_secs_f64() * 1000.0);
         if let Ok(r) = &result {
             ctx.record.upstream_status = Some(r.status().as_u16());
-            rt.metrics
-                .upstream_response(&route.series, &op.id, r.status());
+            rt.metrics.upstream_response(&route.series, r.status());
         }
         result
     }
