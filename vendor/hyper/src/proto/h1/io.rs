@@ -288,7 +288,9 @@ where
                 // greenhouse-gateway patch: nothing buffered and nothing to read, so the
                 // connection is waiting (between requests, usually): give the buffer back
                 // instead of holding it per idle connection; the next read takes a new one.
-                if self.read_buf.is_empty() && self.read_buf.capacity() > 0 {
+                // Also when no room is left in it: an empty view at the end of the last
+                // message's bytes still holds their allocation.
+                if self.read_buf.is_empty() {
                     self.read_buf = BytesMut::new();
                 }
                 Poll::Pending
@@ -324,10 +326,11 @@ where
             Poll::Pending => {
                 self.read_blocked = true;
                 // Nothing buffered and nothing to read: the connection is waiting (between
-                // messages, usually); give back any buffer kept from the last one.
-                if self.read_buf.capacity() > 0 {
-                    self.read_buf = BytesMut::new();
-                }
+                // messages, usually); give back any buffer kept from the last one, also one
+                // with no room left: that empty view at the end of the last message's bytes
+                // (the head split off it, of a buffer sized for them) still holds their
+                // allocation.
+                self.read_buf = BytesMut::new();
                 Poll::Pending
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
