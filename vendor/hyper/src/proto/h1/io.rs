@@ -285,17 +285,22 @@ where
             }
             Poll::Pending => {
                 self.read_blocked = true;
-                // greenhouse-gateway patch: nothing buffered and nothing to read, so the
-                // connection is waiting (between requests, usually): give the buffer back
-                // instead of holding it per idle connection; the next read takes a new one.
-                // Also when no room is left in it: an empty view at the end of the last
-                // message's bytes still holds their allocation.
-                if self.read_buf.is_empty() {
-                    self.read_buf = BytesMut::new();
-                }
+                // greenhouse-gateway patch.
+                self.give_back_empty_read_buf();
                 Poll::Pending
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+        }
+    }
+
+    /// greenhouse-gateway patch: a read found nothing to read. With nothing buffered either, the
+    /// connection is waiting (between messages, usually), so the read buffer is given back
+    /// instead of held per idle connection; the next read takes a new one. Also when no room is
+    /// left in it: an empty view at the end of the last message's bytes (split off a buffer
+    /// sized for them) still holds their whole allocation.
+    fn give_back_empty_read_buf(&mut self) {
+        if self.read_buf.is_empty() {
+            self.read_buf = BytesMut::new();
         }
     }
 
@@ -325,12 +330,7 @@ where
             }
             Poll::Pending => {
                 self.read_blocked = true;
-                // Nothing buffered and nothing to read: the connection is waiting (between
-                // messages, usually); give back any buffer kept from the last one, also one
-                // with no room left: that empty view at the end of the last message's bytes
-                // (the head split off it, of a buffer sized for them) still holds their
-                // allocation.
-                self.read_buf = BytesMut::new();
+                self.give_back_empty_read_buf();
                 Poll::Pending
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
