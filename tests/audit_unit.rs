@@ -1460,3 +1460,68 @@ fn writer_policies() -> Vec<u32> {
     }
     policies
 }
+
+// ---- who writes a record ------------------------------------------------------------------
+
+/// With `batch` and `never`, a record is appended by the caller's own thread when the writer is
+/// free: the write is done (and on the file) when the first poll returns, with no hand-off to
+/// the writer thread to wait for.
+#[tokio::test]
+async fn batch_and_never_records_are_written_by_the_caller_before_the_first_poll_returns() {
+    for fsync in [Fsync::Batch, Fsync::Never] {
+        let dir = tempfile::tempdir().unwrap();
+        let s = AuditSettings {
+            fsync,
+            ..settings(dir.path())
+        };
+        let path = s.path.clone();
+        let log = AuditLog::open(s).unwrap();
+        for i in 0..50 {
+            assert!(
+                matches!(poll_once(log.write(record(i))), Poll::Ready(Ok(()))),
+                "{fsync:?}: record {i} was not written at the first poll"
+            );
+            assert_eq!(lines(&path).len() as u64, i + 1, "{fsync:?}");
+        }
+        assert_eq!(log.records_written(), 50);
+        assert_eq!(log.queue_depth(), 0);
+        log.shutdown().await;
+        let report = check(&path);
+        assert!(report.is_ok() && report.records == 50, "{report:?}");
+    }
+}
+
+/// Records that cannot be appended on the caller's thread (here: every one of them crosses the
+/// rotation size, which the writer thread handles) still come out as one verified chain across
+/// the rotated files, mixed with those that can.
+#[tokio::test]
+async fn records_at_the_rotation_size_go_through_the_writer_thread_and_the_chain_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = AuditSettings {
+        // A new file takes a few records on the caller's thread; from then on each record could
+        // cross the rotation size, so the writer thread takes it.
+        rotate_bytes: MAX_RECORD_BYTES as u64 + 2048,
+        ..settings(dir.path())
+    };
+    let path = s.path.clone();
+    let log = AuditLog::open(s).unwrap();
+    let mut at_first_poll = 0;
+    for i in 0..120 {
+        let mut write = pin!(log.write(record(i)));
+        match poll_once(write.as_mut()) {
+            Poll::Ready(r) => {
+                r.unwrap();
+                at_first_poll += 1;
+            }
+            Poll::Pending => write.await.unwrap(),
+        }
+    }
+    log.shutdown().await;
+    assert!(
+        (1..120).contains(&at_first_poll),
+        "{at_first_poll} of 120 written at the first poll: both ways should have been taken"
+    );
+    assert!(chain_files(std::slice::from_ref(&path)).unwrap().len() >= 3);
+    let report = check(&path);
+    assert!(report.is_ok() && report.records == 120, "{report:?}");
+}

@@ -1,8 +1,9 @@
 //! The audit trail: one tamper-evident, PII-free JSON line per request.
 //!
 //! - [`AuditRecord`]: the record (DESIGN 1.5), every field always present.
-//! - [`AuditLog`]: the dedicated writer (a std thread fed by a bounded queue) with group commit,
-//!   size rotation and continuation of an existing chain after a restart or a crash.
+//! - [`AuditLog`]: the writer (a std thread fed by a bounded queue, group commit; with `batch`
+//!   and `never` a record is appended by the request's own thread when nothing is queued), size
+//!   rotation and continuation of an existing chain after a restart or a crash.
 //! - [`verify`] / [`cli_verify`]: re-check the hash chain and name the first bad record.
 //! - [`query`] / [`cli_query`] / [`render_table`]: filter records across rotated files.
 //!
@@ -73,7 +74,9 @@
 //!
 //! # Durability (`[audit] fsync`)
 //!
-//! The writer drains everything queued, writes it with one `write(2)`, and then:
+//! The writer thread drains everything queued, writes it with one `write(2)`, and then (a record
+//! appended by its request's thread, see [`AuditLog::write_reserved`], is a group of one; that
+//! happens only in the two modes that need no `fdatasync` before the answer):
 //! - `always`: one `fdatasync` for the group; [`AuditLog::write`] resolves after it. An
 //!   acknowledged record survives power loss.
 //! - `batch` (default): `write` resolves after `write(2)`; `fdatasync` runs at most every

@@ -1,11 +1,25 @@
-//! The dedicated writer: a bounded queue, group commit, rotation, continuation after restart.
+//! The writer: a bounded queue, group commit, rotation, continuation after restart.
+//!
+//! # Who writes a record
+//!
+//! The writer's state (file, chain position, reserve) sits behind one lock. A thread of its own
+//! (`audit-writer`) drains the bounded queue, writing each group with one `write(2)`, and does
+//! everything that may wait on the disk: `fsync = "always"`'s `fdatasync`, rotation, the reserve's
+//! top-ups, writing to a device or a pipe, and the retry after a failed write. With `fsync =
+//! "batch"` or `"never"` the common case needs none of that: when nothing is queued and the lock
+//! is free, the request's own thread encodes, chains and appends its record to the regular file
+//! ([`AuditLog::write_reserved`]), which spares the two thread switches of a hand-off (a fifth of
+//! the gateway's CPU with one request at a time). Anything else, and whatever comes while the lock
+//! is held, goes through the queue. An append that takes longer than [`INLINE_STALL`] (the page
+//! cache throttled by writeback, say) sends every record through the queue for [`INLINE_PAUSE`],
+//! so a slow disk holds up the request threads at most once per pause.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -19,8 +33,13 @@ use super::{AuditError, AuditRecord, AuditSettings, Fsync, OnError};
 
 type Ack = oneshot::Sender<Result<(), AuditError>>;
 
+/// A record handed back for the queue, with its reservation.
+type ForQueue = (Box<AuditRecord>, AuditReservation);
+
 enum Msg {
     Record(Box<AuditRecord>, Ack, AuditReservation),
+    /// A record written on a request thread left data to sync: the thread recomputes its timer.
+    Wake,
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -60,6 +79,8 @@ impl Drop for AuditReservation {
 struct Inner {
     tx: SyncSender<Msg>,
     shared: Arc<Shared>,
+    /// Shared with the writer thread; see "Who writes a record".
+    writer: Arc<Mutex<Writer>>,
     on_error: OnError,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
@@ -85,6 +106,12 @@ const MAX_GROUP: usize = 1024;
 
 /// What a line adds to the canonical JSON: `,"hash":"<64 hex>"` and `\n`.
 const LINE_OVERHEAD: usize = 80;
+
+/// A record appended on a request thread that took longer than this (see "Who writes a record")...
+pub const INLINE_STALL: Duration = Duration::from_millis(5);
+
+/// ...sends every record through the writer thread for this long.
+pub const INLINE_PAUSE: Duration = Duration::from_secs(1);
 
 impl AuditLog {
     /// Opens the log (creating folders), continues the chain of the newest file (a torn last
@@ -151,6 +178,8 @@ impl AuditLog {
             next_file: None,
             rotation_deferred: false,
             syncer: None,
+            stopped: false,
+            inline_paused_until: None,
         };
         if settings.fsync == Fsync::Batch {
             // Without the thread, the writer syncs itself, as in the other modes.
@@ -160,17 +189,20 @@ impl AuditLog {
             .open_current()
             .map_err(|e| AuditError::io(&writer.base, e))?;
         let (tx, rx) = mpsc::sync_channel(settings.queue_capacity);
+        let writer = Arc::new(Mutex::new(writer));
+        let (for_thread, shared_for_thread) = (writer.clone(), shared.clone());
         let thread = std::thread::Builder::new()
             .name("audit-writer".into())
             .spawn(move || {
                 batch_scheduling();
-                writer.run(rx)
+                run(&for_thread, &shared_for_thread, rx)
             })
             .map_err(|e| AuditError::Write(format!("cannot start the audit writer: {e}")))?;
         Ok(AuditLog {
             inner: Arc::new(Inner {
                 tx,
                 shared,
+                writer,
                 on_error: settings.on_error,
                 thread: Mutex::new(Some(thread)),
             }),
@@ -226,7 +258,8 @@ impl AuditLog {
         Ok(AuditReservation { shared: s.clone() })
     }
 
-    /// [`AuditLog::write`] with room taken earlier by [`AuditLog::reserve`].
+    /// [`AuditLog::write`] with room taken earlier by [`AuditLog::reserve`]. Written on the
+    /// calling thread when it can be, otherwise queued (see "Who writes a record").
     pub async fn write_reserved(
         &self,
         rec: AuditRecord,
@@ -236,13 +269,13 @@ impl AuditLog {
         if shared.closed.load(Ordering::Acquire) {
             return Err(AuditError::Closed);
         }
+        let (rec, reservation) = match self.write_here(Box::new(rec), reservation) {
+            Ok(written) => return written,
+            Err(queue) => queue,
+        };
         let (ack, done) = oneshot::channel();
         shared.pending.fetch_add(1, Ordering::AcqRel);
-        match self
-            .inner
-            .tx
-            .try_send(Msg::Record(Box::new(rec), ack, reservation))
-        {
+        match self.inner.tx.try_send(Msg::Record(rec, ack, reservation)) {
             Ok(()) => {}
             Err(e) => {
                 shared.pending.fetch_sub(1, Ordering::AcqRel);
@@ -254,6 +287,56 @@ impl AuditLog {
             }
         }
         done.await.unwrap_or(Err(AuditError::Closed))
+    }
+
+    /// Writes the record on this thread when nothing is queued, the writer is free and the write
+    /// cannot wait on the disk ([`Writer::can_write_here`]); otherwise hands it back for the
+    /// queue.
+    fn write_here(
+        &self,
+        rec: Box<AuditRecord>,
+        reservation: AuditReservation,
+    ) -> Result<Result<(), AuditError>, ForQueue> {
+        let inner = &self.inner;
+        if inner.shared.pending.load(Ordering::Acquire) > 0 {
+            return Err((rec, reservation));
+        }
+        let mut writer = match inner.writer.try_lock() {
+            Ok(w) => w,
+            Err(TryLockError::WouldBlock) => return Err((rec, reservation)),
+            // A panic while writing left the chain in an unknown state: nothing more is written.
+            Err(TryLockError::Poisoned(_)) => {
+                inner.shared.closed.store(true, Ordering::Release);
+                return Ok(Err(AuditError::Closed));
+            }
+        };
+        let started = Instant::now();
+        if !writer.can_write_here(started) {
+            return Err((rec, reservation));
+        }
+        let was_dirty = writer.dirty;
+        let (ack, mut done) = oneshot::channel();
+        writer.commit_group(vec![Pending {
+            rec,
+            ack,
+            reservation,
+        }]);
+        let took = started.elapsed();
+        if took > INLINE_STALL {
+            writer.inline_paused_until = Some(Instant::now() + INLINE_PAUSE);
+            tracing::warn!(
+                took_ms = took.as_millis() as u64,
+                "an audit record took long to append; records go through the writer thread for a second"
+            );
+        }
+        let wake = !was_dirty && writer.dirty;
+        drop(writer);
+        if wake {
+            // The writer thread's timer for the batch sync; a full queue wakes it anyway.
+            let _ = inner.tx.try_send(Msg::Wake);
+        }
+        // `commit_group` answers every record it is given before it returns.
+        Ok(done.try_recv().unwrap_or(Err(AuditError::Closed)))
     }
 
     /// False after a write error until a write succeeds again, while the queue is full, while
@@ -489,6 +572,10 @@ struct Writer {
     /// With [`Fsync::Batch`], the thread that runs the periodic `fdatasync` (so writing goes
     /// on while the disk syncs); `None` in the other modes or where it could not be started.
     syncer: Option<Syncer>,
+    /// The writer thread has made its last sync: nothing more is written.
+    stopped: bool,
+    /// Records go through the writer thread until then (an append on a request thread stalled).
+    inline_paused_until: Option<Instant>,
 }
 
 /// Runs the batch mode's periodic `fdatasync` beside the writer: a record is acknowledged after
@@ -567,66 +654,149 @@ struct Pending {
     reservation: AuditReservation,
 }
 
-impl Writer {
-    fn run(mut self, rx: Receiver<Msg>) {
-        loop {
-            let sync_at = (self.dirty && self.fsync == Fsync::Batch)
-                .then(|| self.last_sync + self.batch_interval);
-            let topup_at = self.reserve_short.then_some(self.next_topup);
-            let deadline = match (sync_at, topup_at) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
-            let first = if let Some(deadline) = deadline {
+/// The writer thread: drains the queue in groups, runs the timers (the batch sync, the reserve
+/// top-up), and at shutdown writes what raced in and makes the last sync.
+fn run(writer: &Mutex<Writer>, shared: &Shared, rx: Receiver<Msg>) {
+    loop {
+        let Some(deadline) = lock_writer(writer, shared).map(|w| w.next_deadline()) else {
+            return;
+        };
+        let first = match deadline {
+            Some(deadline) => {
                 let now = Instant::now();
-                if now >= deadline {
-                    self.on_timer(now);
-                    continue;
-                }
-                match rx.recv_timeout(deadline - now) {
-                    Ok(m) => m,
-                    Err(RecvTimeoutError::Timeout) => {
-                        self.on_timer(Instant::now());
+                let received = if now >= deadline {
+                    None
+                } else {
+                    match rx.recv_timeout(deadline - now) {
+                        Ok(m) => Some(m),
+                        Err(RecvTimeoutError::Timeout) => None,
+                        Err(RecvTimeoutError::Disconnected) => break,
+                    }
+                };
+                match received {
+                    Some(m) => m,
+                    None => {
+                        let Some(mut w) = lock_writer(writer, shared) else {
+                            return;
+                        };
+                        w.on_timer(Instant::now());
                         continue;
                     }
-                    Err(RecvTimeoutError::Disconnected) => break,
-                }
-            } else {
-                match rx.recv() {
-                    Ok(m) => m,
-                    Err(_) => break,
-                }
-            };
-            let mut group = Vec::new();
-            let mut shutdown = self.take(first, &mut group);
-            while shutdown.is_none() && group.len() < MAX_GROUP {
-                match rx.try_recv() {
-                    Ok(m) => shutdown = self.take(m, &mut group),
-                    Err(_) => break,
                 }
             }
-            self.commit_group(group);
-            if let Some(ack) = shutdown {
-                // Nothing new is accepted once `closed` is set; write what raced in before it.
-                let mut acks = vec![ack];
-                loop {
-                    let mut group = Vec::new();
-                    while let Ok(m) = rx.try_recv() {
-                        acks.extend(self.take(m, &mut group));
-                    }
-                    if group.is_empty() {
-                        break;
-                    }
-                    self.commit_group(group);
-                }
-                self.final_sync();
-                for ack in acks {
-                    let _ = ack.send(());
-                }
-                return;
+            None => match rx.recv() {
+                Ok(m) => m,
+                Err(_) => break,
+            },
+        };
+        let mut group = Vec::new();
+        let mut shutdown = take(shared, first, &mut group);
+        while shutdown.is_none() && group.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(m) => shutdown = take(shared, m, &mut group),
+                Err(_) => break,
             }
         }
-        self.final_sync();
+        let Some(mut w) = lock_writer(writer, shared) else {
+            return;
+        };
+        if !group.is_empty() {
+            w.commit_group(group);
+        }
+        if let Some(ack) = shutdown {
+            // Nothing new is accepted once `closed` is set; write what raced in before it. The
+            // lock is held to the end, and `stopped` keeps request threads from writing after.
+            let mut acks = vec![ack];
+            loop {
+                let mut group = Vec::new();
+                while let Ok(m) = rx.try_recv() {
+                    acks.extend(take(shared, m, &mut group));
+                }
+                if group.is_empty() {
+                    break;
+                }
+                w.commit_group(group);
+            }
+            w.stop();
+            drop(w);
+            for ack in acks {
+                let _ = ack.send(());
+            }
+            return;
+        }
+    }
+    if let Some(mut w) = lock_writer(writer, shared) {
+        w.stop();
+    }
+}
+
+/// The writer, or `None` once a panic while writing has poisoned its lock: the chain's state is
+/// then unknown, so the log closes (every later write fails, requests get 503) and the thread
+/// stops.
+fn lock_writer<'a>(writer: &'a Mutex<Writer>, shared: &Shared) -> Option<MutexGuard<'a, Writer>> {
+    match writer.lock() {
+        Ok(w) => Some(w),
+        Err(_) => {
+            shared.closed.store(true, Ordering::Release);
+            shared.failed.store(true, Ordering::Release);
+            None
+        }
+    }
+}
+
+/// Adds a queued record to `group`; the shutdown's answer when `m` asks for it.
+fn take(shared: &Shared, m: Msg, group: &mut Vec<Pending>) -> Option<oneshot::Sender<()>> {
+    match m {
+        Msg::Record(rec, ack, reservation) => {
+            shared.pending.fetch_sub(1, Ordering::AcqRel);
+            group.push(Pending {
+                rec,
+                ack,
+                reservation,
+            });
+            None
+        }
+        Msg::Wake => None,
+        Msg::Shutdown(ack) => Some(ack),
+    }
+}
+
+impl Writer {
+    /// When the writer thread has timed work: the batch sync of written data, a reserve top-up
+    /// to retry.
+    fn next_deadline(&self) -> Option<Instant> {
+        let sync_at = (self.dirty && self.fsync == Fsync::Batch)
+            .then(|| self.last_sync + self.batch_interval);
+        let topup_at = self.reserve_short.then_some(self.next_topup);
+        match (sync_at, topup_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Whether one more record can be written by the calling (request) thread without anything
+    /// that waits on the disk beyond an append to a regular file: no `fdatasync` (`always`, or
+    /// `batch` without its sync thread), no rotation, no reserve top-up or retry, no cut-back
+    /// after a failed write, and no recent stall.
+    fn can_write_here(&self, now: Instant) -> bool {
+        let room = MAX_RECORD_BYTES as u64;
+        let syncs_elsewhere = match self.fsync {
+            Fsync::Always => false,
+            Fsync::Batch => self.syncer.is_some(),
+            Fsync::Never => true,
+        };
+        let rotates = self.rotate_bytes > 0 && self.file_len + room > self.rotate_bytes;
+        let tops_up = self.reserve_supported
+            && self.allocated_end.saturating_sub(self.file_len + room) < self.reserve_bytes / 2;
+        syncs_elsewhere
+            && self.regular
+            && self.file.is_some()
+            && !self.stopped
+            && !self.needs_truncate
+            && !self.reserve_short
+            && !rotates
+            && !tops_up
+            && self.inline_paused_until.is_none_or(|until| now >= until)
     }
 
     /// The batch fsync and the reserve top-up, when due.
@@ -636,21 +806,6 @@ impl Writer {
         }
         if self.reserve_short && now >= self.next_topup {
             self.top_up();
-        }
-    }
-
-    fn take(&self, m: Msg, group: &mut Vec<Pending>) -> Option<oneshot::Sender<()>> {
-        match m {
-            Msg::Record(rec, ack, reservation) => {
-                self.shared.pending.fetch_sub(1, Ordering::AcqRel);
-                group.push(Pending {
-                    rec,
-                    ack,
-                    reservation,
-                });
-                None
-            }
-            Msg::Shutdown(ack) => Some(ack),
         }
     }
 
@@ -1048,6 +1203,16 @@ impl Writer {
         }
     }
 
+    /// The last sync, then the file, the next file and the sync thread are let go (a reader of
+    /// a pipe sees its end) and nothing more is written.
+    fn stop(&mut self) {
+        self.final_sync();
+        self.stopped = true;
+        self.file = None;
+        self.next_file = None;
+        self.syncer = None;
+    }
+
     fn final_sync(&mut self) {
         if let Err(e) = self.sync() {
             self.shared.failed.store(true, Ordering::Release);
@@ -1138,5 +1303,124 @@ mod tests {
         assert!(syncer.start_sync(&file));
         assert!(!shared.failed.load(Ordering::Acquire));
         assert_eq!(shared.errors.load(Ordering::Relaxed), 0);
+    }
+
+    fn record() -> AuditRecord {
+        AuditRecord {
+            request_id: "req-1".into(),
+            method: "GET".into(),
+            ..AuditRecord::default()
+        }
+    }
+
+    fn settings(dir: &Path, fsync: Fsync) -> AuditSettings {
+        AuditSettings {
+            fsync,
+            batch_interval: Duration::from_millis(10),
+            ..AuditSettings::new(dir.join("audit.jsonl"))
+        }
+    }
+
+    /// A record appended on a request thread leaves data to sync while the writer thread sleeps
+    /// with no timer: the wake-up it is sent starts the timer, and the sync happens.
+    #[tokio::test]
+    async fn batch_sync_follows_a_record_written_by_the_caller() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(AuditSettings {
+            batch_interval: Duration::from_millis(200),
+            ..settings(dir.path(), Fsync::Batch)
+        })
+        .unwrap();
+        let write_here = || {
+            let reservation = log.reserve().unwrap();
+            let result = log.write_here(Box::new(record()), reservation);
+            assert!(matches!(result, Ok(Ok(()))), "not written by the caller");
+        };
+        // An interval after opening, the first record's own write hands its sync over at once;
+        // the second is written within the next interval, and the thread sleeps untimed.
+        std::thread::sleep(Duration::from_millis(250));
+        write_here();
+        write_here();
+        assert!(
+            log.inner.writer.lock().unwrap().dirty,
+            "nothing left to sync"
+        );
+        let synced = (0..300).any(|_| {
+            std::thread::sleep(Duration::from_millis(10));
+            !log.inner.writer.lock().unwrap().dirty
+        });
+        assert!(synced, "the written record was never synced");
+        log.shutdown().await;
+    }
+
+    /// What keeps a record off the caller's thread: `always`, a rotation or a reserve top-up it
+    /// would bring, a recent stall, a failed write to cut back, and a stopped writer.
+    #[tokio::test]
+    async fn records_that_may_wait_on_the_disk_are_left_to_the_writer_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let always = AuditLog::open(settings(&dir.path().join("a"), Fsync::Always)).unwrap();
+        assert!(
+            !always
+                .inner
+                .writer
+                .lock()
+                .unwrap()
+                .can_write_here(Instant::now())
+        );
+        always.shutdown().await;
+
+        let log = AuditLog::open(settings(&dir.path().join("b"), Fsync::Never)).unwrap();
+        let now = Instant::now();
+        let writer = &log.inner.writer;
+        assert!(writer.lock().unwrap().can_write_here(now));
+        type Change = fn(&mut Writer);
+        let cases: [(&str, Change); 5] = [
+            ("a rotation", |w| w.rotate_bytes = w.file_len + 1),
+            ("a top-up", |w| w.allocated_end = w.file_len + 1),
+            ("a stall", |w| {
+                w.inline_paused_until = Some(Instant::now() + Duration::from_secs(60))
+            }),
+            ("a cut-back", |w| w.needs_truncate = true),
+            ("a stopped writer", |w| w.stopped = true),
+        ];
+        for (what, change) in cases {
+            let mut w = writer.lock().unwrap();
+            let saved = (
+                w.rotate_bytes,
+                w.allocated_end,
+                w.inline_paused_until,
+                w.needs_truncate,
+                w.stopped,
+            );
+            change(&mut w);
+            assert!(!w.can_write_here(now), "{what}: written by the caller");
+            (
+                w.rotate_bytes,
+                w.allocated_end,
+                w.inline_paused_until,
+                w.needs_truncate,
+                w.stopped,
+            ) = saved;
+            assert!(w.can_write_here(now));
+        }
+        log.shutdown().await;
+    }
+
+    /// A panic while the writer's lock is held leaves the chain in an unknown state: the log
+    /// closes, and no record is acknowledged after it.
+    #[tokio::test]
+    async fn a_panic_holding_the_writer_closes_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(settings(dir.path(), Fsync::Batch)).unwrap();
+        log.write(record()).await.unwrap();
+        let writer = log.inner.writer.clone();
+        let _ = std::thread::spawn(move || {
+            let _held = writer.lock().unwrap();
+            panic!("while writing");
+        })
+        .join();
+        assert_eq!(log.write(record()).await, Err(AuditError::Closed));
+        assert!(!log.healthy());
+        assert_eq!(log.records_written(), 1);
     }
 }
