@@ -321,14 +321,7 @@ impl AuditLog {
             ack,
             reservation,
         }]);
-        let took = started.elapsed();
-        if took > INLINE_STALL {
-            writer.inline_paused_until = Some(Instant::now() + INLINE_PAUSE);
-            tracing::warn!(
-                took_ms = took.as_millis() as u64,
-                "an audit record took long to append; records go through the writer thread for a second"
-            );
-        }
+        writer.note_append_time(started.elapsed(), Instant::now());
         let wake = !was_dirty && writer.dirty;
         drop(writer);
         if wake {
@@ -797,6 +790,18 @@ impl Writer {
             && !rotates
             && !tops_up
             && self.inline_paused_until.is_none_or(|until| now >= until)
+    }
+
+    /// After an append on a request thread that took `took`: one slower than [`INLINE_STALL`]
+    /// sends every record through the writer thread for [`INLINE_PAUSE`] from `now`.
+    fn note_append_time(&mut self, took: Duration, now: Instant) {
+        if took > INLINE_STALL {
+            self.inline_paused_until = Some(now + INLINE_PAUSE);
+            tracing::warn!(
+                took_ms = took.as_millis() as u64,
+                "an audit record took long to append; records go through the writer thread for a second"
+            );
+        }
     }
 
     /// The batch fsync and the reserve top-up, when due.
@@ -1402,6 +1407,24 @@ mod tests {
                 w.stopped,
             ) = saved;
             assert!(w.can_write_here(now));
+        }
+        log.shutdown().await;
+    }
+
+    /// A slow append on a request thread keeps records off request threads for a second; a
+    /// quick one does not.
+    #[tokio::test]
+    async fn a_stalled_append_sends_records_through_the_writer_thread_for_a_while() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(settings(dir.path(), Fsync::Batch)).unwrap();
+        {
+            let mut w = log.inner.writer.lock().unwrap();
+            let now = Instant::now();
+            w.note_append_time(INLINE_STALL / 2, now);
+            assert!(w.can_write_here(now), "a quick append paused writing here");
+            w.note_append_time(INLINE_STALL * 2, now);
+            assert!(!w.can_write_here(now + INLINE_PAUSE / 2));
+            assert!(w.can_write_here(now + INLINE_PAUSE));
         }
         log.shutdown().await;
     }
