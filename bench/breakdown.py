@@ -16,7 +16,7 @@ STAGES = [
     ("JWT signature check", lambda t, s: re.search(r"VerificationKey::verifies|verify_sig|jsonwebtoken", s)),
     ("JWT parse and claims (before the signature)", lambda t, s: re.search(r"auth::jwt::", s)),
     ("request log line", lambda t, s: "AccessLine" in s),
-    ("audit record hand-off", lambda t, s: re.search(r"AuditLog::write|write_reserved", s)),
+    ("audit record: appended here or handed off", lambda t, s: re.search(r"AuditLog::write|write_reserved|write_here|Writer::commit_group", s)),
     ("response spec-drift check", lambda t, s: "inspect_response" in s),
     ("metrics", lambda t, s: "metrics::Metrics" in s),
     ("quota decision", lambda t, s: re.search(r"pipeline::checks::admit|quota::", s)),
