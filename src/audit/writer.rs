@@ -307,6 +307,7 @@ impl AuditLog {
             // A panic while writing left the chain in an unknown state: nothing more is written.
             Err(TryLockError::Poisoned(_)) => {
                 inner.shared.closed.store(true, Ordering::Release);
+                inner.shared.errors.fetch_add(1, Ordering::Relaxed);
                 return Ok(Err(AuditError::Closed));
             }
         };
@@ -1445,5 +1446,6 @@ mod tests {
         assert_eq!(log.write(record()).await, Err(AuditError::Closed));
         assert!(!log.healthy());
         assert_eq!(log.records_written(), 1);
+        assert_eq!(log.errors(), 1, "the refused record is not counted");
     }
 }
