@@ -1,6 +1,6 @@
 //! The audit trail through the gateway: one well-formed record per request whatever its outcome,
 //! no PII or secret in it, fail-closed when it cannot be written, durable across SIGKILL with
-//! `fsync = "always"`, and the `audit verify` / `audit query` commands on a real trail.
+//! `fsync = "always"` and `"batch"`, and the `audit verify` / `audit query` commands on a real trail.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
@@ -541,6 +541,18 @@ async fn audit_query_filters_a_real_trail_and_verify_catches_an_edit() {
 #[tokio::test]
 async fn sigkill_under_load_with_fsync_always_leaves_a_verifiable_trail_with_every_answered_request()
  {
+    sigkill_under_load_leaves_every_answered_request_recorded("always").await;
+}
+
+/// With `batch` most records are appended by the request's own thread (no hand-off): an answer
+/// still never goes out before its record's `write(2)`, so a killed process has lost none.
+#[tokio::test]
+async fn sigkill_under_load_with_fsync_batch_leaves_a_verifiable_trail_with_every_answered_request()
+{
+    sigkill_under_load_leaves_every_answered_request_recorded("batch").await;
+}
+
+async fn sigkill_under_load_leaves_every_answered_request_recorded(fsync: &str) {
     let stub = Stub::start().await;
     let sandbox = Sandbox::start_local(SandboxOptions::default())
         .await
@@ -548,9 +560,9 @@ async fn sigkill_under_load_with_fsync_always_leaves_a_verifiable_trail_with_eve
     let dir = tempfile::tempdir().unwrap();
     let setup = Setup {
         upstream: Some(stub.base_url()),
-        extra:
-            "[audit]\nfsync = \"always\"\nhmac_key = { value = \"test-audit-key-0123456789\" }\n"
-                .into(),
+        extra: format!(
+            "[audit]\nfsync = \"{fsync}\"\nhmac_key = {{ value = \"test-audit-key-0123456789\" }}\n"
+        ),
         ..Setup::default()
     };
     support::write_config(dir.path(), &sandbox, &setup);
