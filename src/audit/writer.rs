@@ -12,7 +12,8 @@
 //! the gateway's CPU with one request at a time). Anything else, and whatever comes while the lock
 //! is held, goes through the queue. An append that takes longer than [`INLINE_STALL`] (the page
 //! cache throttled by writeback, say) sends every record through the queue for [`INLINE_PAUSE`],
-//! so a slow disk holds up the request threads at most once per pause.
+//! so a slow disk holds up a request thread at most once per pause (for as long as that one
+//! append takes).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
