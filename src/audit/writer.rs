@@ -780,9 +780,8 @@ impl Writer {
             Fsync::Batch => self.syncer.is_some(),
             Fsync::Never => true,
         };
-        let rotates = self.rotate_bytes > 0 && self.file_len + room > self.rotate_bytes;
-        let tops_up = self.reserve_supported
-            && self.allocated_end.saturating_sub(self.file_len + room) < self.reserve_bytes / 2;
+        let rotates = self.past_rotation_size(self.file_len + room);
+        let tops_up = self.reserve_supported && self.reserve_low(self.file_len + room);
         syncs_elsewhere
             && self.regular
             && self.file.is_some()
@@ -954,9 +953,19 @@ impl Writer {
     /// Whether the line that starts at `line_start` in `buf` should go to a new file.
     fn must_rotate_before(&self, line_start: usize) -> bool {
         self.regular
-            && self.rotate_bytes > 0
-            && self.file_len + self.buf.len() as u64 > self.rotate_bytes
+            && self.past_rotation_size(self.file_len + self.buf.len() as u64)
             && self.file_len + line_start as u64 > 0
+    }
+
+    /// Whether a current file of `len` bytes is past `rotate_bytes` (0: no rotation).
+    fn past_rotation_size(&self, len: u64) -> bool {
+        self.rotate_bytes > 0 && len > self.rotate_bytes
+    }
+
+    /// Whether, with the file at `file_len` bytes, less than half the reserve is left beyond it
+    /// (the reserve is then topped up).
+    fn reserve_low(&self, file_len: u64) -> bool {
+        self.allocated_end.saturating_sub(file_len) < self.reserve_bytes / 2
     }
 
     /// Appends `buf` to the current file.
@@ -1011,7 +1020,7 @@ impl Writer {
         let Some(file) = self.file.as_ref() else {
             return;
         };
-        if self.allocated_end.saturating_sub(self.file_len) >= self.reserve_bytes / 2 {
+        if !self.reserve_low(self.file_len) {
             return;
         }
         match preallocate(file, self.file_len, self.reserve_bytes) {
