@@ -39,7 +39,8 @@ type ForQueue = (Box<AuditRecord>, AuditReservation);
 
 enum Msg {
     Record(Box<AuditRecord>, Ack, AuditReservation),
-    /// A record written on a request thread left data to sync: the thread recomputes its timer.
+    /// A record written on a request thread brought the writer thread's next timed work nearer
+    /// (the batch sync of what it wrote): the thread recomputes its timer.
     Wake,
     Shutdown(oneshot::Sender<()>),
 }
@@ -305,9 +306,8 @@ impl AuditLog {
         let mut writer = match inner.writer.try_lock() {
             Ok(w) => w,
             Err(TryLockError::WouldBlock) => return Err((rec, reservation)),
-            // A panic while writing left the chain in an unknown state: nothing more is written.
             Err(TryLockError::Poisoned(_)) => {
-                inner.shared.closed.store(true, Ordering::Release);
+                close_after_panic(&inner.shared);
                 inner.shared.errors.fetch_add(1, Ordering::Relaxed);
                 return Ok(Err(AuditError::Closed));
             }
@@ -316,7 +316,7 @@ impl AuditLog {
         if !writer.can_write_here(started) {
             return Err((rec, reservation));
         }
-        let was_dirty = writer.dirty;
+        let deadline = writer.next_deadline();
         let (ack, mut done) = oneshot::channel();
         writer.commit_group(vec![Pending {
             rec,
@@ -324,10 +324,13 @@ impl AuditLog {
             reservation,
         }]);
         writer.note_append_time(started.elapsed(), Instant::now());
-        let wake = !was_dirty && writer.dirty;
+        // The writer thread sleeps until the deadline it saw (the batch sync, a top-up retry):
+        // told when this write brought an earlier one. A full queue wakes it anyway.
+        let wake = writer
+            .next_deadline()
+            .is_some_and(|due| deadline.is_none_or(|seen| due < seen));
         drop(writer);
         if wake {
-            // The writer thread's timer for the batch sync; a full queue wakes it anyway.
             let _ = inner.tx.try_send(Msg::Wake);
         }
         // `commit_group` answers every record it is given before it returns.
@@ -732,11 +735,17 @@ fn lock_writer<'a>(writer: &'a Mutex<Writer>, shared: &Shared) -> Option<MutexGu
     match writer.lock() {
         Ok(w) => Some(w),
         Err(_) => {
-            shared.closed.store(true, Ordering::Release);
-            shared.failed.store(true, Ordering::Release);
+            close_after_panic(shared);
             None
         }
     }
+}
+
+/// A panic while the writer's lock was held left the chain in an unknown state: nothing more is
+/// written, by any thread.
+fn close_after_panic(shared: &Shared) {
+    shared.closed.store(true, Ordering::Release);
+    shared.failed.store(true, Ordering::Release);
 }
 
 /// Adds a queued record to `group`; the shutdown's answer when `m` asks for it.
